@@ -1,0 +1,187 @@
+"""Load a Hugging Face causal LM through TransformerLens's TransformerBridge and reach the
+parts LUNAR needs: hook names per layer and the MLP down-projection W_out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformer_lens.model_bridge import TransformerBridge
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class LunarError(Exception):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LunarError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with bos/eos/pad defined and left padding (for batched prompts)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    if tokenizer.eos_token is None:
+        raise LunarError(f"the tokenizer of {path_or_id} defines no eos token: set eos_token in tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    path_or_id: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+) -> TransformerBridge:
+    """Load a causal LM (local folder, offline; or a hub id) as a TransformerBridge.
+
+    Weights are the raw HF weights (no folding), so an edit of W_out maps 1:1 onto the checkpoint.
+    """
+    path = Path(path_or_id)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise LunarError(f"{path} is not a Hugging Face model folder (no config.json): pass the folder that holds config.json")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    elif str(path_or_id).startswith((".", "/", "~")):
+        raise LunarError(f"model folder {path} does not exist: check the path")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path_or_id)
+    bridge = TransformerBridge.boot_transformers(
+        str(path_or_id),
+        device=None if device_map else device,
+        dtype=parse_dtype(dtype),
+        tokenizer=tokenizer,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+    )
+    bridge.eval()
+    bridge.source_path = str(path_or_id)  # remembered for export and reports
+    bridge.hf_config = config
+    check_dense_mlp(bridge)
+    return bridge
+
+
+def wrap_hf_model(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source_path: str | None = None) -> TransformerBridge:
+    """Bridge an already-built HF model (tests build tiny random ones from configs)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    bridge = TransformerBridge.boot_transformers(
+        hf_model.config.name_or_path or hf_model.config.model_type,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device="cpu",
+        dtype=hf_model.dtype,
+    )
+    bridge.eval()
+    bridge.source_path = source_path
+    bridge.hf_config = hf_model.config
+    check_dense_mlp(bridge)
+    return bridge
+
+
+# ---------------------------------------------------------------- hook names
+
+def resid_pre(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def resid_mid(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def resid_post(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def mlp_post(layer: int) -> str:
+    """The input of W_out (the MLP hidden activation)."""
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def mlp_out(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+# ---------------------------------------------------------------- W_out access
+
+def n_layers(bridge: TransformerBridge) -> int:
+    return int(bridge.cfg.n_layers)
+
+
+def check_layer(bridge: TransformerBridge, layer: int) -> int:
+    total = n_layers(bridge)
+    if not isinstance(layer, int) or not 0 <= layer < total:
+        raise LunarError(f"layer {layer} is out of range: this model has layers 0..{total - 1}")
+    return layer
+
+
+def check_dense_mlp(bridge: TransformerBridge) -> None:
+    """LUNAR edits a dense MLP down-projection; refuse models without one."""
+    mlp = bridge.blocks[0].mlp
+    out = getattr(mlp, "out", None)
+    weight = getattr(out, "weight", None) if out is not None else None
+    if not isinstance(weight, torch.nn.Parameter) or weight.ndim != 2:
+        raise LunarError(
+            f"{bridge.cfg.architecture} has no dense MLP down-projection (W_out) to edit "
+            "(mixture-of-experts or fused MLP): use a model with a dense MLP"
+        )
+
+
+def w_out_parameter(bridge: TransformerBridge, layer: int) -> torch.nn.Parameter:
+    """The HF parameter holding W_out of `layer` (Linear: [d_model, d_mlp]; GPT-2 Conv1D: [d_mlp, d_model])."""
+    return bridge.blocks[check_layer(bridge, layer)].mlp.out.weight
+
+
+def w_out_is_transposed(bridge: TransformerBridge, layer: int) -> bool:
+    """True when the HF tensor is W_outᵀ (nn.Linear stores [out, in])."""
+    module = bridge.blocks[layer].mlp.out.original_component
+    return isinstance(module, torch.nn.Linear)
+
+
+def w_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_mlp d_model"]:
+    """W_out of `layer` in TransformerLens orientation (a live view of the HF parameter)."""
+    weight = w_out_parameter(bridge, layer)
+    return weight.T if w_out_is_transposed(bridge, layer) else weight
+
+
+def b_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_model"] | None:
+    return getattr(bridge.blocks[layer].mlp.out.original_component, "bias", None)
+
+
+def w_out_tensor_name(bridge: TransformerBridge, layer: int) -> str:
+    """The checkpoint (state-dict) name of W_out of `layer`, e.g. `model.layers.3.mlp.down_proj.weight`."""
+    target = w_out_parameter(bridge, layer)
+    for name, param in bridge.original_model.named_parameters(remove_duplicate=False):
+        if param is target:
+            return name.replace("._original_component", "")
+    raise LunarError(f"could not find W_out of layer {layer} among the model's parameters")
+
+
+@torch.no_grad()
+def add_to_w_out(bridge: TransformerBridge, layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> None:
+    """W_out[layer] += delta, in place, in the parameter's own dtype."""
+    view = w_out(bridge, layer)
+    view.add_(delta.to(device=view.device, dtype=view.dtype))

@@ -1,0 +1,105 @@
+"""One prompt format everywhere (directions, training, generation, evaluation), and batched
+tokenisation that knows which tokens are the question, the prompt and the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from transformers import PreTrainedTokenizerBase
+
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+
+
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The tokenizer's chat template (with generation prompt) when it has one, else `Question: …\\nAnswer:`."""
+    if uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    return PLAIN_PROMPT.format(question=question)
+
+
+def answer_separator(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What stands between the prompt and the answer text."""
+    return "" if uses_chat_template(tokenizer) else " "
+
+
+def format_answer(tokenizer: PreTrainedTokenizerBase, answer: str) -> str:
+    """The answer as it follows the prompt, closed by the eos token (the training target)."""
+    return answer_separator(tokenizer) + answer + tokenizer.eos_token
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Chat templates write their own BOS; the plain format lets the tokenizer add it."""
+    return not uses_chat_template(tokenizer)
+
+
+@dataclass
+class TokenBatch:
+    """Left-padded tokens of `prompt (+ answer)` with masks for each part."""
+
+    input_ids: Int[torch.Tensor, "batch seq"]
+    attention_mask: Int[torch.Tensor, "batch seq"]
+    question_mask: Bool[torch.Tensor, "batch seq"]  # tokens overlapping the question's characters
+    prompt_mask: Bool[torch.Tensor, "batch seq"]  # every real token of the prompt
+    answer_mask: Bool[torch.Tensor, "batch seq"]  # tokens of the appended answer (empty without one)
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def last_prompt_index(self) -> Int[torch.Tensor, "batch"]:
+        """Position of each row's last prompt token."""
+        seq = self.prompt_mask.shape[1]
+        positions = torch.arange(seq).expand_as(self.prompt_mask)
+        return torch.where(self.prompt_mask, positions, -1).max(dim=1).values
+
+
+def _char_mask(offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Tokens whose character span overlaps [start, end)."""
+    return (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    answers: list[str] | None = None,
+    max_length: int | None = None,
+) -> TokenBatch:
+    """Tokenise `format_prompt(question)` (+ `format_answer(answer)`) with left padding.
+
+    Masks come from character offsets, because byte-fallback BPE tokens can cross the
+    boundary between prompt and answer (a token that straddles it counts as answer).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("lunar-lens needs a fast (Rust) tokenizer for character offsets: save the model with tokenizer.json")
+    prompts = [format_prompt(tokenizer, q) for q in questions]
+    texts = list(prompts) if answers is None else [p + format_answer(tokenizer, a) for p, a in zip(prompts, answers)]
+    encoded = tokenizer(
+        texts,
+        padding=True,
+        return_tensors="pt",
+        return_offsets_mapping=True,
+        add_special_tokens=add_special_tokens(tokenizer),
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
+    offsets = encoded["offset_mapping"]
+    real = encoded["attention_mask"].bool()
+    question_mask = torch.zeros_like(real)
+    prompt_mask = torch.zeros_like(real)
+    for row, (prompt, question) in enumerate(zip(prompts, questions)):
+        q_start = prompt.rfind(question)
+        question_mask[row] = _char_mask(offsets[row], q_start, q_start + len(question)) & real[row]
+        answer_start = len(prompt) if answers is not None else len(texts[row]) + 1
+        ends_in_prompt = offsets[row, :, 1] <= answer_start
+        prompt_mask[row] = real[row] & ends_in_prompt
+    # special tokens (BOS) have empty offsets (0, 0): they are prompt tokens
+    answer_mask = real & ~prompt_mask
+    return TokenBatch(encoded["input_ids"], encoded["attention_mask"], question_mask, prompt_mask, answer_mask)
