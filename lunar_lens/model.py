@@ -11,6 +11,8 @@ from jaxtyping import Float
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.errors import LunarError
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -19,10 +21,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-class LunarError(Exception):
-    """A user-facing error: the message names the problem and the fix."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

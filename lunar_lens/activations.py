@@ -1,0 +1,93 @@
+"""Batched, padding-masked activation capture through hook points, truncated at the deepest
+layer needed, and the position rules that say which tokens count."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.errors import LunarError
+from lunar_lens.prompts import TokenBatch, tokenize
+
+POSITION_RULES = ("all", "suffix", "question", "last", "last+answer", "question+answer")
+"""Which forget-prompt positions are redirected:
+- ``all``: every token (the released recipe: BOS and the template prefix too);
+- ``suffix``: every token after the prefix shared by all prompts of the set (e.g. BOS + ``User:``);
+- ``question``: the tokens of the question text;
+- ``last``: the last prompt token (where the answer starts);
+- ``last+answer`` / ``question+answer``: as above, plus every token of the refusal the model should give
+  (teacher-forced), so that the whole response, not only its first token, is redirected.
+"""
+
+
+def token_batches(
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str] | None = None,
+    batch_size: int = 32,
+    desc: str | None = None,
+) -> Iterator[TokenBatch]:
+    """Left-padded batches of `questions` (+ `answers`), with a progress bar when `desc` is given."""
+    starts = range(0, len(questions), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        stop = start + batch_size
+        yield tokenize(tokenizer, list(questions[start:stop]), None if answers is None else list(answers[start:stop]))
+
+
+@torch.no_grad()
+def capture(
+    bridge: TransformerBridge, batch: TokenBatch, names: Sequence[str], stop_at_layer: int | None
+) -> dict[str, Float[torch.Tensor, "batch seq d"]]:
+    """Activations at `names` for one batch, running only the blocks before `stop_at_layer`."""
+    device = bridge.cfg.device
+    _, cache = bridge.run_with_cache(
+        batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        names_filter=list(names),
+        stop_at_layer=stop_at_layer,
+        return_cache_object=False,
+    )
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise LunarError(f"hook points {missing} were not reached: check the layer index and the model family")
+    return cache
+
+
+def shared_prefix_length(batches: Sequence[TokenBatch]) -> int:
+    """Number of leading real tokens identical in every prompt (BOS, template prefix)."""
+    reference: torch.Tensor | None = None
+    length = 10**9
+    for batch in batches:
+        for ids, mask in zip(batch.input_ids, batch.prompt_mask):
+            real = ids[mask]
+            if reference is None:
+                reference = real
+            n = min(len(real), len(reference), length)
+            same = (real[:n] == reference[:n]).long()
+            length = int(same.cumprod(0).sum())
+    return 0 if reference is None else length
+
+
+def position_mask(batch: TokenBatch, rule: str, prefix_length: int = 0) -> Bool[torch.Tensor, "batch seq"]:
+    """Positions of `batch` selected by a rule of POSITION_RULES."""
+    if rule not in POSITION_RULES:
+        raise LunarError(f"unknown position rule {rule!r}: use one of {', '.join(POSITION_RULES)}")
+    base, _, with_answer = rule.partition("+")
+    real = batch.attention_mask.bool()
+    if base == "all":
+        mask = real.clone()
+    elif base == "suffix":
+        order = real.long().cumsum(dim=1)  # 1-based index among real tokens
+        mask = real & (order > prefix_length)
+    elif base == "question":
+        mask = batch.question_mask.clone()
+    else:  # last
+        mask = torch.zeros_like(real)
+        mask[torch.arange(len(mask)), batch.last_prompt_index] = True
+    if with_answer:
+        mask |= batch.answer_mask
+    return mask

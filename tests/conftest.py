@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random HF models of five families, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINYSTORIES = SHARED / "models" / "TinyStories-656K"
+FAMILIES = ("gpt2", "llama", "qwen2", "gemma", "mistral")
+
+
+def tiny_config(family: str, vocab_size: int, tie: bool = False) -> transformers.PretrainedConfig:
+    """A 3-layer config of `family` small enough for CPU tests."""
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=256, **common)
+    decoder = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **common,
+    )
+    if family == "llama":
+        return transformers.LlamaConfig(**decoder)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**decoder)
+    if family == "gemma":
+        return transformers.GemmaConfig(head_dim=8, **decoder)
+    if family == "mistral":
+        return transformers.MistralConfig(**decoder)
+    raise ValueError(family)
+
+
+def tiny_hf_model(family: str, vocab_size: int, tie: bool = False, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, tie))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """The embedded toy world's tokenizer (fast, with a chat template)."""
+    from lunar_lens.model import load_tokenizer
+    from lunar_lens.toyworld import checkpoint_path
+
+    return load_tokenizer(checkpoint_path())
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer(tmp_path_factory):
+    """The toy tokenizer without its chat template (exercises the `Question: …\\nAnswer:` format)."""
+    from lunar_lens.model import load_tokenizer
+    from lunar_lens.toyworld import checkpoint_path
+
+    tokenizer = load_tokenizer(checkpoint_path())
+    tokenizer.chat_template = None
+    folder = tmp_path_factory.mktemp("plain_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def toy_bridge():
+    """The shipped toy-world model, loaded once per session (tests must not edit it: use `fresh_toy_bridge`)."""
+    from lunar_lens.model import load_model
+    from lunar_lens.toyworld import checkpoint_path
+
+    return load_model(checkpoint_path())
+
+
+@pytest.fixture
+def fresh_toy_bridge():
+    from lunar_lens.model import load_model
+    from lunar_lens.toyworld import checkpoint_path
+
+    return load_model(checkpoint_path())
+
+
+@pytest.fixture(scope="session")
+def world():
+    from lunar_lens.toyworld import build_world
+
+    return build_world(0)
