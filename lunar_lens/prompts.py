@@ -57,7 +57,7 @@ class TokenBatch:
     def last_prompt_index(self) -> Int[torch.Tensor, "batch"]:
         """Position of each row's last prompt token."""
         seq = self.prompt_mask.shape[1]
-        positions = torch.arange(seq).expand_as(self.prompt_mask)
+        positions = torch.arange(seq, device=self.prompt_mask.device).expand_as(self.prompt_mask)
         return torch.where(self.prompt_mask, positions, -1).max(dim=1).values
 
 

@@ -12,6 +12,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "TinyStories-656K"
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma", "mistral")
 
+# The models here are tiny: one thread is as fast, and avoids thread contention on a shared 2-core box.
+torch.set_num_threads(1)
+
 
 def tiny_config(family: str, vocab_size: int, tie: bool = False) -> transformers.PretrainedConfig:
     """A 3-layer config of `family` small enough for CPU tests."""

@@ -1,0 +1,216 @@
+"""Pure evaluation metrics: ROUGE recall, Deviation Score, refusal detection, and the
+model-based scores of answer tokens (ranks, MRR, hit-rate, extraction strength, perplexity)
+and KL to the base model. Model-based metrics are batched and return one value per example."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from rouge_score.rouge_scorer import RougeScorer
+from transformers import PreTrainedTokenizerBase
+
+from lunar_lens.errors import LunarError
+from lunar_lens.prompts import TokenBatch, tokenize
+
+DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
+    "don't know",
+    "do not know",
+    "not sure",
+    "not certain",
+    "i cannot",
+    "i can't",
+    "not able to",
+    "unable to",
+    "no information",
+    "i'm sorry",
+    "i apologize",
+    "i'm afraid",
+    "don't have",
+    "do not have",
+    "no idea",
+    "no clue",
+    "no knowledge",
+    "no data",
+    "no insight",
+    "not aware",
+    "unaware",
+    "not familiar",
+    "not acquainted",
+    "not informed",
+    "not equipped",
+    "not privy",
+    "unknown to me",
+    "beyond my",
+    "outside my",
+    "out of my",
+    "not within my",
+    "i lack",
+    "lacking information",
+    "drawing a blank",
+    "decline to answer",
+)
+
+
+@runtime_checkable
+class LogitModel(Protocol):
+    """Anything called like a TransformerBridge: `model(input_ids, attention_mask=...)` returns
+    logits [batch, seq, vocab], and `model.tokenizer` is its (fast) tokenizer."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------- text metrics
+
+@cache
+def _scorer() -> RougeScorer:
+    return RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+
+
+def rouge_recall(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-example ROUGE-1 and ROUGE-L recall of `references` by `predictions` (rouge_score)."""
+    if len(predictions) != len(references):
+        raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
+    scores = [_scorer().score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
+
+
+def deviation_score(forget_rouge1: float, retain_rouge1: float) -> float:
+    """DS = 100·sqrt(R1_forget² + (1 − R1_retain)²): distance from perfect unlearning (lower is better)."""
+    return 100.0 * math.hypot(forget_rouge1, 1.0 - retain_rouge1)
+
+
+def is_refusal(
+    text: str,
+    markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS,
+    references: Sequence[str] = (),
+    threshold: float = 0.5,
+) -> bool:
+    """True when `text` contains a marker phrase (case-insensitive, curly apostrophes folded) or
+    its ROUGE-L F-measure with any reference refusal is ≥ `threshold`. Empty text is no refusal."""
+    normalised = text.strip().lower().replace("\u2019", "'")
+    if not normalised:
+        return False
+    if any(marker.lower() in normalised for marker in markers):
+        return True
+    return any(_scorer().score(ref, text)["rougeL"].fmeasure >= threshold for ref in references)
+
+
+def refusal_rate(
+    texts: Sequence[str],
+    markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS,
+    references: Sequence[str] = (),
+    threshold: float = 0.5,
+) -> float:
+    """Fraction of `texts` that `is_refusal` flags."""
+    if not texts:
+        raise LunarError("refusal_rate got no texts: pass at least one generated answer")
+    return sum(is_refusal(t, markers, references, threshold) for t in texts) / len(texts)
+
+
+# ---------------------------------------------------------------- model-based metrics
+
+def _device(model: LogitModel) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    return next(parameters()).device if parameters is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _per_answer_token(
+    model: LogitModel,
+    questions: list[str],
+    answers: list[str],
+    batch_size: int,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """`score(logits [n, vocab], gold [n]) -> [n]` on every answer token (eos included) under
+    teacher forcing, split into one CPU tensor per example."""
+    if len(questions) != len(answers):
+        raise LunarError(f"{len(questions)} questions for {len(answers)} answers: pass one answer per question")
+    device = _device(model)
+    values: list[torch.Tensor] = []
+    for start in range(0, len(questions), batch_size):
+        end = start + batch_size
+        batch = tokenize(model.tokenizer, questions[start:end], answers[start:end]).to(device)
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)[:, :-1]  # position t predicts t+1
+        mask = batch.answer_mask[:, 1:]
+        scored = score(logits[mask].float(), batch.input_ids[:, 1:][mask]).cpu()
+        values += scored.split(mask.sum(dim=1).tolist())
+    return values
+
+
+def _rank(logits: Float[torch.Tensor, "n vocab"], gold: Int[torch.Tensor, " n"]) -> Int[torch.Tensor, " n"]:
+    gold_logit = logits.gather(1, gold[:, None])
+    return 1 + (logits > gold_logit).sum(dim=1)
+
+
+def _nll(logits: Float[torch.Tensor, "n vocab"], gold: Int[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
+    return F.cross_entropy(logits, gold, reduction="none")
+
+
+def answer_token_ranks(
+    model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32
+) -> list[Int[torch.Tensor, " _answer"]]:
+    """Rank of each gold answer token (eos included) under teacher forcing: 1 + the number of
+    vocabulary tokens with a strictly higher logit (1 = top; ties count in the gold's favour)."""
+    return _per_answer_token(model, questions, answers, batch_size, _rank)
+
+
+def mean_reciprocal_rank(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Per example: mean over answer tokens of 1 / rank."""
+    return [ranks.float().reciprocal().mean().item() for ranks in answer_token_ranks(model, questions, answers, batch_size)]
+
+
+def hit_rate(model: LogitModel, questions: list[str], answers: list[str], k: int = 1, batch_size: int = 32) -> list[float]:
+    """Per example: fraction of answer tokens ranked ≤ k."""
+    return [(ranks <= k).float().mean().item() for ranks in answer_token_ranks(model, questions, answers, batch_size)]
+
+
+def extraction_strength(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Extraction strength (Carlini et al. 2021; the unlearning literature) per example.
+
+    With answer tokens a_1..a_n (eos included), k_min is the shortest answer prefix a_1..a_k
+    after which every remaining token a_{k+1}..a_n is the model's argmax given the gold prefix
+    (teacher forcing); greedy decoding from prompt + a_1..a_k then reproduces the rest exactly.
+    ES = 1 − k_min / n: 1 when the prompt alone yields the whole answer, 0 when even a_n is
+    missed. One teacher-forced pass gives it: k_min is the index just after the last token whose
+    rank is not 1.
+    """
+    strengths = []
+    for ranks in answer_token_ranks(model, questions, answers, batch_size):
+        wrong = (ranks != 1).nonzero()
+        k_min = int(wrong[-1]) + 1 if len(wrong) else 0
+        strengths.append(1.0 - k_min / len(ranks))
+    return strengths
+
+
+def answer_perplexity(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Per example: exp of the mean negative log-likelihood of the answer tokens (eos included)."""
+    return [nll.mean().exp().item() for nll in _per_answer_token(model, questions, answers, batch_size, _nll)]
+
+
+def _last_prompt_log_probs(model: LogitModel, batch: TokenBatch) -> Float[torch.Tensor, "batch vocab"]:
+    """Log-softmax of the logits at each row's last prompt token, on the CPU."""
+    last = batch.last_prompt_index  # computed before moving: `last_prompt_index` builds its positions on the CPU
+    on_device = batch.to(_device(model))
+    logits = model(on_device.input_ids, attention_mask=on_device.attention_mask)
+    return logits[torch.arange(len(last)), last].float().log_softmax(dim=-1).cpu()
+
+
+@torch.no_grad()
+def kl_to_base(model: LogitModel, base: LogitModel, questions: list[str], batch_size: int = 32) -> list[float]:
+    """Per example: KL(base ‖ model) of the next-token distributions at the last prompt token
+    (where the answer's first token is predicted). Both models must share the tokenizer."""
+    kls: list[float] = []
+    for start in range(0, len(questions), batch_size):
+        batch = tokenize(model.tokenizer, questions[start : start + batch_size])
+        log_p, log_q = _last_prompt_log_probs(base, batch), _last_prompt_log_probs(model, batch)
+        kls += F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1).tolist()
+    return kls
