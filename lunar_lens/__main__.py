@@ -1,0 +1,5 @@
+import sys
+
+from lunar_lens.cli import main
+
+sys.exit(main())

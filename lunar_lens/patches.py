@@ -1,0 +1,502 @@
+"""Edits as data: the W_out edit record, safetensors checkpoints (read a tensor, rewrite a copy,
+atomic output folders) and patch files that apply to and revert from a checkpoint.
+
+A patch file is a small safetensors file. For its i-th tensor it holds the factors `i.a`, `i.b`
+(ΔW = a·bᵀ) when the edit has them, else the full `i.delta`; float32, in the **Hugging Face
+orientation** (the checkpoint tensor's own layout: W_outᵀ for nn.Linear, W_out for GPT-2's Conv1D),
+so applying one needs no model code. Its `lunar_patch` metadata (JSON) names each tensor, its layer,
+and the SHA-256 of the base tensor's bytes the edit was solved against.
+
+A patched checkpoint remembers its base: `lunar_patches/base_tensors.safetensors` keeps the original
+bytes of every touched tensor, `lunar_patches/<sha>.safetensors` a copy of every applied patch, and
+`lunar_manifest.json` their order. A touched tensor is always `cast(base_float32 + Σ deltas, dtype)`,
+so any patch reverts while the others stay, and reverting the last one restores the base bit for bit.
+Only safetensors are read; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.errors import LunarError
+from lunar_lens.model import add_to_w_out, w_out_is_transposed, w_out_tensor_name
+
+MANIFEST = "lunar_manifest.json"
+PATCH_DIR = "lunar_patches"
+BASE_TENSORS = f"{PATCH_DIR}/base_tensors.safetensors"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+
+
+@dataclass
+class WOutEdit:
+    """One edit of W_out. `delta` is in TransformerLens orientation, float32; when the solver gives
+    factors, `delta == u @ v.T` and the patch stores only the factors."""
+
+    layer: int
+    tensor_name: str  # the HF parameter name, e.g. model.layers.3.mlp.down_proj.weight
+    delta: Float[Tensor, "d_mlp d_model"]
+    u: Float[Tensor, "d_mlp k"] | None = None
+    v: Float[Tensor, "d_model k"] | None = None
+
+
+# ---------------------------------------------------------------- hashes and bytes
+
+def tensor_bytes(tensor: Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_hashed(src: Path, dst: Path) -> str:
+    """Copy `src` to `dst` byte for byte and return the SHA-256 of what was read."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        while chunk := source.read(1 << 24):
+            digest.update(chunk)
+            target.write(chunk)
+    return digest.hexdigest()
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        return 8 + size, json.loads(file.read(size))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def local_folder(path_or_id: str | Path) -> Path:
+    """The local folder of a model: the path itself, or the cached snapshot of a hub id (never downloads)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or str(path_or_id).startswith((".", "/", "~")):
+        raise LunarError(f"{path} is not a model folder: pass the folder that holds config.json and the safetensors weights")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_id), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as error:
+        raise LunarError(
+            f"{path_or_id} is neither a local folder nor in the Hugging Face cache ({type(error).__name__}): "
+            f"download it first (`hf download {path_or_id}`) or pass its folder"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A local folder of safetensors weights; `weight_map` maps each tensor name to its file."""
+
+    root: Path
+    weight_map: dict[str, str]
+
+    @classmethod
+    def open(cls, path_or_id: str | Path) -> Checkpoint:
+        root = local_folder(path_or_id)
+        if (root / INDEX).is_file():
+            return cls(root, json.loads((root / INDEX).read_text())["weight_map"])
+        if (root / SINGLE).is_file():
+            return cls(root, {name: SINGLE for name in _header(root / SINGLE)[1] if name != "__metadata__"})
+        if any((root / name).exists() for name in PICKLED):
+            raise LunarError(
+                f"{root} holds only PyTorch pickle weights (pytorch_model.bin), which lunar-lens never unpickles: "
+                "convert the folder to safetensors first (transformers' save_pretrained writes model.safetensors)"
+            )
+        raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
+
+    @property
+    def weight_files(self) -> set[str]:
+        return set(self.weight_map.values()) | ({INDEX} if (self.root / INDEX).is_file() else set())
+
+    def key(self, name: str) -> str:
+        """The checkpoint's name for parameter `name` (some checkpoints drop the base-model prefix)."""
+        if name in self.weight_map:
+            return name
+        matches = [key for key in self.weight_map if name.endswith("." + key) or key.endswith("." + name)]
+        if len(matches) != 1:
+            raise LunarError(
+                f"{self.root} has no tensor {name} (candidates: {matches or 'none'}): pass the checkpoint the model was loaded from"
+            )
+        return matches[0]
+
+    def read(self, key: str) -> Tensor:
+        with safe_open(self.root / self.weight_map[key], framework="pt") as file:
+            return file.get_tensor(key)
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Overwrite the data of `tensors` in the safetensors file `path`, in place (header untouched)."""
+    start, header = _header(path)
+    with open(path, "r+b") as file:
+        for key, value in tensors.items():
+            info = header[key]
+            if info["shape"] != list(value.shape) or info["dtype"] != ST_NAMES.get(value.dtype):
+                raise LunarError(
+                    f"{key} in {path.name} is {info['dtype']} {info['shape']} but the new value is {value.dtype} "
+                    f"{list(value.shape)}: pass the checkpoint the model was loaded from"
+                )
+            file.seek(start + info["data_offsets"][0])
+            file.write(tensor_bytes(value))
+
+
+def _is_lunar(rel: str) -> bool:
+    return rel == MANIFEST or rel.startswith(PATCH_DIR + "/")
+
+
+def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Tensor]) -> tuple[dict[str, str], list[str]]:
+    """Copy `checkpoint` into `dst`, writing `new_tensors` (checkpoint name → value of the same dtype and
+    shape) into the copies of the shards that hold them; every other file is copied byte for byte.
+
+    Skipped: hidden entries, the lunar files (callers write their own) and weights that are not the
+    model's safetensors (pickles, stray `consolidated.safetensors`: stale copies of unedited weights).
+    Returns the SHA-256 of every file copied (relative path → hex) and the skipped weight files.
+    """
+    by_file: dict[str, dict[str, Tensor]] = {}
+    for key, value in new_tensors.items():
+        by_file.setdefault(checkpoint.weight_map[key], {})[key] = value
+    hashes, skipped = {}, []
+    for folder, dirs, files in os.walk(checkpoint.root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            src = Path(folder) / name
+            rel = src.relative_to(checkpoint.root).as_posix()
+            if _is_lunar(rel):
+                continue
+            if rel not in checkpoint.weight_files and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
+                skipped.append(rel)
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            hashes[rel] = _copy_hashed(src, dst / rel)
+            if rel in by_file:
+                _write_tensors(dst / rel, by_file[rel])
+    return hashes, sorted(skipped)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(out_dir: str | Path, source: Path, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` that is renamed into place when the block succeeds and
+    removed when it fails (or is interrupted): `out_dir` is never left half written."""
+    out, source = Path(out_dir).expanduser().resolve(), source.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise LunarError(f"--out {out} overlaps the source {source}: choose an output folder outside the source")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise LunarError(f"{out} already exists and is not empty: pass --force to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_manifest(folder: Path, record: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- patch files
+
+@dataclass
+class PatchEntry:
+    """One tensor of a patch; `delta` is float32 in the HF orientation (the checkpoint tensor's shape)."""
+
+    layer: int
+    tensor: str  # the checkpoint's tensor name
+    base_sha256: str
+    shape: list[int]
+    dtype: str  # safetensors dtype of the base tensor, e.g. BF16
+    hf_is_transposed: bool  # True when the checkpoint stores W_outᵀ (nn.Linear)
+    rank: int | None  # k of the stored factors; None for a full delta
+    delta: Float[Tensor, "rows cols"]
+
+
+@dataclass
+class Patch:
+    path: Path
+    sha256: str
+    entries: list[PatchEntry]
+    info: dict
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({entry.layer for entry in self.entries})
+
+
+def _hf_is_transposed(checkpoint: Checkpoint, edit: WOutEdit, shape: tuple[int, ...]) -> bool:
+    """Whether the checkpoint stores W_outᵀ: read from the shapes, or from the model class when W_out is square."""
+    rows, cols = edit.delta.shape
+    if shape not in ((rows, cols), (cols, rows)):
+        raise LunarError(
+            f"the edit of {edit.tensor_name} is {rows}×{cols} but {checkpoint.root} stores it as {shape}: "
+            "pass the checkpoint the edit was solved on"
+        )
+    if rows != cols:
+        return shape == (cols, rows)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint.root))
+    return isinstance(model.get_submodule(edit.tensor_name.rsplit(".", 1)[0]), torch.nn.Linear)
+
+
+def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
+    """Write `edits`, solved on the checkpoint `base_dir`, as a patch file (`info`: any JSON-able run record)."""
+    checkpoint = Checkpoint.open(base_dir)
+    tensors, records = {}, []
+    for i, edit in enumerate(edits):
+        key = checkpoint.key(edit.tensor_name)
+        base = checkpoint.read(key)
+        transposed = _hf_is_transposed(checkpoint, edit, tuple(base.shape))
+        if edit.u is not None and edit.v is not None:
+            a, b = (edit.v, edit.u) if transposed else (edit.u, edit.v)
+            tensors[f"{i}.a"], tensors[f"{i}.b"] = a.float().contiguous(), b.float().contiguous()
+        else:
+            tensors[f"{i}.delta"] = (edit.delta.T if transposed else edit.delta).float().contiguous()
+        records.append({
+            "layer": edit.layer, "tensor": key, "base_sha256": tensor_sha256(base), "shape": list(base.shape),
+            "dtype": ST_NAMES[base.dtype], "hf_is_transposed": transposed,
+        })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"lunar_patch": json.dumps({"format": 1, "tensors": records, "info": info or {}})}
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
+def load_patch(path: str | Path) -> Patch:
+    path = Path(path)
+    if not path.is_file():
+        raise LunarError(f"patch file {path} does not exist: check the path (`lunar-lens patch show CHECKPOINT` lists applied patches)")
+    try:
+        with safe_open(path, framework="pt") as file:
+            record = json.loads((file.metadata() or {})["lunar_patch"])
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, KeyError):
+        raise LunarError(
+            f"{path} is not a lunar-lens patch (a safetensors file with `lunar_patch` metadata): pass a file written by save_patch"
+        ) from None
+    entries = []
+    for i, entry in enumerate(record["tensors"]):
+        factored = f"{i}.a" in tensors
+        delta = tensors[f"{i}.a"] @ tensors[f"{i}.b"].T if factored else tensors[f"{i}.delta"]
+        rank = tensors[f"{i}.a"].shape[1] if factored else None
+        entries.append(PatchEntry(**entry, rank=rank, delta=delta))
+    return Patch(path, file_sha256(path), entries, record.get("info", {}))
+
+
+def show_patch(path: str | Path) -> dict:
+    """What a patch file holds, or (for a checkpoint folder) which patches are applied to it, in order."""
+    path = Path(path)
+    if path.is_dir():
+        return {"checkpoint": str(path), "patches": read_manifest(path).get("patches", [])}
+    patch = load_patch(path)
+    tensors = [
+        {"tensor": e.tensor, "layer": e.layer, "shape": e.shape, "dtype": e.dtype, "hf_is_transposed": e.hf_is_transposed,
+         "rank": e.rank, "delta_norm": float(e.delta.norm()), "base_sha256": e.base_sha256}
+        for e in patch.entries
+    ]
+    return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info}
+
+
+# ---------------------------------------------------------------- apply / revert
+
+def check_base(patch: Patch, checkpoint: Checkpoint, base: dict[str, Tensor] | None = None) -> None:
+    """Refuse a patch whose tensors are not, byte for byte, the ones it was solved against: the
+    checkpoint's current tensor, or its recorded original (`base`)."""
+    for entry in patch.entries:
+        if entry.tensor not in checkpoint.weight_map:
+            raise LunarError(
+                f"{patch.path} edits {entry.tensor}, which {checkpoint.root} does not hold: apply it to the checkpoint it was saved against"
+            )
+        current = checkpoint.read(entry.tensor)
+        if list(current.shape) != entry.shape or ST_NAMES.get(current.dtype) != entry.dtype:
+            raise LunarError(
+                f"{patch.path} was made for a {entry.dtype} {entry.shape} {entry.tensor}, but {checkpoint.root} holds "
+                f"{current.dtype} {list(current.shape)}: apply it to the checkpoint it was saved against"
+            )
+        found = tensor_sha256(current)
+        original = tensor_sha256(base[entry.tensor]) if base and entry.tensor in base else None
+        if entry.base_sha256 not in (found, original):
+            raise LunarError(
+                f"{patch.path} was made for another base: {entry.tensor} in {checkpoint.root} has SHA-256 {found[:12]}…, "
+                f"the patch expects {entry.base_sha256[:12]}…: apply it to the checkpoint it was saved against, "
+                "or solve the edit again on this one"
+            )
+
+
+def _combine(base: Tensor, deltas: list[Tensor]) -> Tensor:
+    """cast(base + Σ deltas) accumulated in float32 (float64 for float64 bases), in order."""
+    if not deltas:
+        return base
+    total = base.to(torch.promote_types(base.dtype, torch.float32))
+    for delta in deltas:
+        total = total + delta.to(total.dtype)
+    return total.to(base.dtype)
+
+
+def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
+    """The patches applied to `checkpoint`, in order, as (manifest record, patch)."""
+    applied = []
+    for record in read_manifest(checkpoint.root).get("patches", []):
+        patch = load_patch(checkpoint.root / record["file"])
+        if patch.sha256 != record["sha256"]:
+            raise LunarError(
+                f"{patch.path} no longer matches its SHA-256 in {checkpoint.root / MANIFEST}: the checkpoint was modified; "
+                "start again from its base"
+            )
+        applied.append((record, patch))
+    return applied
+
+
+def _base_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
+    path = checkpoint.root / BASE_TENSORS
+    if not path.is_file():
+        return {}
+    with safe_open(path, framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}
+
+
+def _write_patched(
+    checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path, force: bool
+) -> Path:
+    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors."""
+    new = {key: _combine(base[key], [e.delta for _, p in applied for e in p.entries if e.tensor == key]) for key in touched}
+    still_touched = {e.tensor for _, p in applied for e in p.entries}
+    record = read_manifest(checkpoint.root)
+    record.pop("patches", None)
+    with atomic_output(out_dir, checkpoint.root, force) as tmp:
+        copy_checkpoint(checkpoint, tmp, new)
+        if applied:
+            (tmp / PATCH_DIR).mkdir()
+            save_file({key: base[key].contiguous() for key in sorted(still_touched)}, str(tmp / BASE_TENSORS))
+            for entry, patch in applied:
+                shutil.copyfile(patch.path, tmp / entry["file"])
+            record["patches"] = [entry for entry, _ in applied]
+        if record:
+            write_manifest(tmp, record)
+    return Path(out_dir)
+
+
+def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write `checkpoint_dir` + the patch to `out_dir` (the patch stacks on any already applied)."""
+    checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
+    applied = _applied(checkpoint)
+    if any(p.sha256 == patch.sha256 for _, p in applied):
+        raise LunarError(f"{patch.path} is already applied to {checkpoint.root}: nothing to do")
+    base = _base_tensors(checkpoint)
+    check_base(patch, checkpoint, base)
+    touched = {entry.tensor for entry in patch.entries}
+    for key in touched - base.keys():
+        base[key] = checkpoint.read(key)
+    record = {
+        "sha256": patch.sha256, "file": f"{PATCH_DIR}/{patch.sha256[:16]}.safetensors", "source": str(patch.path),
+        "tensors": sorted(touched), "layers": patch.layers, "info": patch.info,
+    }
+    return _write_patched(checkpoint, applied + [(record, patch)], base, touched, out_dir, force)
+
+
+def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch."""
+    checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
+    applied = _applied(checkpoint)
+    if not any(p.sha256 == patch.sha256 for _, p in applied):
+        names = [entry["source"] for entry, _ in applied] or "none"
+        raise LunarError(
+            f"{patch.path} is not applied to {checkpoint.root} (applied: {names}): `lunar-lens patch show {checkpoint.root}` lists them"
+        )
+    remaining = [(entry, p) for entry, p in applied if p.sha256 != patch.sha256]
+    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint), {e.tensor for e in patch.entries}, out_dir, force)
+
+
+def apply_to_model(bridge: TransformerBridge, patch_path: str | Path) -> Patch:
+    """Add a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
+    checkpoint, patch = Checkpoint.open(bridge.source_path), load_patch(patch_path)
+    check_base(patch, checkpoint)
+    for entry in patch.entries:
+        if checkpoint.key(w_out_tensor_name(bridge, entry.layer)) != entry.tensor:
+            raise LunarError(
+                f"{patch.path} edits {entry.tensor}, which is not W_out of layer {entry.layer} of this model: "
+                "pass the model the patch was saved for"
+            )
+        add_to_w_out(bridge, entry.layer, entry.delta.T if w_out_is_transposed(bridge, entry.layer) else entry.delta)
+    return patch
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("patch", help="apply, revert or show unlearning patches on a checkpoint")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, verb in (("apply", "with"), ("revert", "without")):
+        sub = actions.add_parser(name, help=f"write a copy of CHECKPOINT {verb} PATCH to --out")
+        sub.add_argument("checkpoint", help="a Hugging Face model folder (safetensors)")
+        sub.add_argument("patch", help="a patch file (`lunar-lens patch show CHECKPOINT` lists the applied ones)")
+        sub.add_argument("--out", required=True, help="output folder")
+        sub.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+        sub.set_defaults(func=run_cli)
+    show = actions.add_parser("show", help="print a patch file, or the patches applied to a checkpoint folder")
+    show.add_argument("path")
+    show.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if args.action == "show":
+        print(json.dumps(show_patch(args.path), indent=2))
+        return
+    write = apply_patch if args.action == "apply" else revert_patch
+    out = write(args.checkpoint, args.patch, args.out, force=args.force)
+    print(f"{args.action}: wrote {out}")

@@ -1,0 +1,150 @@
+"""`unlearn`: load → directions → localise → edit → export, as one call (Python API and CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.data import QA, check_disjoint, load_qa
+from lunar_lens.edit import EditResult, EditSettings, edit_layers
+from lunar_lens.errors import LunarError
+from lunar_lens.model import load_model
+
+REPORT_NAME = "lunar_report.json"
+
+
+@dataclass
+class UnlearnOutcome:
+    bridge: TransformerBridge  # the edited in-memory model
+    result: EditResult
+    report: dict
+    out_dir: Path | None
+    localisation: object | None = None  # lunar_lens.localise.Localisation when the layer or c was chosen automatically
+
+
+def previously_forgotten(model_dir: str | Path | None) -> list[QA]:
+    """Questions an earlier lunar-lens request forgot in this checkpoint (kept forgotten by the next one)."""
+    report = Path(model_dir) / REPORT_NAME if model_dir else None
+    if report is None or not report.is_file():
+        return []
+    return [QA(question) for question in json.loads(report.read_text()).get("forgotten", [])]
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """`auto` → None, else a comma-separated list of layer indices."""
+    if text == "auto":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LunarError(f"--layer {text!r} is not 'auto' or a comma-separated list of layer numbers (e.g. 3 or 2,3)") from None
+
+
+def unlearn(
+    model: str | Path | TransformerBridge,
+    forget: str | Path | Sequence[QA],
+    retain: str | Path | Sequence[QA],
+    reference: str | Path | Sequence[QA],
+    out: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    coeff: float | None = None,
+    settings: EditSettings | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
+) -> UnlearnOutcome:
+    """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
+
+    `layers=None` / `coeff=None` choose them by localisation (`lunar_lens.localise`). With `out`, the
+    edited model is exported as a verified Hugging Face checkpoint plus `lunar_report.json`.
+    """
+    started = time.perf_counter()
+    settings = settings or EditSettings()
+    torch.manual_seed(settings.seed)
+    bridge = model if isinstance(model, TransformerBridge) else load_model(model, device=device, dtype=dtype)
+    forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
+    retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
+    reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
+    retain_set = check_disjoint(forget_set, retain_set)
+    timings = {"load": time.perf_counter() - started}
+
+    localisation = None
+    if layers is None or coeff is None:
+        from lunar_lens.localise import choose_layer_and_coeff
+
+        chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(bridge, forget_set, retain_set, reference_set, progress=progress)
+        layers = chosen_layers if layers is None else layers
+        coeff = chosen_coeff if coeff is None else coeff
+    timings["localise"] = time.perf_counter() - started - timings["load"]
+    settings.coeff = float(coeff)
+
+    kept = previously_forgotten(getattr(bridge, "source_path", None))
+    result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, keep_forgotten=kept, progress=progress)
+    timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
+
+    report = {
+        "source": str(getattr(bridge, "source_path", None)),
+        "settings": asdict(settings),
+        "layers": [layer.layer for layer in result.layers],
+        "coeff": settings.coeff,
+        "sizes": {"forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "kept_forgotten": len(kept)},
+        "edit": result.report(),
+        "localisation": None if localisation is None else localisation.summary(),
+        "forgotten": [qa.question for qa in kept] + [qa.question for qa in forget_set],
+        "timings_s": timings,
+    }
+    out_dir = None
+    if out is not None:
+        from lunar_lens.export import export_checkpoint
+
+        export_started = time.perf_counter()
+        export = export_checkpoint(bridge, out, [edit.layer for edit in result.edits], manifest=report, force=force, extra_files={REPORT_NAME: report})
+        timings["export"] = time.perf_counter() - export_started
+        out_dir = Path(export.out_dir)
+    return UnlearnOutcome(bridge, result, report, out_dir, localisation)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("unlearn", help="forget a set of questions and export the edited checkpoint")
+    parser.add_argument("--model", required=True, help="HF model folder or hub id")
+    parser.add_argument("--forget", required=True, help="questions to forget (JSON, JSONL, CSV, TXT, HF dataset)")
+    parser.add_argument("--retain", required=True, help="questions (with answers) to keep")
+    parser.add_argument("--reference", required=True, help="questions the model already declines")
+    parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
+    parser.add_argument("--layer", default="auto", help="auto, or layer number(s): 3 or 2,3")
+    parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
+    parser.add_argument("--positions", default=EditSettings.positions, help="forget positions redirected (see lunar_lens.activations)")
+    parser.add_argument("--solver", default="closed", choices=["closed", "adamw", "lora"])
+    parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
+    parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    coeff = None if args.coeff == "auto" else _parse_coeff(args.coeff)
+    settings = EditSettings(positions=args.positions, solver=args.solver, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed)
+    outcome = unlearn(
+        args.model, args.forget, args.retain, args.reference, args.out, parse_layers(args.layer), coeff, settings,
+        device=args.device, dtype=args.dtype, force=args.force,
+    )
+    layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
+    print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}")
+
+
+def _parse_coeff(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise LunarError(f"--coeff {text!r} is not 'auto' or a number (e.g. 4.0)") from None

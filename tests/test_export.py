@@ -1,0 +1,216 @@
+"""Export: untouched tensors byte-identical, the edited W_out as in memory, dtype and files kept,
+a plain-transformers reload equal to the in-memory model; atomic, refusing and loud on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import lunar_lens.export as export_module
+import lunar_lens.patches as patches_module
+from lunar_lens.errors import LunarError
+from lunar_lens.export import export_checkpoint
+from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
+from lunar_lens.patches import MANIFEST, Checkpoint, file_sha256, tensor_bytes
+from lunar_lens.prompts import tokenize
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]
+CARRIED = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json", "generation_config.json"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fast BPE tokenizer (pad 0, bos 1, eos 2, as the conftest configs expect) with a chat template."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = "What is the capital of France? Who wrote Hamlet? User: Assistant: Question: Answer: the quick brown fox"
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_checkpoint(folder: Path, tokenizer_dir: Path, family: str = "llama", *, dtype: torch.dtype = torch.float32,
+                    sharded: bool = True, tie: bool = False, seed: int = 0, **config) -> Path:
+    """Save a tiny random `family` model (3 layers, d_model 32, d_mlp 64 unless `config` says) with the tokenizer."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model_config = tiny_config(family, len(tokenizer), tie)
+    model_config.update(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config)
+    model.to(dtype).save_pretrained(folder, max_shard_size="20KB" if sharded else "1GB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def edit_randomly(bridge, layers: list[int], seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    for layer in layers:
+        add_to_w_out(bridge, layer, 0.2 * torch.randn(w_out(bridge, layer).shape))
+
+
+@torch.no_grad()
+def max_logit_diff(model_a, model_b, tokenizer) -> float:
+    batch = tokenize(tokenizer, PROMPTS)
+    real = batch.attention_mask.bool()
+    a, b = (m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[real] for m in (model_a, model_b))
+    return float((a - b).abs().max())
+
+
+CASES = [  # family, sharded, source dtype, in-memory dtype, tied embeddings, edited layers
+    ("gpt2", True, torch.float32, "float32", True, [0, 2]),
+    ("llama", False, torch.bfloat16, "bfloat16", False, [1]),
+    ("qwen2", True, torch.bfloat16, "float32", True, [1]),
+    ("gemma", True, torch.float32, "float32", False, [2]),
+    ("gemma", False, torch.bfloat16, "bfloat16", True, [1]),
+    ("mistral", False, torch.float32, "float32", True, [0]),
+    ("mistral", True, torch.bfloat16, "bfloat16", False, [0, 1]),
+]
+
+
+def case_id(case: tuple) -> str:
+    family, sharded, source_dtype, dtype, tie, layers = case
+    source = str(source_dtype).removeprefix("torch.")
+    return f"{family}-{'sharded' if sharded else 'single'}-{source}-as-{dtype}-{'tied' if tie else 'untied'}"
+
+
+@pytest.mark.parametrize(("family", "sharded", "source_dtype", "dtype", "tie", "layers"), CASES, ids=map(case_id, CASES))
+def test_round_trip(tmp_path, tokenizer_dir, family, sharded, source_dtype, dtype, tie, layers):
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, family, dtype=source_dtype, sharded=sharded, tie=tie)
+    before = folder_hashes(src)
+    bridge = load_model(src, dtype=dtype)
+    edit_randomly(bridge, layers)
+    result = export_checkpoint(bridge, tmp_path / "out", layers, manifest={"coeff": 4.0})
+    out = tmp_path / "out"
+
+    assert folder_hashes(src) == before
+    after = folder_hashes(out)
+    assert CARRIED <= set(before) and set(after) == set(before) | {MANIFEST}
+    source, exported = Checkpoint.open(src), Checkpoint.open(out)
+    edited = {source.key(w_out_tensor_name(bridge, layer)): layer for layer in layers}
+    assert result.rewritten_files == sorted({source.weight_map[key] for key in edited})
+    assert len(result.rewritten_files) == (len(layers) if sharded else 1)
+    assert {rel for rel in before if after[rel] != before[rel]} == set(result.rewritten_files)
+    for key in source.weight_map:
+        old, new = source.read(key), exported.read(key)
+        assert new.dtype == old.dtype == source_dtype and new.shape == old.shape
+        if key in edited:
+            assert torch.equal(new, w_out_parameter(bridge, edited[key]).detach().to(source_dtype))
+            assert not torch.equal(new, old)
+        else:
+            assert tensor_bytes(new) == tensor_bytes(old)
+
+    record = json.loads((out / MANIFEST).read_text())
+    assert record["source"]["sha256"] == before and record["source"]["skipped_weight_files"] == []
+    assert [t["tensor"] for t in record["edited_tensors"]] == list(edited) and record["layers"] == layers
+    assert record["run"] == {"coeff": 4.0} and record["versions"]["torch"] == torch.__version__
+    check = record["verification"]
+    assert check["edited_tensors_exact"] and check["max_abs_logit_diff"] <= (1e-4 if dtype == "float32" else 1e-2)
+
+    # independent check: plain transformers, default settings, in the in-memory dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=bridge.original_model.dtype)
+    diff = max_logit_diff(reloaded, bridge.original_model, bridge.tokenizer)
+    rounded = source_dtype != bridge.original_model.dtype
+    if rounded:  # the file holds W_out rounded to bf16: the difference is the rounding, as recorded
+        assert check["rounding_max_abs_logit_change"] > 0 and record["edited_tensors"][0]["cast_relative_error"] > 0
+        assert diff == pytest.approx(check["rounding_max_abs_logit_change"], abs=1e-4)
+    else:
+        assert check["rounding_max_abs_logit_change"] == 0
+        assert diff <= (1e-4 if dtype == "float32" else 2e-2)
+
+
+@pytest.fixture
+def edited_llama(tmp_path, tokenizer_dir):
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir)
+    bridge = load_model(src)
+    edit_randomly(bridge, [1])
+    return src, bridge
+
+
+def test_refuses_non_empty_out_unless_force(tmp_path, edited_llama):
+    _, bridge = edited_llama
+    out = tmp_path / "out"
+    out.mkdir()
+    export_checkpoint(bridge, out, [1], verify=False)  # an empty folder is fine
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(LunarError, match="--force"):
+        export_checkpoint(bridge, out, [1], verify=False)
+    assert (out / "mine.txt").read_text() == "keep me"
+    export_checkpoint(bridge, out, [1], force=True)
+    assert not (out / "mine.txt").exists() and (out / MANIFEST).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_refuses_out_overlapping_source(tmp_path, edited_llama):
+    src, bridge = edited_llama
+    before = folder_hashes(src)
+    for out in (src, src / "export", tmp_path):
+        with pytest.raises(LunarError, match="overlaps the source"):
+            export_checkpoint(bridge, out, [1], force=True)
+    assert folder_hashes(src) == before
+
+
+@pytest.mark.parametrize("where", ["verification", "rename"])
+def test_interrupted_export_leaves_no_folder(tmp_path, edited_llama, monkeypatch, where):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "verification":
+        monkeypatch.setattr(export_module, "verify_export", interrupt)
+    else:
+        monkeypatch.setattr(patches_module.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(edited_llama[1], tmp_path / "out", [1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_verification_fails_loudly(tmp_path, edited_llama):
+    _, bridge = edited_llama
+    edit_randomly(bridge, [0], seed=2)  # layer 0 edited too, but not declared
+    with pytest.raises(LunarError, match="verification failed"):
+        export_checkpoint(bridge, tmp_path / "out", [1])
+    assert not (tmp_path / "out").exists()
+    assert export_checkpoint(bridge, tmp_path / "out", [0, 1]).verification["max_abs_logit_diff"] <= 1e-4
+
+
+def test_skips_stale_weights_and_writes_extra_files(tmp_path, edited_llama):
+    src, bridge = edited_llama
+    (src / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (src / "original").mkdir()
+    (src / "original" / "consolidated.safetensors").write_bytes(b"stale")
+    (src / "original" / "params.json").write_text("{}")
+    result = export_checkpoint(bridge, tmp_path / "out", [1], extra_files={"lunar_report.json": {"ok": True}})
+    assert result.manifest["source"]["skipped_weight_files"] == ["original/consolidated.safetensors", "pytorch_model.bin"]
+    assert (tmp_path / "out" / "original" / "params.json").exists() and not (tmp_path / "out" / "pytorch_model.bin").exists()
+    assert json.loads((tmp_path / "out" / "lunar_report.json").read_text()) == {"ok": True}
+
+
+def test_refuses_sources_it_cannot_read_safely(tmp_path, edited_llama):
+    _, bridge = edited_llama
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 never unpickled")
+    bridge.source_path = str(pickled)
+    with pytest.raises(LunarError, match="never unpickles"):
+        export_checkpoint(bridge, tmp_path / "out", [1])
+    bridge.source_path = "lunar-lens-tests/not-a-cached-model"
+    with pytest.raises(LunarError, match="Hugging Face cache"):
+        export_checkpoint(bridge, tmp_path / "out", [1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pickled", "src"]

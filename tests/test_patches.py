@@ -1,0 +1,151 @@
+"""Patches: apply → revert restores the source bit for bit, patches stack and revert in any order,
+the wrong base is refused, the orientation is right even for a square W_out, and `lunar-lens export
+--edit` agrees with `patch apply`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_export import folder_hashes, make_checkpoint, tokenizer_dir  # noqa: F401 (tokenizer_dir is a fixture)
+
+from lunar_lens import cli
+from lunar_lens.errors import LunarError
+from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
+from lunar_lens.patches import (
+    BASE_TENSORS,
+    MANIFEST,
+    Checkpoint,
+    WOutEdit,
+    apply_patch,
+    revert_patch,
+    save_patch,
+    show_patch,
+    tensor_bytes,
+)
+
+
+def random_edit(bridge, layer: int, seed: int, factored: bool = True) -> WOutEdit:
+    """A rank-one edit (with factors) or a full-rank one (delta only) of W_out of `layer`."""
+    generator = torch.Generator().manual_seed(seed)
+    d_mlp, d_model = w_out(bridge, layer).shape
+    u, v = torch.randn(d_mlp, 1, generator=generator), torch.randn(d_model, 1, generator=generator)
+    if factored:
+        return WOutEdit(layer, w_out_tensor_name(bridge, layer), u @ v.T, u, v)
+    return WOutEdit(layer, w_out_tensor_name(bridge, layer), 0.1 * torch.randn(d_mlp, d_model, generator=generator))
+
+
+def hf_delta(bridge, edit: WOutEdit) -> torch.Tensor:
+    """The edit in the checkpoint tensor's own layout."""
+    return edit.delta.T if w_out_parameter(bridge, edit.layer).shape != edit.delta.shape else edit.delta
+
+
+@pytest.mark.parametrize(("family", "dtype", "sharded"), [("llama", torch.float32, True), ("gpt2", torch.bfloat16, False)])
+def test_apply_then_revert_restores_the_source(tmp_path, tokenizer_dir, family, dtype, sharded):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, family, dtype=dtype, sharded=sharded)
+    before = folder_hashes(src)
+    bridge = load_model(src)
+    edits = [random_edit(bridge, 1, seed=1), random_edit(bridge, 0, seed=2, factored=False)]
+    patch = save_patch(edits, src, tmp_path / "a.safetensors", info={"coeff": 4.0})
+
+    patched = apply_patch(src, patch, tmp_path / "patched")
+    source, result = Checkpoint.open(src), Checkpoint.open(patched)
+    keys = {source.key(edit.tensor_name): edit for edit in edits}
+    for key in source.weight_map:
+        if key in keys:
+            expected = (source.read(key).float() + hf_delta(bridge, keys[key])).to(dtype)
+            assert torch.equal(result.read(key), expected)
+        else:
+            assert tensor_bytes(result.read(key)) == tensor_bytes(source.read(key))
+    assert folder_hashes(src) == before
+
+    # `lunar-lens export --edit` edits the model in memory and exports it: the same tensors, verified
+    assert cli.main(["export", "--model", str(src), "--edit", str(patch), "--out", str(tmp_path / "exported")]) == 0
+    exported = Checkpoint.open(tmp_path / "exported")
+    assert all(torch.equal(exported.read(key), result.read(key)) for key in source.weight_map)
+    assert json.loads((tmp_path / "exported" / MANIFEST).read_text())["run"]["patch"]["info"] == {"coeff": 4.0}
+
+    reverted = revert_patch(patched, patch, tmp_path / "reverted")
+    assert folder_hashes(reverted) == before
+
+
+def test_stacked_patches_revert_in_any_order(tmp_path, tokenizer_dir):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir)
+    before = folder_hashes(src)
+    first = [random_edit(load_model(src), 1, seed=1)]
+    patch_a = save_patch(first, src, tmp_path / "a.safetensors")
+    only_a = apply_patch(src, patch_a, tmp_path / "A")
+    # a sequential request: solved on the patched model, touching layer 1 again and layer 2
+    bridge = load_model(only_a)
+    second = [random_edit(bridge, 1, seed=3), random_edit(bridge, 2, seed=4, factored=False)]
+    patch_b = save_patch(second, only_a, tmp_path / "b.safetensors")
+    both = apply_patch(only_a, patch_b, tmp_path / "AB")
+    assert [p["file"] for p in show_patch(both)["patches"]] == [
+        f"lunar_patches/{show_patch(p)['sha256'][:16]}.safetensors" for p in (patch_a, patch_b)
+    ]
+    source, stacked = Checkpoint.open(src), Checkpoint.open(both)
+    layer1 = source.key(first[0].tensor_name)
+    expected = source.read(layer1) + hf_delta(bridge, first[0]) + hf_delta(bridge, second[0])
+    assert torch.equal(stacked.read(layer1), expected)
+
+    # B then A
+    assert folder_hashes(revert_patch(both, patch_b, tmp_path / "AB-B")) == folder_hashes(only_a)
+    assert folder_hashes(revert_patch(tmp_path / "AB-B", patch_a, tmp_path / "AB-B-A")) == before
+    # A then B: B stays on the base without A
+    only_b = Checkpoint.open(revert_patch(both, patch_a, tmp_path / "AB-A"))
+    for edit in second:
+        key = source.key(edit.tensor_name)
+        assert torch.equal(only_b.read(key), source.read(key) + hf_delta(bridge, edit))
+    assert [p["sha256"] for p in show_patch(only_b.root)["patches"]] == [show_patch(patch_b)["sha256"]]
+    assert (only_b.root / BASE_TENSORS).exists()
+    assert folder_hashes(revert_patch(only_b.root, patch_b, tmp_path / "AB-A-B")) == before
+
+
+def test_wrong_base_and_misuse_are_refused(tmp_path, tokenizer_dir, capsys):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir)
+    patch = save_patch([random_edit(load_model(src), 1, seed=1)], src, tmp_path / "a.safetensors")
+    other_seed = make_checkpoint(tmp_path / "seed1", tokenizer_dir, seed=1)
+    other_shape = make_checkpoint(tmp_path / "wide", tokenizer_dir, intermediate_size=48)
+    with pytest.raises(LunarError, match="made for another base"):
+        apply_patch(other_seed, patch, tmp_path / "out")
+    with pytest.raises(LunarError, match=r"made for a F32 \[32, 64\]"):
+        apply_patch(other_shape, patch, tmp_path / "out")
+    with pytest.raises(LunarError, match="is not applied"):
+        revert_patch(src, patch, tmp_path / "out")
+    patched = apply_patch(src, patch, tmp_path / "patched")
+    with pytest.raises(LunarError, match="already applied"):
+        apply_patch(patched, patch, tmp_path / "out")
+    with pytest.raises(LunarError, match="not a lunar-lens patch"):
+        apply_patch(src, next(src.glob("model-*.safetensors")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the CLI reports a refusal in one line, and `export --edit` checks the base too
+    assert cli.main(["export", "--model", str(other_seed), "--edit", str(patch), "--out", str(tmp_path / "out")]) == 2
+    assert "made for another base" in capsys.readouterr().err
+    assert cli.main(["patch", "show", str(patched)]) == 0
+    assert json.loads(capsys.readouterr().out)["patches"][0]["layers"] == [1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_square_w_out_keeps_its_orientation(tmp_path, tokenizer_dir, family):  # noqa: F811
+    """With d_mlp == d_model the shapes cannot tell W_out from W_outᵀ: the model class decides."""
+    width = {"gpt2": {"n_inner": 32}, "llama": {"intermediate_size": 32}}[family]
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, family, sharded=False, **width)
+    bridge = load_model(src)
+    edit = random_edit(bridge, 1, seed=5, factored=False)
+    patched = Checkpoint.open(apply_patch(src, save_patch([edit], src, tmp_path / "p.safetensors"), tmp_path / "out"))
+    add_to_w_out(bridge, 1, edit.delta)
+    assert torch.equal(patched.read(patched.key(edit.tensor_name)), w_out_parameter(bridge, 1).detach())
+
+
+def test_show_patch_describes_each_tensor(tmp_path, tokenizer_dir):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, "gpt2")
+    bridge = load_model(src)
+    edits = [random_edit(bridge, 2, seed=1), random_edit(bridge, 0, seed=2, factored=False)]
+    shown = show_patch(save_patch(edits, src, tmp_path / "p.safetensors", info={"solver": "closed"}))
+    assert [(t["tensor"], t["layer"], t["rank"], t["dtype"], t["shape"]) for t in shown["tensors"]] == [
+        ("transformer.h.2.mlp.c_proj.weight", 2, 1, "F32", [128, 32]),
+        ("transformer.h.0.mlp.c_proj.weight", 0, None, "F32", [128, 32]),
+    ]
+    assert [t["delta_norm"] for t in shown["tensors"]] == pytest.approx([float(e.delta.norm()) for e in edits])
+    assert shown["info"] == {"solver": "closed"}
