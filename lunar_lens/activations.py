@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -20,7 +20,9 @@ POSITION_RULES = ("all", "suffix", "question", "last", "last+answer", "question+
 - ``question``: the tokens of the question text;
 - ``last``: the last prompt token (where the answer starts);
 - ``last+answer`` / ``question+answer``: as above, plus every token of the refusal the model should give
-  (teacher-forced), so that the whole response, not only its first token, is redirected.
+  (teacher-forced), so that the whole response, not only its first token, is redirected. The k-th
+  answer token gets its own direction (`Directions.answer_vectors[:, k]`): adding the prompt direction
+  there would make every position predict the refusal's first token ("I I I I").
 """
 
 
@@ -91,3 +93,16 @@ def position_mask(batch: TokenBatch, rule: str, prefix_length: int = 0) -> Bool[
     if with_answer:
         mask |= batch.answer_mask
     return mask
+
+
+def shift_index(batch: TokenBatch, rule: str, prefix_length: int = 0, n_answer: int = 0) -> Int[torch.Tensor, "batch seq"]:
+    """Which shift each position gets under `rule`: -1 none, 0 the prompt direction, 1 + k the
+    direction of the k-th answer token (k < `n_answer`)."""
+    index = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+    index[position_mask(batch, rule.partition("+")[0], prefix_length)] = 0
+    if rule.endswith("+answer"):
+        offset = batch.answer_mask.long().cumsum(dim=1) - 1
+        answer = batch.answer_mask & (offset < n_answer)
+        index[batch.answer_mask] = -1
+        index[answer] = 1 + offset[answer]
+    return index

@@ -28,6 +28,16 @@ class Directions:
     n_reference: int = 0
     n_forget: int = 0
     metadata: dict = field(default_factory=dict)
+    # the same difference at each token of a teacher-forced refusal (None when no refusal was given)
+    answer_vectors: Float[torch.Tensor, "n_layers n_answer d_model"] | None = None
+
+    def shift_table(self, layer: int, coeff: float) -> Float[torch.Tensor, "n_shifts d_model"]:
+        """coeff × [r_l, r_l(answer token 0), r_l(answer token 1), …]: row j is the shift of
+        `activations.shift_index` j."""
+        rows = [self.vectors[layer : layer + 1]]
+        if self.answer_vectors is not None:
+            rows.append(self.answer_vectors[layer])
+        return coeff * torch.cat(rows)
 
     def __getitem__(self, layer: int) -> Float[torch.Tensor, "d_model"]:
         return self.vectors[layer]
@@ -47,6 +57,7 @@ class Directions:
             "n_reference": self.n_reference,
             "n_forget": self.n_forget,
             "norms": self.norms,
+            "answer_tokens": 0 if self.answer_vectors is None else self.answer_vectors.shape[1],
             "cosine_between_layers": self.cosine_between_layers().tolist(),
             **self.metadata,
         }
@@ -54,16 +65,20 @@ class Directions:
     def save(self, path: str | Path) -> None:
         """`path`.safetensors (the vectors) and `path`.json (metadata)."""
         path = Path(path)
-        save_file({"directions": self.vectors.contiguous()}, str(path.with_suffix(".safetensors")))
+        tensors = {"directions": self.vectors.contiguous()}
+        if self.answer_vectors is not None:
+            tensors["answer_directions"] = self.answer_vectors.contiguous()
+        save_file(tensors, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(self.summary(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Directions":
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        vectors = load_file(str(path.with_suffix(".safetensors")))["directions"]
-        extra = {k: v for k, v in meta.items() if k not in {"rule", "hook", "n_reference", "n_forget", "norms", "cosine_between_layers"}}
-        return cls(vectors, meta["rule"], meta["n_reference"], meta["n_forget"], extra)
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        derived = {"rule", "hook", "n_reference", "n_forget", "norms", "answer_tokens", "cosine_between_layers"}
+        extra = {k: v for k, v in meta.items() if k not in derived}
+        return cls(tensors["directions"], meta["rule"], meta["n_reference"], meta["n_forget"], extra, tensors.get("answer_directions"))
 
 
 @torch.no_grad()
@@ -97,6 +112,24 @@ def mean_residuals(
     return total / len(questions)
 
 
+@torch.no_grad()
+def mean_answer_residuals(
+    bridge: TransformerBridge, questions: list[str], answer: str, batch_size: int = 32, desc: str | None = None
+) -> Float[torch.Tensor, "n_layers n_answer d_model"]:
+    """Mean `hook_resid_post` at each token of `answer` teacher-forced after every prompt (float64).
+    Rows whose answer tokenises longer are cut to the shortest."""
+    names = [resid_post(layer) for layer in range(n_layers(bridge))]
+    total: torch.Tensor | None = None
+    for batch in token_batches(bridge.tokenizer, questions, [answer] * len(questions), batch_size, desc):
+        cache = capture(bridge, batch, names, stop_at_layer=len(names))
+        offset = batch.answer_mask.long().cumsum(dim=1) - 1
+        n_answer = int(batch.answer_mask.sum(dim=1).min()) if total is None else min(total.shape[1], int(batch.answer_mask.sum(dim=1).min()))
+        stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
+        sums = torch.stack([stacked[:, batch.answer_mask & (offset == k)].sum(dim=1) for k in range(n_answer)], dim=1)
+        total = sums if total is None else total[:, :n_answer] + sums
+    return total / len(questions)
+
+
 def compute_directions(
     bridge: TransformerBridge,
     forget_questions: list[str],
@@ -104,8 +137,19 @@ def compute_directions(
     rule: str = "last",
     batch_size: int = 32,
     progress: bool = False,
+    refusal: str | None = None,
 ) -> Directions:
-    """Unanswerability directions for every layer (not normalised, as in the release)."""
-    reference = mean_residuals(bridge, reference_questions, rule, batch_size=batch_size, desc="reference activations" if progress else None)
-    forget = mean_residuals(bridge, forget_questions, rule, batch_size=batch_size, desc="forget activations" if progress else None)
-    return Directions((reference - forget).float(), rule, len(reference_questions), len(forget_questions))
+    """Unanswerability directions for every layer (not normalised, as in the release); with `refusal`,
+    also one per token of that refusal, teacher-forced after reference and forget prompts alike."""
+    def desc(name: str) -> str | None:
+        return f"{name} activations" if progress else None
+
+    reference = mean_residuals(bridge, reference_questions, rule, batch_size=batch_size, desc=desc("reference"))
+    forget = mean_residuals(bridge, forget_questions, rule, batch_size=batch_size, desc=desc("forget"))
+    answer = None
+    if refusal:
+        answer_reference = mean_answer_residuals(bridge, reference_questions, refusal, batch_size, desc("reference+refusal"))
+        answer_forget = mean_answer_residuals(bridge, forget_questions, refusal, batch_size, desc("forget+refusal"))
+        n_answer = min(answer_reference.shape[1], answer_forget.shape[1])
+        answer = (answer_reference[:, :n_answer] - answer_forget[:, :n_answer]).float()
+    return Directions((reference - forget).float(), rule, len(reference_questions), len(forget_questions), answer_vectors=answer)

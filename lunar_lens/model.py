@@ -55,6 +55,8 @@ def load_model(
 
     Weights are the raw HF weights (no folding), so an edit of W_out maps 1:1 onto the checkpoint.
     """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     path = Path(path_or_id)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -62,8 +64,6 @@ def load_model(
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     elif str(path_or_id).startswith((".", "/", "~")):
         raise LunarError(f"model folder {path} does not exist: check the path")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path_or_id)
     bridge = TransformerBridge.boot_transformers(

@@ -1,12 +1,14 @@
 """Solvers for the W_out edit.
 
-Objective (DESIGN.md §1): rows x are W_out inputs (`mlp.hook_post`); shifted rows want their MLP
-output moved by t = c·r, every other row wants it unchanged:
+Objective (DESIGN.md §1): rows x are W_out inputs (`mlp.hook_post`); a shifted row wants its MLP
+output moved by one of J shift vectors t_j (row j of a shift table: c·r_l, and per answer token its
+own c·r), every other row wants it unchanged:
 
-    f(ΔW) = Σ_rows ‖x·ΔW − t_row‖² = tr(ΔWᵀ G ΔW) − 2c·sᵀΔW r + n_shifted·c²‖r‖²
+    f(ΔW) = Σ_rows ‖x·ΔW − t_row‖² = tr(ΔWᵀ G ΔW) − 2·tr(ΔWᵀ Sᵀ T) + Σ_j n_j‖t_j‖²
 
-with G = Σ x xᵀ over all rows and s = Σ x over shifted rows. Both are sums, so they are streamed and
-memory does not grow with the data. The exact minimiser is the rank-one ΔW = u·rᵀ, u = c·(G + λI)⁻¹ s.
+with G = Σ x xᵀ over all rows, S[j] = Σ x over rows shifted by t_j and n_j their count. These are sums,
+so they are streamed and memory does not grow with the data. The exact minimiser is
+ΔW = (G + λI)⁻¹ Sᵀ T: rank one (u·rᵀ) with a single shift vector, rank ≤ J in general.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float, Int
 
 from lunar_lens.errors import LunarError
 
@@ -27,36 +29,43 @@ class EditStatistics:
     row-based solver (the released AdamW recipe) needs them."""
 
     gram: Float[torch.Tensor, "d_mlp d_mlp"]
-    shifted_sum: Float[torch.Tensor, "d_mlp"]
-    n_shifted: int = 0
+    shifted_sums: Float[torch.Tensor, "n_shifts d_mlp"]
+    shifted_counts: Int[torch.Tensor, "n_shifts"]
     n_rows: int = 0
     rows: list[torch.Tensor] | None = None
-    shifted_flags: list[torch.Tensor] | None = None
+    shift_ids: list[torch.Tensor] | None = None
 
     @classmethod
-    def empty(cls, d_mlp: int, keep_rows: bool = False) -> "EditStatistics":
+    def empty(cls, d_mlp: int, n_shifts: int = 1, keep_rows: bool = False) -> "EditStatistics":
         return cls(
             torch.zeros(d_mlp, d_mlp, dtype=torch.float64),
-            torch.zeros(d_mlp, dtype=torch.float64),
+            torch.zeros(n_shifts, d_mlp, dtype=torch.float64),
+            torch.zeros(n_shifts, dtype=torch.long),
             rows=[] if keep_rows else None,
-            shifted_flags=[] if keep_rows else None,
+            shift_ids=[] if keep_rows else None,
         )
 
-    def add(self, x: Float[torch.Tensor, "n d_mlp"], shifted: Bool[torch.Tensor, "n"]) -> None:
+    @property
+    def n_shifted(self) -> int:
+        return int(self.shifted_counts.sum())
+
+    def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, "n"]) -> None:
+        """Add rows; `shift_id[i]` is the shift-table row of row i, or -1 to keep its output."""
         x64 = x.double()
+        shifted = shift_id >= 0
         self.gram += x64.T @ x64
-        self.shifted_sum += x64[shifted].sum(dim=0)
+        self.shifted_sums.index_add_(0, shift_id[shifted], x64[shifted])
+        self.shifted_counts += torch.bincount(shift_id[shifted], minlength=len(self.shifted_counts))
         self.n_rows += len(x)
-        self.n_shifted += int(shifted.sum())
         if self.rows is not None:
             self.rows.append(x.float())
-            self.shifted_flags.append(shifted)
+            self.shift_ids.append(shift_id)
 
-    def objective(self, delta: Float[torch.Tensor, "d_mlp d_model"], shift: Float[torch.Tensor, "d_model"]) -> float:
+    def objective(self, delta: Float[torch.Tensor, "d_mlp d_model"], shifts: Float[torch.Tensor, "n_shifts d_model"]) -> float:
         """Mean squared error per element of the MLP output, from the statistics alone."""
-        d, r = delta.double(), shift.double()
-        value = ((self.gram @ d) * d).sum() - 2 * self.shifted_sum @ d @ r + self.n_shifted * (r @ r)
-        return float(value.clamp_min(0.0)) / max(self.n_rows * len(r), 1)
+        d, t = delta.double(), shifts.double()
+        value = ((self.gram @ d) * d).sum() - 2 * ((self.shifted_sums @ d) * t).sum() + (self.shifted_counts * (t * t).sum(1)).sum()
+        return float(value.clamp_min(0.0)) / max(self.n_rows * t.shape[1], 1)
 
 
 @dataclass
@@ -73,20 +82,22 @@ def _check(stats: EditStatistics) -> None:
         raise LunarError("no forget position was selected for redirection: check the forget set and the --positions rule")
 
 
-def solve_closed(stats: EditStatistics, shift: Float[torch.Tensor, "d_model"], ridge: float = 1e-4) -> Solution:
-    """Exact ridge least squares: ΔW = u·shiftᵀ with u = (G + λI)⁻¹ s, λ = ridge·mean(diag G)."""
+def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_model"], ridge: float = 1e-4) -> Solution:
+    """Exact ridge least squares: ΔW = u·vᵀ with u = (G + λI)⁻¹ Sᵀ, v = T (shift vectors with no row
+    dropped), λ = ridge·mean(diag G). One shift vector gives the rank-one edit."""
     _check(stats)
+    used = stats.shifted_counts > 0
     lam = ridge * float(stats.gram.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(len(stats.gram), dtype=torch.float64)
-    u = torch.linalg.solve(stats.gram + lam * eye, stats.shifted_sum).unsqueeze(1)
-    v = shift.double().unsqueeze(1)
+    u = torch.linalg.solve(stats.gram + lam * eye, stats.shifted_sums[used].T)
+    v = shifts.double()[used].T
     delta = (u @ v.T).float()
-    return Solution(delta, u.float(), v.float(), stats.objective(torch.zeros_like(delta), shift), stats.objective(delta, shift))
+    return Solution(delta, u.float(), v.float(), stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
 
 
 def solve_adamw(
     stats: EditStatistics,
-    shift: Float[torch.Tensor, "d_model"],
+    shifts: Float[torch.Tensor, "n_shifts d_model"],
     w_out: Float[torch.Tensor, "d_mlp d_model"],
     epochs: int = 20,
     lr: float = 1e-2,
@@ -100,7 +111,9 @@ def solve_adamw(
     if stats.rows is None:
         raise LunarError("the AdamW solver needs the activation rows: collect statistics with keep_rows=True")
     x = torch.cat(stats.rows)
-    target_shift = torch.cat(stats.shifted_flags).float().unsqueeze(1) * shift.float()
+    ids = torch.cat(stats.shift_ids)
+    table = torch.cat([shifts.float(), torch.zeros(1, shifts.shape[1])])  # id -1 → the zero row
+    target_shift = table[ids]
     w0 = w_out.detach().float().cpu()
     target = x @ w0 + target_shift
     weight = torch.nn.Parameter(w0.clone())
@@ -115,12 +128,12 @@ def solve_adamw(
             optimizer.step()
         scheduler.step()
     delta = (weight.detach() - w0).float()
-    return Solution(delta, None, None, stats.objective(torch.zeros_like(delta), shift), stats.objective(delta, shift))
+    return Solution(delta, None, None, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
 
 
 def solve_lora(
     stats: EditStatistics,
-    shift: Float[torch.Tensor, "d_model"],
+    shifts: Float[torch.Tensor, "n_shifts d_model"],
     rank: int = 4,
     steps: int = 500,
     lr: float = 1e-2,
@@ -129,20 +142,19 @@ def solve_lora(
     """A rank-k (LoRA-style) ΔW = A·Bᵀ trained with Adam on the exact objective, evaluated from the
     statistics (no rows kept). B starts at zero, as in LoRA, so ΔW starts at zero."""
     _check(stats)
-    d_mlp, d_model = len(stats.gram), len(shift)
+    d_mlp, d_model = len(stats.gram), shifts.shape[1]
     generator = torch.Generator().manual_seed(seed)
     a = torch.nn.Parameter(torch.randn(d_mlp, rank, generator=generator, dtype=torch.float64) / d_mlp**0.5)
     b = torch.nn.Parameter(torch.zeros(d_model, rank, dtype=torch.float64))
     gram = stats.gram / stats.n_rows
-    s = stats.shifted_sum / stats.n_rows
-    r = shift.double()
+    cross = stats.shifted_sums.T @ shifts.double() / stats.n_rows  # Sᵀ T: [d_mlp, d_model]
     optimizer = torch.optim.Adam([a, b], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
         delta = a @ b.T
-        loss = ((gram @ delta) * delta).sum() - 2 * s @ delta @ r
+        loss = ((gram @ delta) * delta).sum() - 2 * (delta * cross).sum()
         loss.backward()
         optimizer.step()
     u, v = a.detach().float(), b.detach().float()
     delta = u @ v.T
-    return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shift), stats.objective(delta, shift))
+    return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))

@@ -1,0 +1,77 @@
+"""`lunar-lens demo`: the whole pipeline on the embedded toy world — forget some entities, keep the
+rest — with a before/after table, sample answers, the exported checkpoint and figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lunar_lens.errors import LunarError
+from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
+from lunar_lens.model import load_model
+from lunar_lens.pipeline import unlearn
+from lunar_lens.toyworld import build_world, checkpoint_path
+
+
+def sample_lines(before: Evaluation, after: Evaluation, set_name: str, count: int) -> list[str]:
+    lines = []
+    for old, new in list(zip(before.samples[set_name], after.samples[set_name]))[:count]:
+        lines.append(f"  Q: {old['question']}\n     before: {old['answer']}\n     after:  {new['answer']}")
+    return lines
+
+
+def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, n_forget: int = 2, force: bool = False) -> dict:
+    """Forget `entities` (default: the first `n_forget`) from the toy-world model; returns the summary."""
+    started = time.perf_counter()
+    out = Path(out)
+    world = build_world(0)
+    entities = entities or world.entities[:n_forget]
+    unknown = sorted(set(entities) - set(world.entities))
+    if unknown:
+        raise LunarError(f"unknown toy-world entities {unknown}: choose from {', '.join(world.entities[:5])}, …")
+    forget, retain, reference = world.split(entities)
+    sets = {"forget": forget, "retain": retain, "unknown (held out)": world.unknown_heldout_qa}
+    print(f"toy world: forgetting {', '.join(entities)} — {len(forget)} forget, {len(retain)} retain, {len(reference)} reference questions")
+
+    bridge = load_model(checkpoint_path())
+    before = evaluate_sets(bridge, sets, progress=True)
+    outcome = unlearn(bridge, forget, retain, reference, out=out / "model", force=force)
+    after = evaluate_sets(outcome.bridge, sets, progress=True)
+
+    print(f"\nedited W_out of layer(s) {outcome.report['layers']} with c = {outcome.report['coeff']:g}\n")
+    print(after_table := before.markdown_table(after))
+    print("\nforget-set answers:")
+    print("\n".join(sample_lines(before, after, "forget", 4)))
+    print("retain-set answers:")
+    print("\n".join(sample_lines(before, after, "retain", 3)))
+
+    figures = [plot_before_after(before, after, out / "before_after.png")]
+    if outcome.localisation is not None:
+        from lunar_lens.localise import save_localisation
+
+        figures += save_localisation(outcome.localisation, out / "localisation")
+    summary = {
+        "entities": entities,
+        "layers": outcome.report["layers"],
+        "coeff": outcome.report["coeff"],
+        "before": before.to_json(),
+        "after": after.to_json(),
+        "table": after_table,
+        "checkpoint": str(outcome.out_dir),
+        "figures": [str(path) for path in figures],
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {outcome.out_dir} (Hugging Face checkpoint), {', '.join(str(p) for p in figures)} in {summary['seconds']:.0f} s")
+    return summary
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded toy world")
+    parser.add_argument("--out", default="lunar-demo", help="folder for the checkpoint, figures and summary")
+    parser.add_argument("--entities", nargs="*", help="toy-world entities to forget (default: the first two)")
+    parser.add_argument("--n-forget", type=int, default=2, help="how many entities to forget when --entities is not given")
+    parser.add_argument("--force", action="store_true", help="replace an earlier demo output in --out")
+    parser.set_defaults(func=lambda args: run_demo(args.out, args.entities, args.n_forget, args.force))

@@ -1,0 +1,173 @@
+"""The LUNAR edit: redirect forget-set MLP outputs of chosen layers along the unanswerability
+direction by changing only W_out, keeping retain-set outputs where they are."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.activations import POSITION_RULES, capture, shared_prefix_length, shift_index, token_batches
+from lunar_lens.data import QA
+from lunar_lens.directions import Directions, compute_directions
+from lunar_lens.errors import LunarError
+from lunar_lens.model import add_to_w_out, check_layer, mlp_post, w_out, w_out_tensor_name
+from lunar_lens.patches import WOutEdit
+from lunar_lens.solvers import SOLVERS, EditStatistics, solve_adamw, solve_closed, solve_lora
+
+DEFAULT_REFUSAL = "I don't know."
+
+
+@dataclass
+class EditSettings:
+    """How the edit is made. Defaults are the measured ones (experiments/choose_defaults.py)."""
+
+    coeff: float = 4.0
+    positions: str = "last+answer"
+    solver: str = "closed"
+    ridge: float = 1e-4
+    lora_rank: int = 4
+    direction_rule: str = "last"
+    retain_answers: bool = True  # teacher-forced retain answers are kept too, not only their prompts
+    refusal: str | None = None  # the response redirected forget prompts should give; default: from the reference set
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_RULES:
+            raise LunarError(f"unknown --positions {self.positions!r}: use one of {', '.join(POSITION_RULES)}")
+        if self.solver not in SOLVERS:
+            raise LunarError(f"unknown --solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    tensor_name: str
+    coeff: float
+    direction_norm: float
+    objective_before: float
+    objective_after: float
+    rows: int
+    shifted_rows: int
+    seconds_collect: float
+    seconds_solve: float
+
+
+@dataclass
+class EditResult:
+    edits: list[WOutEdit]
+    directions: Directions
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def report(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary()}
+
+
+def refusal_text(reference: Sequence[QA], settings: EditSettings) -> str:
+    """The refusal forget prompts are redirected towards: the setting, else the reference set's most
+    common answer, else "I don't know."."""
+    if settings.refusal:
+        return settings.refusal
+    answers = [qa.answer for qa in reference if qa.answer]
+    return max(set(answers), key=answers.count) if answers else DEFAULT_REFUSAL
+
+
+def collect_statistics(
+    bridge: TransformerBridge,
+    layer: int,
+    forget: Sequence[QA],
+    keep: Sequence[QA],
+    settings: EditSettings,
+    refusal: str,
+    n_shifts: int = 1,
+    keep_rows: bool = False,
+    progress: bool = False,
+) -> EditStatistics:
+    """Stream the edit's statistics at `layer`: one truncated, batched pass over forget prompts
+    (+ the refusal, teacher-forced, for `+answer` rules) and one over kept prompts (+ their answers)."""
+    stats = EditStatistics.empty(bridge.cfg.d_mlp, n_shifts, keep_rows=keep_rows)
+    name = mlp_post(layer)
+    forget_questions = [qa.question for qa in forget]
+    forget_answers = [refusal] * len(forget) if settings.positions.endswith("+answer") else None
+    prefix = shared_prefix_length(list(token_batches(bridge.tokenizer, forget_questions, batch_size=len(forget))))
+    desc = f"layer {layer}: forget" if progress else None
+    for batch in token_batches(bridge.tokenizer, forget_questions, forget_answers, settings.batch_size, desc):
+        x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
+        real = batch.attention_mask.bool()
+        stats.add(x[real], shift_index(batch, settings.positions, prefix, n_answer=n_shifts - 1)[real])
+    keep_questions = [qa.question for qa in keep]
+    keep_answers = [qa.answer or "" for qa in keep] if settings.retain_answers and all(qa.answer for qa in keep) else None
+    desc = f"layer {layer}: retain" if progress else None
+    for batch in token_batches(bridge.tokenizer, keep_questions, keep_answers, settings.batch_size, desc):
+        x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
+        real = batch.attention_mask.bool()
+        stats.add(x[real], torch.full((int(real.sum()),), -1))
+    return stats
+
+
+def edit_layers(
+    bridge: TransformerBridge,
+    forget: Sequence[QA],
+    retain: Sequence[QA],
+    reference: Sequence[QA],
+    layers: Sequence[int],
+    settings: EditSettings | None = None,
+    directions: Directions | None = None,
+    keep_forgotten: Sequence[QA] = (),
+    progress: bool = False,
+) -> EditResult:
+    """Edit W_out of `layers` (in increasing order) in place.
+
+    Directions come from the unedited model; each later layer's statistics are collected on the model
+    with the earlier edits applied. `keep_forgotten` (questions forgotten by an earlier request) are
+    kept where the current model puts them, so a second request does not undo the first.
+    """
+    settings = settings or EditSettings()
+    if not forget:
+        raise LunarError("the forget set is empty: give at least one question to forget")
+    if not retain:
+        raise LunarError("the retain set is empty: give the questions whose answers must stay")
+    layers = sorted({check_layer(bridge, layer) for layer in layers})
+    if not layers:
+        raise LunarError("no layer to edit: pass --layer N or --layer auto")
+    refusal = refusal_text(reference, settings)
+    with_answer = settings.positions.endswith("+answer")
+    if directions is None:
+        if not reference:
+            raise LunarError("the reference set is empty: give questions the model already declines")
+        directions = compute_directions(
+            bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
+            settings.batch_size, progress, refusal=refusal if with_answer else None,
+        )
+    if with_answer and directions.answer_vectors is None:
+        raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
+    result = EditResult([], directions)
+    keep = list(retain) + list(keep_forgotten)
+    for layer in layers:
+        shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
+        started = time.perf_counter()
+        stats = collect_statistics(
+            bridge, layer, forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress
+        )
+        collected = time.perf_counter()
+        if settings.solver == "closed":
+            solution = solve_closed(stats, shifts, settings.ridge)
+        elif settings.solver == "adamw":
+            solution = solve_adamw(stats, shifts, w_out(bridge, layer), seed=settings.seed)
+        else:
+            solution = solve_lora(stats, shifts, settings.lora_rank, seed=settings.seed)
+        solved = time.perf_counter()
+        add_to_w_out(bridge, layer, solution.delta)
+        tensor = w_out_tensor_name(bridge, layer)
+        result.edits.append(WOutEdit(layer, tensor, solution.delta, solution.u, solution.v))
+        result.layers.append(
+            LayerReport(
+                layer, tensor, settings.coeff, float(directions[layer].norm()), solution.objective_before,
+                solution.objective_after, stats.n_rows, stats.n_shifted, collected - started, solved - collected,
+            )
+        )
+    return result

@@ -1,0 +1,134 @@
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.model import (
+    add_to_w_out, b_out, load_model, mlp_out, mlp_post, parse_dtype, resid_mid, resid_post, resid_pre,
+    w_out, w_out_tensor_name, wrap_hf_model,
+)
+from lunar_lens.prompts import format_prompt, tokenize
+
+QUESTIONS = ["Where does Zorvan Kelt live?", "What is the favourite colour of the tall baker from the valley?", "Who?"]
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, toy_tokenizer):
+    """(bridge, an independent plain-HF copy of the same weights)."""
+    hf = tiny_hf_model(request.param, len(toy_tokenizer))
+    reference = copy.deepcopy(hf)
+    return wrap_hf_model(hf, toy_tokenizer), reference
+
+
+def test_bridge_logits_equal_plain_transformers(pair):
+    bridge, reference = pair
+    batch = tokenize(bridge.tokenizer, QUESTIONS)
+    with torch.no_grad():
+        ours = bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        for row, question in enumerate(QUESTIONS):  # unpadded, one prompt at a time
+            single = tokenize(bridge.tokenizer, [question])
+            theirs = reference(input_ids=single.input_ids).logits[0]
+            real = batch.attention_mask[row].bool()
+            assert (ours[row, real] - theirs).abs().max() <= 1e-5
+
+
+def test_hook_points_expose_what_lunar_needs(pair):
+    bridge, _ = pair
+    batch = tokenize(bridge.tokenizer, QUESTIONS)
+    names = [f(1) for f in (resid_pre, resid_mid, resid_post, mlp_post, mlp_out)]
+    _, cache = bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+    bias = b_out(bridge, 1)
+    predicted = cache[mlp_post(1)] @ w_out(bridge, 1) + (0 if bias is None else bias)
+    assert torch.allclose(predicted, cache[mlp_out(1)], atol=1e-5)
+    assert torch.allclose(cache[resid_mid(1)] + cache[mlp_out(1)], cache[resid_post(1)], atol=1e-5)
+    assert w_out(bridge, 1).shape == (bridge.cfg.d_mlp, bridge.cfg.d_model)
+
+
+def test_w_out_is_a_live_view_of_the_checkpoint_tensor(pair):
+    bridge, _ = pair
+    name = w_out_tensor_name(bridge, 2)
+    assert name.endswith(("mlp.down_proj.weight", "mlp.c_proj.weight")) and ".2." in name
+    params = dict(bridge.original_model.named_parameters())  # each parameter once
+    before = {k: v.detach().clone() for k, v in params.items()}
+    delta = torch.randn(bridge.cfg.d_mlp, bridge.cfg.d_model)
+    add_to_w_out(bridge, 2, delta)
+    changed = [k for k in params if not torch.equal(before[k], params[k])]
+    assert [k.replace("._original_component", "") for k in changed] == [name]
+    key = changed[0]
+    expected = before[key] + (delta.T if before[key].shape == delta.T.shape else delta)
+    assert torch.allclose(params[key], expected)
+
+
+def test_batched_generation_equals_plain_hf_generate(pair):
+    bridge, reference = pair
+    ours = generate_answers(bridge, QUESTIONS, max_new_tokens=8)
+    for question, answer in zip(QUESTIONS, ours):
+        single = tokenize(bridge.tokenizer, [question])
+        output = reference.generate(
+            input_ids=single.input_ids, attention_mask=single.attention_mask, max_new_tokens=8, do_sample=False,
+            pad_token_id=bridge.tokenizer.pad_token_id, eos_token_id=bridge.tokenizer.eos_token_id,
+        )
+        expected = bridge.tokenizer.decode(output[0, single.input_ids.shape[1] :], skip_special_tokens=True).strip()
+        assert answer == expected
+
+
+def test_transformerlens_generate_matches_hf(toy_tokenizer):
+    """The bridge's own KV-cache generation (broken by transformers 5.24) agrees with HF."""
+    hf = tiny_hf_model("llama", len(toy_tokenizer))
+    reference = copy.deepcopy(hf)
+    bridge = wrap_hf_model(hf, toy_tokenizer)
+    single = tokenize(toy_tokenizer, [QUESTIONS[0]])
+    ours = bridge.generate(single.input_ids, max_new_tokens=10, do_sample=False, return_type="tokens", verbose=False, stop_at_eos=False)
+    theirs = reference.generate(input_ids=single.input_ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours[0], theirs[0])
+
+
+def test_load_model_from_folder_and_dtypes(tmp_path, toy_tokenizer):
+    hf = tiny_hf_model("qwen2", len(toy_tokenizer))
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    toy_tokenizer.save_pretrained(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    bridge = load_model(tmp_path / "sharded", dtype="bfloat16")
+    assert w_out(bridge, 0).dtype == torch.bfloat16
+    assert bridge.source_path == str(tmp_path / "sharded")
+    assert bridge.tokenizer.padding_side == "left" and bridge.tokenizer.pad_token is not None
+
+
+def test_prompt_format_uses_the_chat_template_or_the_plain_format(toy_tokenizer, plain_tokenizer):
+    chat = format_prompt(toy_tokenizer, "Who?")
+    assert "Who?" in chat and chat != "Question: Who?\nAnswer:"
+    assert format_prompt(plain_tokenizer, "Who?") == "Question: Who?\nAnswer:"
+    batch = tokenize(plain_tokenizer, ["Who?"], ["Nobody."])
+    answer = plain_tokenizer.decode(batch.input_ids[0][batch.answer_mask[0]], skip_special_tokens=True)
+    assert answer.strip() == "Nobody."
+
+
+def test_bad_model_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(LunarError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LunarError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(LunarError, match="unknown dtype"):
+        parse_dtype("float8")
+    with pytest.raises(LunarError, match="no CUDA"):
+        if torch.cuda.is_available():
+            raise LunarError("no CUDA")  # nothing to test on a GPU machine
+        load_model(tmp_path / "empty", device="cuda")
+
+
+@pytest.mark.skipif(not TINYSTORIES.exists(), reason="../shared/models/TinyStories-656K is absent")
+def test_tinystories_continuation_matches_plain_transformers():
+    bridge = load_model(TINYSTORIES)
+    reference = AutoModelForCausalLM.from_pretrained(TINYSTORIES).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINYSTORIES)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    ours = bridge.original_model.generate(input_ids=ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    theirs = reference.generate(input_ids=ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        assert (bridge(ids) - reference(ids).logits).abs().max() <= 1e-5
