@@ -1,0 +1,14 @@
+"""The embedded toy world: a fictitious world generator and a tiny Llama trained on it (shipped)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lunar_lens.toyworld.world import QA, REFUSAL, World, build_world
+
+__all__ = ["QA", "REFUSAL", "World", "build_world", "checkpoint_path"]
+
+
+def checkpoint_path() -> Path:
+    """The shipped checkpoint (reproduced by `python -m lunar_lens.toyworld.train --out DIR --seed 0`)."""
+    return Path(__file__).resolve().parent / "checkpoint"
