@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, token_batches
+from lunar_lens.distributed import SINGLE, DataParallel
 from lunar_lens.errors import LunarError
 from lunar_lens.model import n_layers, resid_post
 
@@ -89,9 +90,11 @@ def mean_residuals(
     layers: list[int] | None = None,
     batch_size: int = 32,
     desc: str | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> Float[torch.Tensor, "n_layers d_model"]:
     """Mean of `blocks.l.hook_resid_post` over prompts (float64), at the last prompt token or
-    averaged over each prompt's question tokens; one pass per batch, stopped after the deepest layer."""
+    averaged over each prompt's question tokens; one pass per batch, stopped after the deepest layer.
+    With `parallel`, each rank runs its shard of the prompts and the totals are summed over ranks."""
     if rule not in DIRECTION_RULES:
         raise LunarError(f"unknown direction rule {rule!r}: use one of {', '.join(DIRECTION_RULES)}")
     if not questions:
@@ -99,7 +102,7 @@ def mean_residuals(
     layers = list(range(n_layers(bridge))) if layers is None else layers
     names = [resid_post(layer) for layer in layers]
     total = torch.zeros(len(layers), bridge.cfg.d_model, dtype=torch.float64)
-    for batch in token_batches(bridge.tokenizer, questions, batch_size=batch_size, desc=desc):
+    for batch in token_batches(bridge.tokenizer, parallel.shard(questions), batch_size=batch_size, desc=desc):
         cache = capture(bridge, batch, names, stop_at_layer=max(layers) + 1)
         if rule == "last":
             weights = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
@@ -109,25 +112,33 @@ def mean_residuals(
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
         for i, name in enumerate(names):
             total[i] += torch.einsum("bs,bsd->d", weights, cache[name].double().cpu())
-    return total / len(questions)
+    return parallel.sum(total) / len(questions)
 
 
 @torch.no_grad()
 def mean_answer_residuals(
-    bridge: TransformerBridge, questions: list[str], answer: str, batch_size: int = 32, desc: str | None = None
+    bridge: TransformerBridge,
+    questions: list[str],
+    answer: str,
+    batch_size: int = 32,
+    desc: str | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> Float[torch.Tensor, "n_layers n_answer d_model"]:
     """Mean `hook_resid_post` at each token of `answer` teacher-forced after every prompt (float64).
-    Rows whose answer tokenises longer are cut to the shortest."""
+    Rows whose answer tokenises longer are cut to the shortest (over all ranks with `parallel`)."""
     names = [resid_post(layer) for layer in range(n_layers(bridge))]
     total: torch.Tensor | None = None
-    for batch in token_batches(bridge.tokenizer, questions, [answer] * len(questions), batch_size, desc):
+    shard = parallel.shard(questions)
+    for batch in token_batches(bridge.tokenizer, shard, [answer] * len(shard), batch_size, desc):
         cache = capture(bridge, batch, names, stop_at_layer=len(names))
         offset = batch.answer_mask.long().cumsum(dim=1) - 1
         n_answer = int(batch.answer_mask.sum(dim=1).min()) if total is None else min(total.shape[1], int(batch.answer_mask.sum(dim=1).min()))
         stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
         sums = torch.stack([stacked[:, batch.answer_mask & (offset == k)].sum(dim=1) for k in range(n_answer)], dim=1)
         total = sums if total is None else total[:, :n_answer] + sums
-    return total / len(questions)
+    n_answer = min(n for n in parallel.gather(None if total is None else total.shape[1]) if n is not None)
+    total = torch.zeros(len(names), n_answer, bridge.cfg.d_model, dtype=torch.float64) if total is None else total[:, :n_answer]
+    return parallel.sum(total.contiguous()) / len(questions)
 
 
 def compute_directions(
@@ -138,18 +149,20 @@ def compute_directions(
     batch_size: int = 32,
     progress: bool = False,
     refusal: str | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> Directions:
     """Unanswerability directions for every layer (not normalised, as in the release); with `refusal`,
-    also one per token of that refusal, teacher-forced after reference and forget prompts alike."""
+    also one per token of that refusal, teacher-forced after reference and forget prompts alike.
+    With `parallel` (every rank passes the whole sets), each rank runs its shard of the prompts."""
     def desc(name: str) -> str | None:
         return f"{name} activations" if progress else None
 
-    reference = mean_residuals(bridge, reference_questions, rule, batch_size=batch_size, desc=desc("reference"))
-    forget = mean_residuals(bridge, forget_questions, rule, batch_size=batch_size, desc=desc("forget"))
+    reference = mean_residuals(bridge, reference_questions, rule, batch_size=batch_size, desc=desc("reference"), parallel=parallel)
+    forget = mean_residuals(bridge, forget_questions, rule, batch_size=batch_size, desc=desc("forget"), parallel=parallel)
     answer = None
     if refusal:
-        answer_reference = mean_answer_residuals(bridge, reference_questions, refusal, batch_size, desc("reference+refusal"))
-        answer_forget = mean_answer_residuals(bridge, forget_questions, refusal, batch_size, desc("forget+refusal"))
+        answer_reference = mean_answer_residuals(bridge, reference_questions, refusal, batch_size, desc("reference+refusal"), parallel)
+        answer_forget = mean_answer_residuals(bridge, forget_questions, refusal, batch_size, desc("forget+refusal"), parallel)
         n_answer = min(answer_reference.shape[1], answer_forget.shape[1])
         answer = (answer_reference[:, :n_answer] - answer_forget[:, :n_answer]).float()
     return Directions((reference - forget).float(), rule, len(reference_questions), len(forget_questions), answer_vectors=answer)

@@ -13,6 +13,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from lunar_lens.activations import POSITION_RULES, capture, shared_prefix_length, shift_index, token_batches
 from lunar_lens.data import QA
 from lunar_lens.directions import Directions, compute_directions
+from lunar_lens.distributed import SINGLE, DataParallel
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, check_layer, mlp_post, w_out, w_out_tensor_name
 from lunar_lens.patches import WOutEdit
@@ -86,27 +87,30 @@ def collect_statistics(
     n_shifts: int = 1,
     keep_rows: bool = False,
     progress: bool = False,
+    parallel: DataParallel = SINGLE,
 ) -> EditStatistics:
     """Stream the edit's statistics at `layer`: one truncated, batched pass over forget prompts
-    (+ the refusal, teacher-forced, for `+answer` rules) and one over kept prompts (+ their answers)."""
+    (+ the refusal, teacher-forced, for `+answer` rules) and one over kept prompts (+ their answers).
+    With `parallel`, each rank runs its shard of both sets and the statistics are summed over ranks."""
     stats = EditStatistics.empty(bridge.cfg.d_mlp, n_shifts, keep_rows=keep_rows)
     name = mlp_post(layer)
     forget_questions = [qa.question for qa in forget]
-    forget_answers = [refusal] * len(forget) if settings.positions.endswith("+answer") else None
+    mine = parallel.shard(forget)
+    forget_answers = [refusal] * len(mine) if settings.positions.endswith("+answer") else None
     prefix = shared_prefix_length(list(token_batches(bridge.tokenizer, forget_questions, batch_size=len(forget))))
     desc = f"layer {layer}: forget" if progress else None
-    for batch in token_batches(bridge.tokenizer, forget_questions, forget_answers, settings.batch_size, desc):
+    for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], forget_answers, settings.batch_size, desc):
         x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
         real = batch.attention_mask.bool()
         stats.add(x[real], shift_index(batch, settings.positions, prefix, n_answer=n_shifts - 1)[real])
-    keep_questions = [qa.question for qa in keep]
-    keep_answers = [qa.answer or "" for qa in keep] if settings.retain_answers and all(qa.answer for qa in keep) else None
+    mine = parallel.shard(keep)
+    keep_answers = [qa.answer or "" for qa in mine] if settings.retain_answers and all(qa.answer for qa in keep) else None
     desc = f"layer {layer}: retain" if progress else None
-    for batch in token_batches(bridge.tokenizer, keep_questions, keep_answers, settings.batch_size, desc):
+    for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], keep_answers, settings.batch_size, desc):
         x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
         real = batch.attention_mask.bool()
         stats.add(x[real], torch.full((int(real.sum()),), -1))
-    return stats
+    return parallel.sum_statistics(stats)
 
 
 def edit_layers(
@@ -119,12 +123,15 @@ def edit_layers(
     directions: Directions | None = None,
     keep_forgotten: Sequence[QA] = (),
     progress: bool = False,
+    parallel: DataParallel = SINGLE,
 ) -> EditResult:
     """Edit W_out of `layers` (in increasing order) in place.
 
     Directions come from the unedited model; each later layer's statistics are collected on the model
     with the earlier edits applied. `keep_forgotten` (questions forgotten by an earlier request) are
-    kept where the current model puts them, so a second request does not undo the first.
+    kept where the current model puts them, so a second request does not undo the first. With
+    `parallel` (`lunar_lens.distributed`), every rank passes the whole sets, runs its shard, and makes
+    the same edit.
     """
     settings = settings or EditSettings()
     if not forget:
@@ -141,7 +148,7 @@ def edit_layers(
             raise LunarError("the reference set is empty: give questions the model already declines")
         directions = compute_directions(
             bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
-            settings.batch_size, progress, refusal=refusal if with_answer else None,
+            settings.batch_size, progress, refusal=refusal if with_answer else None, parallel=parallel,
         )
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
@@ -151,7 +158,8 @@ def edit_layers(
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
         stats = collect_statistics(
-            bridge, layer, forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress
+            bridge, layer, forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress,
+            parallel=parallel,
         )
         collected = time.perf_counter()
         if settings.solver == "closed":

@@ -50,10 +50,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> TransformerBridge:
     """Load a causal LM (local folder, offline; or a hub id) as a TransformerBridge.
 
     Weights are the raw HF weights (no folding), so an edit of W_out maps 1:1 onto the checkpoint.
+    `device_map` ("auto", "balanced" or a dict of module → device) spreads the layers over devices
+    through accelerate; `max_memory` ({gpu index: bytes}) limits which devices it may use.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
@@ -73,6 +76,7 @@ def load_model(
         tokenizer=tokenizer,
         trust_remote_code=trust_remote_code,
         device_map=device_map,
+        max_memory=max_memory,
     )
     bridge.eval()
     bridge.source_path = str(path_or_id)  # remembered for export and reports
@@ -182,4 +186,9 @@ def w_out_tensor_name(bridge: TransformerBridge, layer: int) -> str:
 def add_to_w_out(bridge: TransformerBridge, layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> None:
     """W_out[layer] += delta, in place, in the parameter's own dtype."""
     view = w_out(bridge, layer)
+    if view.is_meta:
+        raise LunarError(
+            f"W_out of layer {layer} is offloaded to disk by the device map, so it cannot be edited in place: "
+            "map that layer to a GPU or the CPU (or use --device-map auto with enough GPU/CPU memory)"
+        )
     view.add_(delta.to(device=view.device, dtype=view.dtype))

@@ -13,6 +13,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA, check_disjoint, load_qa
+from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.edit import EditResult, EditSettings, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import load_model
@@ -60,16 +61,25 @@ def unlearn(
     dtype: str = "float32",
     force: bool = False,
     progress: bool = True,
+    device_map: str | dict | None = None,
+    parallel: DataParallel | None = None,
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
     `layers=None` / `coeff=None` choose them by localisation (`lunar_lens.localise`). With `out`, the
     edited model is exported as a verified Hugging Face checkpoint plus `lunar_report.json`.
+    `device_map` spreads the model over devices (`load_model`). Under `torchrun`, each process
+    collects its shard of the prompts, all make the same edit, and only rank 0 exports
+    (`parallel=None`: from the environment, `lunar_lens.distributed.init_from_env`).
     """
     started = time.perf_counter()
     settings = settings or EditSettings()
+    parallel = init_from_env() if parallel is None else parallel
+    progress = progress and parallel.is_main
     torch.manual_seed(settings.seed)
-    bridge = model if isinstance(model, TransformerBridge) else load_model(model, device=device, dtype=dtype)
+    bridge = model if isinstance(model, TransformerBridge) else load_model(
+        model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
+    )
     forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
     retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
     reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
@@ -83,11 +93,14 @@ def unlearn(
         chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(bridge, forget_set, retain_set, reference_set, progress=progress)
         layers = chosen_layers if layers is None else layers
         coeff = chosen_coeff if coeff is None else coeff
+        layers, coeff = parallel.gather((layers, coeff))[0]  # every rank edits what rank 0 chose
     timings["localise"] = time.perf_counter() - started - timings["load"]
     settings.coeff = float(coeff)
 
     kept = previously_forgotten(getattr(bridge, "source_path", None))
-    result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, keep_forgotten=kept, progress=progress)
+    result = edit_layers(
+        bridge, forget_set, retain_set, reference_set, layers, settings, keep_forgotten=kept, progress=progress, parallel=parallel
+    )
     timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
 
     report = {
@@ -100,9 +113,10 @@ def unlearn(
         "localisation": None if localisation is None else localisation.summary(),
         "forgotten": [qa.question for qa in kept] + [qa.question for qa in forget_set],
         "timings_s": timings,
+        "processes": parallel.size,
     }
     out_dir = None
-    if out is not None:
+    if out is not None and parallel.is_main:
         from lunar_lens.export import export_checkpoint
 
         export_started = time.perf_counter()
@@ -125,7 +139,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--solver", default="closed", choices=["closed", "adamw", "lora"])
     parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
     parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
+    parser.add_argument("--batch-size", type=int, default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
@@ -134,13 +150,27 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     coeff = None if args.coeff == "auto" else _parse_coeff(args.coeff)
-    settings = EditSettings(positions=args.positions, solver=args.solver, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed)
+    settings = EditSettings(
+        positions=args.positions, solver=args.solver, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
+    )
     outcome = unlearn(
         args.model, args.forget, args.retain, args.reference, args.out, parse_layers(args.layer), coeff, settings,
-        device=args.device, dtype=args.dtype, force=args.force,
+        device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
     )
+    if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
+        return
     layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}")
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """`--device-map`: a name accelerate knows (auto, balanced, sequential) or a JSON object."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LunarError(f"--device-map is not valid JSON ({error}): write it as '{{\"model.layers.0\": 0, ...}}'") from None
 
 
 def _parse_coeff(text: str) -> float:

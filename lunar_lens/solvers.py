@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from lunar_lens.errors import LunarError
 
 SOLVERS = ("closed", "adamw", "lora")
+GRAM_CHUNK_ROWS = 4096
 
 
 @dataclass
@@ -51,10 +52,11 @@ class EditStatistics:
 
     def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, "n"]) -> None:
         """Add rows; `shift_id[i]` is the shift-table row of row i, or -1 to keep its output."""
-        x64 = x.double()
         shifted = shift_id >= 0
-        self.gram += x64.T @ x64
-        self.shifted_sums.index_add_(0, shift_id[shifted], x64[shifted])
+        for chunk in x.split(GRAM_CHUNK_ROWS):  # a float64 copy of a bounded number of rows at a time
+            chunk64 = chunk.double()
+            self.gram += chunk64.T @ chunk64
+        self.shifted_sums.index_add_(0, shift_id[shifted], x[shifted].double())
         self.shifted_counts += torch.bincount(shift_id[shifted], minlength=len(self.shifted_counts))
         self.n_rows += len(x)
         if self.rows is not None:
