@@ -51,7 +51,8 @@ def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, 
     if outcome.localisation is not None:
         from lunar_lens.localise import save_localisation
 
-        figures += save_localisation(outcome.localisation, out / "localisation")
+        written = save_localisation(outcome.localisation, out / "localisation")
+        figures += [path for kind, path in written.items() if kind != "json"]
     summary = {
         "entities": entities,
         "layers": outcome.report["layers"],

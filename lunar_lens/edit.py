@@ -113,6 +113,24 @@ def collect_statistics(
     return parallel.sum_statistics(stats)
 
 
+def directions_for(
+    bridge: TransformerBridge,
+    forget: Sequence[QA],
+    reference: Sequence[QA],
+    settings: EditSettings,
+    progress: bool = False,
+    parallel: DataParallel = SINGLE,
+) -> Directions:
+    """The directions an edit with `settings` needs (per refusal token too, for `+answer` rules)."""
+    if not reference:
+        raise LunarError("the reference set is empty: give questions the model already declines")
+    refusal = refusal_text(reference, settings) if settings.positions.endswith("+answer") else None
+    return compute_directions(
+        bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
+        settings.batch_size, progress, refusal=refusal, parallel=parallel,
+    )
+
+
 def edit_layers(
     bridge: TransformerBridge,
     forget: Sequence[QA],
@@ -144,12 +162,7 @@ def edit_layers(
     refusal = refusal_text(reference, settings)
     with_answer = settings.positions.endswith("+answer")
     if directions is None:
-        if not reference:
-            raise LunarError("the reference set is empty: give questions the model already declines")
-        directions = compute_directions(
-            bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
-            settings.batch_size, progress, refusal=refusal if with_answer else None, parallel=parallel,
-        )
+        directions = directions_for(bridge, forget, reference, settings, progress, parallel)
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
     result = EditResult([], directions)

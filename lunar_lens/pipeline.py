@@ -14,7 +14,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.edit import EditResult, EditSettings, edit_layers
+from lunar_lens.edit import EditResult, EditSettings, directions_for, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import load_model
 
@@ -86,11 +86,14 @@ def unlearn(
     retain_set = check_disjoint(forget_set, retain_set)
     timings = {"load": time.perf_counter() - started}
 
+    directions = directions_for(bridge, forget_set, reference_set, settings, progress, parallel)
     localisation = None
     if layers is None or coeff is None:
         from lunar_lens.localise import choose_layer_and_coeff
 
-        chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(bridge, forget_set, retain_set, reference_set, progress=progress)
+        chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(
+            bridge, forget_set, retain_set, reference_set, settings, directions=directions, progress=progress
+        )
         layers = chosen_layers if layers is None else layers
         coeff = chosen_coeff if coeff is None else coeff
         layers, coeff = parallel.gather((layers, coeff))[0]  # every rank edits what rank 0 chose
@@ -99,7 +102,7 @@ def unlearn(
 
     kept = previously_forgotten(getattr(bridge, "source_path", None))
     result = edit_layers(
-        bridge, forget_set, retain_set, reference_set, layers, settings, keep_forgotten=kept, progress=progress, parallel=parallel
+        bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel
     )
     timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
 

@@ -1,0 +1,693 @@
+"""Layer localisation: which layer to edit and how hard to redirect (the coefficient c), measured with
+hook points on the unedited model, then checked on the edit itself, simulated by hooks.
+
+Probes, each batched (one pass per layer, or per layer × c, over an evenly spread subsample of each set):
+
+- **steering** (sufficiency): add to `blocks.l.hook_resid_post` of forget prompts what the edit adds to
+  the MLP output — c·r_l at the last prompt token and, for `+answer` rules, c·r_l(k) at answer token k —
+  teacher-forced or while generating; score the log-odds of the refusal's first tokens against the
+  original answer's, and the refusal rate and answer ROUGE-1 recall of short greedy generations;
+- **directional ablation** (necessity): project r_l out of the residual stream leaving block l on
+  reference prompts; score how much the refusal's log-probability drops;
+- **activation patching**: patch the reference run's `hook_resid_post` into the paired forget run at
+  each layer × position (the last prompt positions, counted from the end) and score the recovered
+  refusal logit difference at the last prompt token;
+- **side effects**: KL(clean ‖ intervened) of next-token distributions on retain prompts (at the last
+  prompt token and, teacher-forced, every answer token) under each intervention;
+- **edit check**: for the best-ranked layers, the closed-form edit (`edit.collect_statistics`,
+  `solvers.solve_closed`) at c = 1, simulated at every c of the grid by hooks (its ΔW is linear in c):
+  forget ROUGE-1 recall and refusal rate of greedy answers, retain KL. No weight changes.
+
+The selection rule (`rank_layers`, then `choose_edit`) is written out in `RULE` and in localisation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.activations import capture, shared_prefix_length, shift_index
+from lunar_lens.data import QA
+from lunar_lens.directions import Directions, compute_directions
+from lunar_lens.edit import EditSettings, collect_statistics, refusal_text
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.model import check_layer, mlp_out, mlp_post, n_layers, resid_post
+from lunar_lens.prompts import TokenBatch, tokenize
+from lunar_lens.solvers import solve_closed
+
+DEFAULT_COEFFS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+RULE = (
+    "1. Side effects: a layer whose retain KL under steering with the grid's smallest c exceeds kl_slack × the "
+    "lowest layer's is ranked last. "
+    "2. Agreement: layers where patching the reference run's last-prompt-token residual recovers at least "
+    "`agreement` of the refusal logit difference, and where ablating r_l lowers the refusal's log-probability, "
+    "rank before layers where either probe disagrees. "
+    "3. Within each group, layers rank by steering success: the forget log-odds of refusal against answer, "
+    "averaged over the coefficient grid. "
+    "4. Edit check: the closed-form edit of the top `calibrate_layers` layers is simulated at every c; cells whose "
+    "retain KL exceeds kl_budget are dropped; the chosen (layer, c) has the lowest forget ROUGE-1 recall, then the "
+    "highest refusal rate, then the smallest c, then the better probe rank (if no cell passes, the lowest retain "
+    "KL wins). The ranking puts the checked layers first, in the order of their best cell."
+)
+Hook = tuple[str, Callable]
+Reduce = Callable[[torch.Tensor, TokenBatch, slice], torch.Tensor]  # (logits, rows, row chunk) -> per-row values
+HooksFor = Callable[[slice], Sequence[Hook]]  # row chunk -> the hooks for that chunk's forward
+
+
+@dataclass
+class LocaliseSettings:
+    """What the probes measure and how the rule decides. `edit` is the edit the choice is for: its
+    positions, direction rule, refusal, ridge and retain-answer setting are probed."""
+
+    edit: EditSettings = field(default_factory=EditSettings)
+    score_tokens: int = 4  # log-odds over the first k tokens of the refusal and of the answer
+    generate_tokens: int = 24  # greedy tokens generated per forget prompt
+    max_prompts: int = 48  # per set, evenly spread over it
+    patch_pairs: int = 16  # forget/reference prompt pairs patched
+    patch_positions: int = 12  # last prompt positions patched
+    agreement: float = 0.5  # patching recovery that counts as agreement
+    kl_slack: float = 2.0  # steering retain-KL filter, relative to the best layer
+    calibrate_layers: int = 2  # top-ranked layers whose edit is checked at every c
+    kl_budget: float = 0.05  # retain KL (nats per token) an edit may cost
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        counts = (self.score_tokens, self.generate_tokens, self.max_prompts, self.patch_pairs, self.patch_positions, self.calibrate_layers)
+        if min(counts) < 1:
+            raise LunarError("score_tokens, generate_tokens, max_prompts, patch_pairs, patch_positions and calibrate_layers must be ≥ 1")
+
+
+@dataclass
+class Localisation:
+    """Every score per layer (× coefficient), the patching map, the edit check and the rule's decision."""
+
+    layers: list[int]
+    coeffs: list[float]
+    refusal: str
+    direction_norms: list[float]
+    baseline_logodds: float  # forget prompts, no intervention
+    baseline_refusal_rate: float
+    baseline_forget_rouge1: float
+    steer_logodds: Float[torch.Tensor, "n_layers n_coeffs"]
+    steer_refusal_rate: Float[torch.Tensor, "n_layers n_coeffs"]
+    steer_forget_rouge1: Float[torch.Tensor, "n_layers n_coeffs"]  # vs the given answers, else the clean greedy ones
+    steer_retain_kl: Float[torch.Tensor, "n_layers n_coeffs"]
+    ablation_drop: Float[torch.Tensor, "n_layers"]  # refusal log-probability lost on reference prompts, nats per token
+    ablation_retain_kl: Float[torch.Tensor, "n_layers"]
+    patching: Float[torch.Tensor, "n_layers n_positions"]  # recovered fraction of the refusal logit difference
+    patch_labels: list[str]  # offset from the end of the prompt and the first forget prompt's token
+    edit_layers: list[int]  # the layers whose edit was checked
+    edit_forget_rouge1: Float[torch.Tensor, "n_checked n_coeffs"]
+    edit_refusal_rate: Float[torch.Tensor, "n_checked n_coeffs"]
+    edit_retain_kl: Float[torch.Tensor, "n_checked n_coeffs"]
+    ranking: list[int]
+    best_layer: int
+    best_coeff: float
+    decision: dict
+    sizes: dict
+
+    def to_json(self) -> dict:
+        """Every score, the ranking and the rule's decision (JSON-ready)."""
+        return {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in asdict(self).items()}
+
+    def summary(self) -> dict:
+        """The decision with the chosen layer's scores (for the unlearning report)."""
+        row, checked = self.layers.index(self.best_layer), self.edit_layers.index(self.best_layer)
+        column = self.coeffs.index(self.best_coeff)
+        return {
+            "ranking": self.ranking,
+            "best_layer": self.best_layer,
+            "best_coeff": self.best_coeff,
+            "decision": self.decision,
+            "sizes": self.sizes,
+            "chosen": {
+                "steer_logodds": float(self.steer_logodds[row, column]),
+                "ablation_drop": float(self.ablation_drop[row]),
+                "patching_last_token": float(self.patching[row, -1]),
+                "edit_forget_rouge1": float(self.edit_forget_rouge1[checked, column]),
+                "edit_refusal_rate": float(self.edit_refusal_rate[checked, column]),
+                "edit_retain_kl": float(self.edit_retain_kl[checked, column]),
+            },
+        }
+
+
+# ---------------------------------------------------------------- batches, hooks, scores
+
+def spread(items: Sequence, n: int) -> list:
+    """At most `n` items, evenly spaced over `items` (deterministic)."""
+    return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+
+
+def rows_of(batch: TokenBatch, index: slice | torch.Tensor) -> TokenBatch:
+    return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))
+
+
+def add_hook(shift: Float[torch.Tensor, "*shape d_model"]) -> Callable:
+    """A forward hook adding `shift` (broadcast over batch and positions) to the activation."""
+
+    def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        return activation + shift.to(activation.device, activation.dtype)
+
+    return hook
+
+
+def ablation_hook(direction: Float[torch.Tensor, "d_model"]) -> Callable:
+    """A forward hook projecting `direction` out of the activation at every position."""
+    unit = direction / direction.norm().clamp_min(1e-12)
+
+    def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        u = unit.to(activation.device, activation.dtype)
+        return activation - (activation @ u)[..., None] * u
+
+    return hook
+
+
+def patch_hook(columns: Int[torch.Tensor, "batch"], values: Float[torch.Tensor, "batch d_model"]) -> Callable:
+    """A forward hook writing `values[b]` into row b at position `columns[b]`."""
+
+    def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        patched = activation.clone()
+        patched[torch.arange(len(patched)), columns.to(patched.device)] = values.to(patched.device, patched.dtype)
+        return patched
+
+    return hook
+
+
+def edit_hooks(layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> list[Hook]:
+    """Hooks that act as W_out[layer] + delta: the MLP output gains `mlp.hook_post @ delta`."""
+    inputs: list[torch.Tensor] = []
+
+    def keep(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        inputs[:] = [activation]
+        return activation
+
+    def add(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        return activation + inputs[0] @ delta.to(activation.device, activation.dtype)
+
+    return [(mlp_post(layer), keep), (mlp_out(layer), add)]
+
+
+def steering_shift(
+    batch: TokenBatch, table: Float[torch.Tensor, "n_shifts d_model"], positions: str, prefix: int
+) -> Float[torch.Tensor, "batch seq d_model"]:
+    """What the edit adds to the MLP output at each position: row `shift_index` of `table` (the prompt
+    direction at the rule's prompt positions, answer token k's direction at answer token k), else 0."""
+    index = shift_index(batch, positions, prefix, n_answer=len(table) - 1)
+    return torch.where((index >= 0)[..., None], table[index.clamp_min(0)], 0.0)
+
+
+def continuation_logprob(logits: Float[torch.Tensor, "batch seq vocab"], batch: TokenBatch, k: int) -> Float[torch.Tensor, "batch"]:
+    """Mean log-probability of the first `k` answer tokens of each row (teacher-forced)."""
+    ids, answer = batch.input_ids.to(logits.device), batch.answer_mask.to(logits.device)
+    log_probs = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    target = answer[:, 1:] & (answer.long().cumsum(dim=1)[:, 1:] <= k)
+    return ((log_probs * target).sum(dim=1) / target.sum(dim=1).clamp_min(1)).cpu()
+
+
+def predicting_answer(batch: TokenBatch) -> Bool[torch.Tensor, "batch seq"]:
+    """Positions whose next token is an answer token, and the last prompt token (where one starts)."""
+    mask = torch.zeros_like(batch.answer_mask)
+    mask[:, :-1] = batch.answer_mask[:, 1:]
+    mask[torch.arange(len(mask)), batch.last_prompt_index] = True
+    return mask
+
+
+def kl_divergence(log_p: Float[torch.Tensor, "n vocab"], log_q: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, "n"]:
+    """KL(p ‖ q) per row, from log-probabilities."""
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1)
+
+
+def no_hooks(chunk: slice) -> list[Hook]:
+    return []
+
+
+def answer_logprob(k: int) -> Reduce:
+    return lambda logits, rows, chunk: continuation_logprob(logits, rows, k)
+
+
+def answer_log_probs(logits: torch.Tensor, rows: TokenBatch, chunk: slice) -> torch.Tensor:
+    """Log-probabilities at the `predicting_answer` positions, flattened row by row."""
+    return logits[predicting_answer(rows).to(logits.device)].log_softmax(dim=-1).cpu()
+
+
+def top_next_token(logits: torch.Tensor, rows: TokenBatch, chunk: slice) -> torch.Tensor:
+    return logits[:, -1].argmax(dim=-1).cpu()
+
+
+@torch.no_grad()
+def in_chunks(bridge: TransformerBridge, batch: TokenBatch, hooks_for: HooksFor, reduce: Reduce, size: int) -> torch.Tensor:
+    """`reduce(logits, rows, chunk)` over row chunks of `batch`, each chunk's forward run with `hooks_for(chunk)`."""
+    device, outputs = bridge.cfg.device, []
+    for start in range(0, len(batch.input_ids), size):
+        chunk = slice(start, start + size)
+        rows = rows_of(batch, chunk)
+        logits = bridge.run_with_hooks(
+            rows.input_ids.to(device), attention_mask=rows.attention_mask.to(device), fwd_hooks=list(hooks_for(chunk))
+        )
+        outputs.append(reduce(logits.float(), rows, chunk))
+    return torch.cat(outputs)
+
+
+def mean_rouge1(answers: list[str], references: list[str]) -> float:
+    recall = rouge_recall(answers, references)["rouge1"]
+    return sum(recall) / len(recall)
+
+
+# ---------------------------------------------------------------- the probes
+
+@dataclass
+class ProbeSets:
+    """Tokenised subsamples of the three sets and the clean (hook-free) baselines the probes compare with."""
+
+    refusal: str
+    forget: list[QA]
+    forget_answers: list[str]  # the given answers, else the model's own greedy answers
+    baseline_answers: list[str]  # the model's greedy answers to the forget prompts
+    reference_questions: list[str]
+    forget_tf: TokenBatch  # 2n rows: forget prompt + refusal, then forget prompt + answer (teacher-forced)
+    forget_prompts: TokenBatch
+    retain_tf: TokenBatch  # retain prompt + answer (prompt only when answers are missing)
+    reference_tf: TokenBatch  # reference prompt + refusal
+    prefix: int  # tokens every forget prompt shares (for the `suffix` position rule)
+    retain_clean: Float[torch.Tensor, "n_positions vocab"]  # at `predicting_answer` positions
+    retain_counts: Int[torch.Tensor, "n_retain"]  # those positions per retain row
+    reference_clean: Float[torch.Tensor, "n_reference"]
+
+    @property
+    def forget_questions(self) -> list[str]:
+        return [qa.question for qa in self.forget]
+
+
+def prepare_sets(
+    bridge: TransformerBridge, forget: Sequence[QA], retain: Sequence[QA], reference: Sequence[QA], settings: LocaliseSettings
+) -> ProbeSets:
+    """Subsample and tokenise the sets; clean greedy answers, retain distributions, reference refusal scores."""
+    tokenizer, size = bridge.tokenizer, settings.batch_size
+    refusal = refusal_text(reference, settings.edit)
+    forget = spread(forget, settings.max_prompts)
+    questions = [qa.question for qa in forget]
+    baseline = generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions))
+    answers = [qa.answer or own for qa, own in zip(forget, baseline)]
+    forget_prompts = tokenize(tokenizer, questions)
+    retain = spread(retain, settings.max_prompts)
+    retain_answers = [qa.answer for qa in retain] if all(qa.answer for qa in retain) else None
+    retain_tf = tokenize(tokenizer, [qa.question for qa in retain], retain_answers)
+    reference_questions = [qa.question for qa in spread(reference, settings.max_prompts)]
+    reference_tf = tokenize(tokenizer, reference_questions, [refusal] * len(reference_questions))
+    return ProbeSets(
+        refusal=refusal,
+        forget=forget,
+        forget_answers=answers,
+        baseline_answers=baseline,
+        reference_questions=reference_questions,
+        forget_tf=tokenize(tokenizer, questions + questions, [refusal] * len(questions) + answers),
+        forget_prompts=forget_prompts,
+        retain_tf=retain_tf,
+        reference_tf=reference_tf,
+        prefix=shared_prefix_length([forget_prompts]),
+        retain_clean=in_chunks(bridge, retain_tf, no_hooks, answer_log_probs, size),
+        retain_counts=predicting_answer(retain_tf).sum(dim=1),
+        reference_clean=in_chunks(bridge, reference_tf, no_hooks, answer_logprob(settings.score_tokens), size),
+    )
+
+
+def forget_logodds(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
+    """Mean over forget prompts of the per-token log-odds of the refusal's first tokens against the answer's."""
+    scores = in_chunks(bridge, sets.forget_tf, hooks_for, answer_logprob(settings.score_tokens), settings.batch_size)
+    n = len(scores) // 2
+    return float((scores[:n] - scores[n:]).mean())
+
+
+def retain_kl(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
+    """KL(clean ‖ intervened) of retain next-token distributions, averaged over each row's
+    `predicting_answer` positions, then over rows."""
+    log_q = in_chunks(bridge, sets.retain_tf, hooks_for, answer_log_probs, settings.batch_size)
+    per_row = kl_divergence(sets.retain_clean, log_q).split(sets.retain_counts.tolist())
+    return float(torch.stack([kl.mean() for kl in per_row]).mean())
+
+
+def forget_answers_with(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks: Sequence[Hook]) -> list[str]:
+    """Greedy answers to the forget prompts with `hooks` active (one batch, so hooks see its shape)."""
+    with bridge.hooks(fwd_hooks=list(hooks)):
+        return generate_answers(bridge, sets.forget_questions, settings.generate_tokens, batch_size=len(sets.forget))
+
+
+def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, table: torch.Tensor) -> Callable:
+    """Steering while generating, as the edit would act: the prefill adds `steering_shift` at the prompt
+    positions; for `+answer` rules, decoding step j (whose one new position holds generated token
+    j − 1) adds the shift of answer token j − 1."""
+    prompt = steering_shift(sets.forget_prompts, table, settings.edit.positions, sets.prefix)
+    answer_table = table[1:] if settings.edit.positions.endswith("+answer") else table[:0]
+    calls = 0
+
+    def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return add_hook(prompt)(activation)
+        return add_hook(answer_table[calls - 2])(activation) if calls - 2 < len(answer_table) else activation
+
+    return hook
+
+
+def steering_scores(
+    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, directions: Directions, coeffs: Sequence[float]
+) -> dict[str, list[float]]:
+    """Log-odds, refusal rate, forget ROUGE-1 recall and retain KL of steering by each c at `layer`."""
+    name, positions = resid_post(layer), settings.edit.positions
+
+    def hooks(batch: TokenBatch, table: torch.Tensor) -> HooksFor:
+        return lambda chunk: [(name, add_hook(steering_shift(rows_of(batch, chunk), table, positions, sets.prefix)))]
+
+    scores: dict[str, list[float]] = {"logodds": [], "refusal_rate": [], "forget_rouge1": [], "retain_kl": []}
+    for coeff in coeffs:
+        table = directions.shift_table(layer, coeff).float()
+        scores["logodds"].append(forget_logodds(bridge, sets, settings, hooks(sets.forget_tf, table)))
+        scores["retain_kl"].append(retain_kl(bridge, sets, settings, hooks(sets.retain_tf, table)))
+        answers = forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))])
+        scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
+        scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
+    return scores
+
+
+def ablation_scores(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, direction: torch.Tensor) -> tuple[float, float]:
+    """(drop of the refusal's per-token log-probability on reference prompts, retain KL) with `direction`
+    projected out of `blocks.l.hook_resid_post` at every position."""
+    hooks = [(resid_post(layer), ablation_hook(direction))]
+    ablated = in_chunks(bridge, sets.reference_tf, lambda chunk: hooks, answer_logprob(settings.score_tokens), settings.batch_size)
+    return float((sets.reference_clean - ablated).mean()), retain_kl(bridge, sets, settings, lambda chunk: hooks)
+
+
+def pair_by_suffix(forget_ids: Sequence[Sequence[int]], reference_ids: Sequence[Sequence[int]]) -> list[int]:
+    """For each forget prompt, the reference prompt sharing its longest token suffix (first on ties), so
+    that positions counted from the end hold the same template tokens where they can."""
+
+    def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        return n
+
+    return [max(range(len(reference_ids)), key=lambda j: (common_suffix(ids, reference_ids[j]), -j)) for ids in forget_ids]
+
+
+def real_ids(batch: TokenBatch) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+
+
+def logit_difference(
+    logits: Float[torch.Tensor, "batch seq vocab"], refusal_token: Int[torch.Tensor, "batch"], answer_token: Int[torch.Tensor, "batch"]
+) -> Float[torch.Tensor, "batch"]:
+    """logit(refusal_token) − logit(answer_token) at the last prompt token of each row."""
+    last = logits[:, -1]
+    rows = torch.arange(len(last), device=last.device)
+    return (last[rows, refusal_token.to(last.device)] - last[rows, answer_token.to(last.device)]).cpu()
+
+
+def patching_map(
+    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layers: Sequence[int], progress: bool = False
+) -> tuple[Float[torch.Tensor, "n_layers n_positions"], list[str]]:
+    """Activation patching of `hook_resid_post`, reference run → paired forget run, at each layer × each
+    of the last P prompt positions, in one batched pass per layer.
+
+    Metric: LD = logit(t_ref) − logit(t_fgt) at the last prompt token, where t_ref / t_fgt are the clean
+    reference / forget runs' top next tokens (the refusal's and the answer's first token, however the
+    tokenizer splits them). Score: (mean LD_patched − mean LD_forget) / (mean LD_reference − mean
+    LD_forget); all 0 where the two runs do not differ."""
+    size = settings.batch_size
+    forget = rows_of(sets.forget_prompts, torch.tensor(spread(range(len(sets.forget)), settings.patch_pairs)))
+    partners = pair_by_suffix(real_ids(forget), real_ids(tokenize(bridge.tokenizer, sets.reference_questions)))
+    reference = tokenize(bridge.tokenizer, [sets.reference_questions[j] for j in partners])
+    refusal_token = in_chunks(bridge, reference, no_hooks, top_next_token, size)
+    answer_token = in_chunks(bridge, forget, no_hooks, top_next_token, size)
+
+    def difference(logits: torch.Tensor, rows: TokenBatch, pairs: slice | torch.Tensor) -> torch.Tensor:
+        return logit_difference(logits, refusal_token[pairs], answer_token[pairs])
+
+    corrupted = float(in_chunks(bridge, forget, no_hooks, difference, size).mean())
+    clean = float(in_chunks(bridge, reference, no_hooks, difference, size).mean())
+    n_pairs = len(partners)
+    n_positions = min(settings.patch_positions, int(forget.attention_mask.sum(1).min()), int(reference.attention_mask.sum(1).min()))
+    names = [resid_post(layer) for layer in layers]
+    cache = capture(bridge, reference, names, stop_at_layer=max(layers) + 1)
+
+    # one row per (position p, pair i), p-major: pair i's forget prompt patched at its p-th of the last P positions
+    pair = torch.arange(n_pairs).repeat(n_positions)
+    offset = torch.arange(n_positions).repeat_interleave(n_pairs)
+    forget_columns = forget.input_ids.shape[1] - n_positions + offset
+    reference_columns = reference.input_ids.shape[1] - n_positions + offset
+    patched_rows = rows_of(forget, pair)
+    recovered = torch.zeros(len(layers), n_positions)
+    for index, name in enumerate(tqdm(names, desc="patching", disable=not progress, leave=False)):
+        values = cache[name][pair, reference_columns].cpu()
+        hooks_for = lambda chunk, name=name, values=values: [(name, patch_hook(forget_columns[chunk], values[chunk]))]  # noqa: E731
+        patched = in_chunks(bridge, patched_rows, hooks_for, lambda logits, rows, chunk: difference(logits, rows, pair[chunk]), size)
+        recovered[index] = patched.view(n_positions, n_pairs).mean(dim=1)
+    gap = clean - corrupted
+    recovered = (recovered - corrupted) / gap if abs(gap) > 1e-6 else torch.zeros_like(recovered)
+    tokens = forget.input_ids[0, -n_positions:].tolist()
+    return recovered, [f"{p - n_positions} {bridge.tokenizer.decode([token])!r}" for p, token in enumerate(tokens)]
+
+
+# ---------------------------------------------------------------- the edit check
+
+def unit_edit(
+    bridge: TransformerBridge, layer: int, forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions, edit: EditSettings
+) -> Float[torch.Tensor, "d_mlp d_model"]:
+    """ΔW of the closed-form edit at c = 1; at any c it is c·ΔW (u does not depend on c)."""
+    table = directions.shift_table(layer, 1.0)
+    stats = collect_statistics(bridge, layer, forget, retain, edit, refusal, len(table))
+    return solve_closed(stats, table, edit.ridge).delta
+
+
+def edit_scores(
+    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, delta: torch.Tensor, coeffs: Sequence[float]
+) -> dict[str, list[float]]:
+    """Forget ROUGE-1 recall, forget refusal rate and retain KL of the edit c·`delta` at `layer`, for each c."""
+    scores: dict[str, list[float]] = {"forget_rouge1": [], "refusal_rate": [], "retain_kl": []}
+    for coeff in coeffs:
+        hooks = edit_hooks(layer, coeff * delta)
+        answers = forget_answers_with(bridge, sets, settings, hooks)
+        scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
+        scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
+        scores["retain_kl"].append(retain_kl(bridge, sets, settings, lambda chunk: hooks))
+    return scores
+
+
+# ---------------------------------------------------------------- the rule
+
+def rank_layers(
+    layers: Sequence[int],
+    steer_logodds: Float[torch.Tensor, "n_layers n_coeffs"],
+    steer_retain_kl: Float[torch.Tensor, "n_layers"],
+    ablation_drop: Float[torch.Tensor, "n_layers"],
+    patching_last: Float[torch.Tensor, "n_layers"],
+    agreement: float = 0.5,
+    kl_slack: float = 2.0,
+) -> tuple[list[int], dict]:
+    """Steps 1–3 of RULE: the probe ranking of `layers` (best first) and why."""
+    too_costly = steer_retain_kl > kl_slack * steer_retain_kl.min()
+    agrees = (patching_last >= agreement) & (ablation_drop > 0)
+    success = steer_logodds.mean(dim=1)
+    order = sorted(range(len(layers)), key=lambda i: (bool(too_costly[i]), not agrees[i], -float(success[i])))
+    why = {
+        "side_effect_filtered": [layers[i] for i in range(len(layers)) if too_costly[i]],
+        "probes_disagree": [layers[i] for i in range(len(layers)) if not agrees[i]],
+        "steering_success": {layers[i]: float(success[i]) for i in range(len(layers))},
+    }
+    return [layers[i] for i in order], why
+
+
+def choose_edit(
+    checked: Sequence[int],
+    coeffs: Sequence[float],
+    forget_rouge1: Float[torch.Tensor, "n_checked n_coeffs"],
+    refusal: Float[torch.Tensor, "n_checked n_coeffs"],
+    retain_kl: Float[torch.Tensor, "n_checked n_coeffs"],
+    kl_budget: float,
+) -> tuple[int, float, list[int], dict]:
+    """Step 4 of RULE on the checked layers (given in probe order): (layer, c, their order, why)."""
+    cells = [(i, j) for i in range(len(checked)) for j in range(len(coeffs))]
+    pool = [cell for cell in cells if retain_kl[cell] <= kl_budget]
+
+    def key(cell: tuple[int, int]) -> tuple:
+        if not pool:  # nothing within the budget: the cheapest cell
+            return (float(retain_kl[cell]), coeffs[cell[1]], cell[0])
+        return (float(forget_rouge1[cell]), -float(refusal[cell]), coeffs[cell[1]], cell[0])
+
+    candidates = pool or cells
+    best = min(candidates, key=key)
+    per_layer = {i: min((cell for cell in candidates if cell[0] == i), key=key) for i in sorted({cell[0] for cell in candidates})}
+    order = sorted(range(len(checked)), key=lambda i: key(per_layer[i]) if i in per_layer else (float("inf"),))
+    why = {
+        "cells_within_kl_budget": len(pool),
+        "best_coeff_per_checked_layer": {checked[i]: coeffs[cell[1]] for i, cell in per_layer.items()},
+    }
+    return checked[best[0]], float(coeffs[best[1]]), [checked[i] for i in order], why
+
+
+# ---------------------------------------------------------------- entry points
+
+def localise(
+    bridge: TransformerBridge,
+    forget: Sequence[QA],
+    retain: Sequence[QA],
+    reference: Sequence[QA],
+    coeffs: Sequence[float] = DEFAULT_COEFFS,
+    layers: Sequence[int] | None = None,
+    settings: LocaliseSettings | None = None,
+    directions: Directions | None = None,
+    progress: bool = False,
+) -> Localisation:
+    """Run every probe on every layer (× coefficient), check the best layers' edits, apply the rule."""
+    settings = settings or LocaliseSettings()
+    for name, items in (("forget", forget), ("retain", retain), ("reference", reference)):
+        if not items:
+            raise LunarError(f"the {name} set is empty: localisation needs forget, retain and reference questions")
+    if not coeffs or min(coeffs) <= 0:
+        raise LunarError(f"coefficients {list(coeffs)} must be positive numbers: e.g. --coeffs 1,2,4,8")
+    coeffs = sorted({float(c) for c in coeffs})
+    layers = list(range(n_layers(bridge))) if layers is None else sorted({check_layer(bridge, layer) for layer in layers})
+    sets = prepare_sets(bridge, forget, retain, reference, settings)
+    with_answer = settings.edit.positions.endswith("+answer")
+    if directions is None:
+        directions = compute_directions(
+            bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.edit.direction_rule,
+            settings.batch_size, progress, refusal=sets.refusal if with_answer else None,
+        )
+    if with_answer and directions.answer_vectors is None:
+        raise LunarError(f"positions {settings.edit.positions} need per-answer-token directions: compute them with compute_directions(..., refusal=...)")
+
+    steering = {key: torch.zeros(len(layers), len(coeffs)) for key in ("logodds", "refusal_rate", "forget_rouge1", "retain_kl")}
+    ablation = torch.zeros(2, len(layers))
+    for index, layer in enumerate(tqdm(layers, desc="steering and ablation", disable=not progress)):
+        for key, values in steering_scores(bridge, sets, settings, layer, directions, coeffs).items():
+            steering[key][index] = torch.tensor(values)
+        ablation[:, index] = torch.tensor(ablation_scores(bridge, sets, settings, layer, directions[layer].float()))
+    patching, labels = patching_map(bridge, sets, settings, layers, progress)
+    probe_ranking, probe_why = rank_layers(
+        layers, steering["logodds"], steering["retain_kl"][:, 0], ablation[0], patching[:, -1], settings.agreement, settings.kl_slack
+    )
+
+    checked = probe_ranking[: settings.calibrate_layers]
+    edit = {key: torch.zeros(len(checked), len(coeffs)) for key in ("forget_rouge1", "refusal_rate", "retain_kl")}
+    for index, layer in enumerate(tqdm(checked, desc="edit check", disable=not progress)):
+        delta = unit_edit(bridge, layer, forget, retain, sets.refusal, directions, settings.edit)
+        for key, values in edit_scores(bridge, sets, settings, layer, delta, coeffs).items():
+            edit[key][index] = torch.tensor(values)
+    best_layer, best_coeff, checked_order, edit_why = choose_edit(
+        checked, coeffs, edit["forget_rouge1"], edit["refusal_rate"], edit["retain_kl"], settings.kl_budget
+    )
+    ranking = checked_order + [layer for layer in probe_ranking if layer not in checked]
+    no_steering = forget_logodds(bridge, sets, settings, no_hooks)
+    return Localisation(
+        layers=layers,
+        coeffs=coeffs,
+        refusal=sets.refusal,
+        direction_norms=[directions.norms[layer] for layer in layers],
+        baseline_logodds=no_steering,
+        baseline_refusal_rate=refusal_rate(sets.baseline_answers, references=[sets.refusal]),
+        baseline_forget_rouge1=mean_rouge1(sets.baseline_answers, sets.forget_answers),
+        steer_logodds=steering["logodds"],
+        steer_refusal_rate=steering["refusal_rate"],
+        steer_forget_rouge1=steering["forget_rouge1"],
+        steer_retain_kl=steering["retain_kl"],
+        ablation_drop=ablation[0],
+        ablation_retain_kl=ablation[1],
+        patching=patching,
+        patch_labels=labels,
+        edit_layers=checked,
+        edit_forget_rouge1=edit["forget_rouge1"],
+        edit_refusal_rate=edit["refusal_rate"],
+        edit_retain_kl=edit["retain_kl"],
+        ranking=ranking,
+        best_layer=best_layer,
+        best_coeff=best_coeff,
+        decision={"rule": RULE, "probe_ranking": probe_ranking, **probe_why, **edit_why},
+        sizes={"forget": len(sets.forget), "retain": len(sets.retain_counts), "reference": len(sets.reference_questions),
+               "settings": asdict(settings)},
+    )
+
+
+def choose_layer_and_coeff(
+    bridge: TransformerBridge,
+    forget: Sequence[QA],
+    retain: Sequence[QA],
+    reference: Sequence[QA],
+    edit_settings: EditSettings | None = None,
+    coeffs: Sequence[float] = DEFAULT_COEFFS,
+    directions: Directions | None = None,
+    progress: bool = False,
+) -> tuple[list[int], float, Localisation]:
+    """`--layer auto --coeff auto`: the rule's layer and coefficient for an edit made with `edit_settings`."""
+    settings = LocaliseSettings(edit=edit_settings or EditSettings())
+    result = localise(bridge, forget, retain, reference, coeffs, settings=settings, directions=directions, progress=progress)
+    return [result.best_layer], result.best_coeff, result
+
+
+def save_localisation(loc: Localisation, out_dir: str | Path) -> dict[str, Path]:
+    """Write `localisation.json` (every score, the ranking, the decision) and the two figures."""
+    from lunar_lens.figures import plot_layer_scores, plot_patching_map
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "localisation.json"}
+    paths["json"].write_text(json.dumps(loc.to_json(), indent=2))
+    paths["layer_scores"] = plot_layer_scores(loc, out / "localisation_layers.png")
+    paths["patching"] = plot_patching_map(loc, out / "localisation_patching.png")
+    return paths
+
+
+# ---------------------------------------------------------------- command line
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LunarError(f"{flag} {text!r} is not a comma-separated list of numbers (e.g. {flag} 1,2,4)") from None
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "localise",
+        help="rank layers by steering, directional ablation and activation patching",
+        description="Score every layer with steering, directional ablation, activation patching and retain KL, check "
+        "the best layers' edits, and choose the layer and coefficient c; writes localisation.json and two figures.",
+    )
+    parser.add_argument("--model", required=True, help="HF model folder or hub id")
+    parser.add_argument("--forget", required=True, help="questions to forget (JSON, JSONL, CSV, TXT, HF dataset)")
+    parser.add_argument("--retain", required=True, help="questions whose answers must stay")
+    parser.add_argument("--reference", required=True, help="questions the model already declines")
+    parser.add_argument("--out", required=True, help="folder for localisation.json and the figures")
+    parser.add_argument("--layers", default=None, help="comma-separated layers to probe (default: all)")
+    parser.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS), help="comma-separated coefficients c")
+    parser.add_argument("--max-prompts", type=int, default=LocaliseSettings.max_prompts, help="prompts per set (evenly spread)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    from lunar_lens.data import check_disjoint, load_qa
+    from lunar_lens.model import load_model
+
+    bridge = load_model(args.model, args.device, args.dtype)
+    forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
+    retain = check_disjoint(forget, retain)
+    layers = None if args.layers is None else _numbers(args.layers, int, "--layers")
+    coeffs = _numbers(args.coeffs, float, "--coeffs")
+    loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
+    paths = save_localisation(loc, args.out)
+    print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")
+    print("\n".join(f"wrote {path}" for path in paths.values()))
