@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
 from lunar_lens.model import load_model
@@ -25,6 +27,8 @@ def sample_lines(before: Evaluation, after: Evaluation, set_name: str, count: in
 def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, n_forget: int = 2, force: bool = False) -> dict:
     """Forget `entities` (default: the first `n_forget`) from the toy-world model; returns the summary."""
     started = time.perf_counter()
+    # The toy model is tiny: intra-op threads only add synchronisation (and stall badly on a busy machine).
+    torch.set_num_threads(1)
     out = Path(out)
     world = build_world(0)
     entities = entities or world.entities[:n_forget]

@@ -103,13 +103,9 @@ def evaluate_sets(
         for sample, reference, rouge1 in zip(samples[name], references, rouge["rouge1"]):
             sample |= {"reference": reference, "rouge1": rouge1}
         if model_metrics:
-            args = (bridge, questions, references)
-            scores[name] |= {
-                "mrr": fmean(metrics.mean_reciprocal_rank(*args, batch_size=batch_size)),
-                "hit_rate": fmean(metrics.hit_rate(*args, batch_size=batch_size)),
-                "extraction_strength": fmean(metrics.extraction_strength(*args, batch_size=batch_size)),
-                "perplexity": fmean(metrics.answer_perplexity(*args, batch_size=batch_size)),
-            }
+            ranks = metrics.answer_token_ranks(bridge, questions, references, batch_size)
+            scores[name] |= {key: fmean(values) for key, values in metrics.rank_metrics(ranks).items()}
+            scores[name]["perplexity"] = fmean(metrics.answer_perplexity(bridge, questions, references, batch_size))
     deviation = None
     if "rouge1" in scores.get("forget", {}) and "rouge1" in scores.get("retain", {}):
         deviation = metrics.deviation_score(scores["forget"]["rouge1"], scores["retain"]["rouge1"])

@@ -163,32 +163,39 @@ def answer_token_ranks(
     return _per_answer_token(model, questions, answers, batch_size, _rank)
 
 
-def mean_reciprocal_rank(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
-    """Per example: mean over answer tokens of 1 / rank."""
-    return [ranks.float().reciprocal().mean().item() for ranks in answer_token_ranks(model, questions, answers, batch_size)]
-
-
-def hit_rate(model: LogitModel, questions: list[str], answers: list[str], k: int = 1, batch_size: int = 32) -> list[float]:
-    """Per example: fraction of answer tokens ranked ≤ k."""
-    return [(ranks <= k).float().mean().item() for ranks in answer_token_ranks(model, questions, answers, batch_size)]
-
-
-def extraction_strength(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
-    """Extraction strength (Carlini et al. 2021; the unlearning literature) per example.
+def rank_metrics(ranks: Sequence[Int[torch.Tensor, " _answer"]], k: int = 1) -> dict[str, list[float]]:
+    """Per example, from answer-token ranks: MRR (mean 1/rank), hit rate (fraction ranked ≤ k) and
+    extraction strength (Carlini et al. 2021; the unlearning literature).
 
     With answer tokens a_1..a_n (eos included), k_min is the shortest answer prefix a_1..a_k
     after which every remaining token a_{k+1}..a_n is the model's argmax given the gold prefix
     (teacher forcing); greedy decoding from prompt + a_1..a_k then reproduces the rest exactly.
     ES = 1 − k_min / n: 1 when the prompt alone yields the whole answer, 0 when even a_n is
-    missed. One teacher-forced pass gives it: k_min is the index just after the last token whose
-    rank is not 1.
+    missed; k_min is the index just after the last token whose rank is not 1.
     """
-    strengths = []
-    for ranks in answer_token_ranks(model, questions, answers, batch_size):
-        wrong = (ranks != 1).nonzero()
+    result: dict[str, list[float]] = {"mrr": [], "hit_rate": [], "extraction_strength": []}
+    for example in ranks:
+        wrong = (example != 1).nonzero()
         k_min = int(wrong[-1]) + 1 if len(wrong) else 0
-        strengths.append(1.0 - k_min / len(ranks))
-    return strengths
+        result["mrr"].append(example.float().reciprocal().mean().item())
+        result["hit_rate"].append((example <= k).float().mean().item())
+        result["extraction_strength"].append(1.0 - k_min / len(example))
+    return result
+
+
+def mean_reciprocal_rank(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Per example: mean over answer tokens of 1 / rank."""
+    return rank_metrics(answer_token_ranks(model, questions, answers, batch_size))["mrr"]
+
+
+def hit_rate(model: LogitModel, questions: list[str], answers: list[str], k: int = 1, batch_size: int = 32) -> list[float]:
+    """Per example: fraction of answer tokens ranked ≤ k."""
+    return rank_metrics(answer_token_ranks(model, questions, answers, batch_size), k)["hit_rate"]
+
+
+def extraction_strength(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Extraction strength per example (definition: `rank_metrics`)."""
+    return rank_metrics(answer_token_ranks(model, questions, answers, batch_size))["extraction_strength"]
 
 
 def answer_perplexity(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
