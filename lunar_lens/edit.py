@@ -104,12 +104,14 @@ def collect_statistics(
         real = batch.attention_mask.bool()
         stats.add(x[real], shift_index(batch, settings.positions, prefix, n_answer=n_shifts - 1)[real])
     mine = parallel.shard(keep)
-    keep_answers = [qa.answer or "" for qa in mine] if settings.retain_answers and all(qa.answer for qa in keep) else None
+    answered = [qa for qa in mine if settings.retain_answers and qa.answer]
+    prompts_only = [qa for qa in mine if not (settings.retain_answers and qa.answer)]
     desc = f"layer {layer}: retain" if progress else None
-    for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], keep_answers, settings.batch_size, desc):
-        x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
-        real = batch.attention_mask.bool()
-        stats.add(x[real], torch.full((int(real.sum()),), -1))
+    for items, answers in ((answered, [qa.answer for qa in answered]), (prompts_only, None)):
+        for batch in token_batches(bridge.tokenizer, [qa.question for qa in items], answers, settings.batch_size, desc):
+            x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
+            real = batch.attention_mask.bool()
+            stats.add(x[real], torch.full((int(real.sum()),), -1))
     return parallel.sum_statistics(stats)
 
 
@@ -166,7 +168,8 @@ def edit_layers(
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
     result = EditResult([], directions)
-    keep = list(retain) + list(keep_forgotten)
+    # earlier forgotten questions are kept where the model now puts them: answering with the refusal
+    keep = list(retain) + [QA(qa.question, qa.answer or refusal) for qa in keep_forgotten]
     for layer in layers:
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()

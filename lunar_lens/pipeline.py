@@ -16,7 +16,7 @@ from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.edit import EditResult, EditSettings, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model
+from lunar_lens.model import check_layer, load_model
 
 REPORT_NAME = "lunar_report.json"
 
@@ -86,6 +86,8 @@ def unlearn(
     retain_set = check_disjoint(forget_set, retain_set)
     timings = {"load": time.perf_counter() - started}
 
+    for layer in layers or ():
+        check_layer(bridge, layer)  # fail before any forward pass
     directions = directions_for(bridge, forget_set, reference_set, settings, progress, parallel)
     localisation = None
     if layers is None or coeff is None:

@@ -1,0 +1,95 @@
+"""`unlearn` end to end: CLI contract, determinism, sequential requests, one-line errors."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lunar_lens.cli import main
+from lunar_lens.evaluate import evaluate_sets
+from lunar_lens.model import load_model
+from lunar_lens.toyworld import checkpoint_path
+
+
+def write_set(path, items):
+    path.write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in items]))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path, world):
+    forget, retain, reference = world.split(world.entities[:1])
+    return {
+        "forget": write_set(tmp_path / "forget.json", forget),
+        "retain": write_set(tmp_path / "retain.json", retain[::4]),
+        "reference": write_set(tmp_path / "reference.json", reference[::4]),
+    }
+
+
+def unlearn_args(files, model, out, *extra):
+    return ["unlearn", "--model", str(model), "--forget", files["forget"], "--retain", files["retain"],
+            "--reference", files["reference"], "--out", str(out), *extra]
+
+
+def test_cli_writes_a_checkpoint_transformers_loads_and_is_deterministic(tmp_path, files):
+    for name in ("a", "b"):
+        assert main(unlearn_args(files, checkpoint_path(), tmp_path / name, "--layer", "0", "--coeff", "6", "--seed", "3")) == 0
+    report = json.loads((tmp_path / "a" / "lunar_report.json").read_text())
+    assert report["layers"] == [0] and report["coeff"] == 6.0 and report["settings"]["seed"] == 3
+    assert report["edit"]["layers"][0]["objective_after"] < report["edit"]["layers"][0]["objective_before"]
+    assert len(report["edit"]["directions"]["norms"]) == 6 and "edit" in report["timings_s"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    source = load_file(str(checkpoint_path() / "model.safetensors"))
+    edited = {k: v for k, v in model.state_dict().items() if k in source and not v.equal(source[k])}
+    assert list(edited) == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
+    first, second = world.entities[:2]
+    retain = [qa for name in world.entities[2:] for qa in world.facts_about(name)][::4]
+    reference = world.unknown_train_qa[::4]
+    files_first = {
+        "forget": write_set(tmp_path / "f1.json", world.facts_about(first)),
+        "retain": write_set(tmp_path / "r1.json", world.facts_about(second) + retain),
+        "reference": write_set(tmp_path / "ref.json", reference),
+    }
+    assert main(unlearn_args(files_first, checkpoint_path(), tmp_path / "one", "--layer", "0", "--coeff", "6")) == 0
+    files_second = dict(files_first, forget=write_set(tmp_path / "f2.json", world.facts_about(second)),
+                        retain=write_set(tmp_path / "r2.json", retain))
+    assert main(unlearn_args(files_second, tmp_path / "one", tmp_path / "two", "--layer", "1", "--coeff", "6")) == 0
+    report = json.loads((tmp_path / "two" / "lunar_report.json").read_text())
+    assert report["sizes"]["kept_forgotten"] == len(world.facts_about(first))
+    assert len(report["forgotten"]) == len(world.facts_about(first)) + len(world.facts_about(second))
+    bridge = load_model(tmp_path / "two")
+    scores = evaluate_sets(
+        bridge, {"first": world.facts_about(first), "second": world.facts_about(second), "retain": retain[::3]},
+        model_metrics=False, max_new_tokens=16,
+    ).scores
+    assert scores["first"]["refusal_rate"] >= 0.8 and scores["first"]["rouge1"] <= 0.1  # still forgotten
+    assert scores["second"]["rouge1"] <= 0.5  # forgotten in part: see the closing note of issue 3
+    assert scores["retain"]["rouge1"] >= 0.95
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--layer", "9", "--coeff", "4"], "layer 9 is out of range"),
+        (["--layer", "two"], "is not 'auto' or a comma-separated list"),
+        (["--coeff", "big", "--layer", "0"], "is not 'auto' or a number"),
+        (["--positions", "everywhere"], "unknown --positions"),
+    ],
+)
+def test_cli_misuse_ends_with_one_line_naming_the_fix(tmp_path, files, capsys, change, message):
+    assert main(unlearn_args(files, checkpoint_path(), tmp_path / "out", *change)) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    assert message in error and error.startswith("lunar-lens unlearn: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_unreadable_inputs(tmp_path, files, capsys):
+    assert main(unlearn_args(dict(files, forget=str(tmp_path / "missing.json")), checkpoint_path(), tmp_path / "o")) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(unlearn_args(files, tmp_path / "no-model", tmp_path / "o")) == 2
+    assert "does not exist" in capsys.readouterr().err
