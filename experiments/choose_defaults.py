@@ -22,7 +22,7 @@ from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model, w_out
 from lunar_lens.directions import compute_directions
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.toyworld import REFUSAL, build_world, checkpoint_path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,16 +33,19 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=2)
     parser.add_argument("--positions", default="all,suffix,last,last+answer,question+answer")
     parser.add_argument("--coeffs", default="1,2,4,8")
+    parser.add_argument("--retain-answers", default="true,false", help="keep retain answers as well as prompts")
+    parser.add_argument("--retain-stride", type=int, default=3, help="evaluate every k-th retain question (all are kept by the edit)")
     args = parser.parse_args()
     world = build_world(0)
     forget, retain, reference = world.split(world.entities[: args.entities])
     bridge = load_model(checkpoint_path())
-    directions = compute_directions(bridge, [q.question for q in forget], [q.question for q in reference])
+    directions = compute_directions(bridge, [q.question for q in forget], [q.question for q in reference], refusal=REFUSAL)
     originals = {layer: w_out(bridge, layer).detach().clone() for layer in range(bridge.cfg.n_layers)}
-    sets = {"forget": forget, "retain": retain}
+    sets = {"forget": forget, "retain": retain[:: args.retain_stride]}
     rows = []
     grid = itertools.product(
-        [int(l) for l in args.layers.split(",")], args.positions.split(","), [float(c) for c in args.coeffs.split(",")], [True, False]
+        [int(l) for l in args.layers.split(",")], args.positions.split(","), [float(c) for c in args.coeffs.split(",")],
+        [flag == "true" for flag in args.retain_answers.split(",")],
     )
     for layer, positions, coeff, retain_answers in grid:
         settings = replace(EditSettings(), positions=positions, coeff=coeff, retain_answers=retain_answers)
