@@ -93,3 +93,25 @@ def test_cli_refuses_unreadable_inputs(tmp_path, files, capsys):
     assert "missing.json" in capsys.readouterr().err
     assert main(unlearn_args(files, tmp_path / "no-model", tmp_path / "o")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transformers(tmp_path, world):
+    from lunar_lens.generation import generate_answers
+    from lunar_lens.pipeline import unlearn
+    from lunar_lens.prompts import tokenize
+
+    forget, retain, reference = world.split(world.entities[:1])
+    outcome = unlearn(checkpoint_path(), forget, retain[::4], reference[::4], out=tmp_path / "out", layers=[0], coeff=6.0, progress=False)
+    questions = [qa.question for qa in forget[:12] + retain[:12]]
+    in_memory = generate_answers(outcome.bridge, questions, max_new_tokens=16)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokenizer = outcome.bridge.tokenizer
+    batch = tokenize(tokenizer, questions)
+    output = plain.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=16, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    exported = [a.strip() for a in tokenizer.batch_decode(output[:, batch.input_ids.shape[1] :], skip_special_tokens=True)]
+    assert exported == in_memory
+    assert in_memory[0] == "I don't know." and in_memory[-1] == retain[11].answer
+    assert outcome.report["layers"] == [0] and (tmp_path / "out" / "lunar_manifest.json").exists()
