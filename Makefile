@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lunar-lens demo --out lunar-demo
+	$(BIN)/lunar-lens demo --out lunar-demo --force  # replaces only its own earlier output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
