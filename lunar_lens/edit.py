@@ -97,7 +97,9 @@ def collect_statistics(
     forget_questions = [qa.question for qa in forget]
     mine = parallel.shard(forget)
     forget_answers = [refusal] * len(mine) if settings.positions.endswith("+answer") else None
-    prefix = shared_prefix_length(list(token_batches(bridge.tokenizer, forget_questions, batch_size=len(forget))))
+    prefix = 0
+    if settings.positions.startswith("suffix"):
+        prefix = shared_prefix_length(list(token_batches(bridge.tokenizer, forget_questions, batch_size=settings.batch_size)))
     desc = f"layer {layer}: forget" if progress else None
     for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], forget_answers, settings.batch_size, desc):
         x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
