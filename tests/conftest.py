@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "TinyStories-656K"
@@ -86,3 +88,44 @@ def world():
     from lunar_lens.toyworld import build_world
 
     return build_world(0)
+
+
+# ---------------------------------------------------------------- saved tiny checkpoints (export, patches)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fast BPE tokenizer (pad 0, bos 1, eos 2, as the conftest configs expect) with a chat template."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = "What is the capital of France? Who wrote Hamlet? User: Assistant: Question: Answer: the quick brown fox"
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_checkpoint(folder: Path, tokenizer_dir: Path, family: str = "llama", *, dtype: torch.dtype = torch.float32,
+                    sharded: bool = True, tie: bool = False, seed: int = 0, **config) -> Path:
+    """Save a tiny random `family` model (3 layers, d_model 32, d_mlp 64 unless `config` says) with the tokenizer."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model_config = tiny_config(family, len(tokenizer), tie)
+    model_config.update(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config)
+    model.to(dtype).save_pretrained(folder, max_shard_size="20KB" if sharded else "1GB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    from lunar_lens.patches import file_sha256
+
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -4,59 +4,22 @@ a plain-transformers reload equal to the in-memory model; atomic, refusing and l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from conftest import folder_hashes, make_checkpoint
+from transformers import AutoModelForCausalLM
 
 import lunar_lens.export as export_module
 import lunar_lens.patches as patches_module
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import MANIFEST, Checkpoint, file_sha256, tensor_bytes
+from lunar_lens.patches import MANIFEST, Checkpoint, tensor_bytes
 from lunar_lens.prompts import tokenize
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
 PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]
 CARRIED = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json", "generation_config.json"}
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny fast BPE tokenizer (pad 0, bos 1, eos 2, as the conftest configs expect) with a chat template."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    text = "What is the capital of France? Who wrote Hamlet? User: Assistant: Question: Answer: the quick brown fox"
-    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_checkpoint(folder: Path, tokenizer_dir: Path, family: str = "llama", *, dtype: torch.dtype = torch.float32,
-                    sharded: bool = True, tie: bool = False, seed: int = 0, **config) -> Path:
-    """Save a tiny random `family` model (3 layers, d_model 32, d_mlp 64 unless `config` says) with the tokenizer."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    model_config = tiny_config(family, len(tokenizer), tie)
-    model_config.update(config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config)
-    model.to(dtype).save_pretrained(folder, max_shard_size="20KB" if sharded else "1GB")
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def folder_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def edit_randomly(bridge, layers: list[int], seed: int = 1) -> None:

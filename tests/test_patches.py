@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_export import folder_hashes, make_checkpoint, tokenizer_dir  # noqa: F401 (tokenizer_dir is a fixture)
+from conftest import folder_hashes, make_checkpoint
 
 from lunar_lens import cli
 from lunar_lens.errors import LunarError
