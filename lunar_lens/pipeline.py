@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +31,22 @@ class UnlearnOutcome:
     localisation: object | None = None  # lunar_lens.localise.Localisation when the layer or c was chosen automatically
 
 
-def previously_forgotten(model_dir: str | Path | None) -> list[QA]:
-    """Questions an earlier lunar-lens request forgot in this checkpoint (kept forgotten by the next one)."""
+def earlier_request(model_dir: str | Path | None) -> dict:
+    """The `lunar_report.json` of an earlier lunar-lens request that produced this checkpoint ({} if none)."""
     report = Path(model_dir) / REPORT_NAME if model_dir else None
-    if report is None or not report.is_file():
-        return []
-    return [QA(question) for question in json.loads(report.read_text()).get("forgotten", [])]
+    return json.loads(report.read_text()) if report is not None and report.is_file() else {}
+
+
+def direction_model(bridge: TransformerBridge, earlier: dict, device: str, dtype: str) -> TransformerBridge:
+    """The model directions are read from: the unedited base of an earlier request when its folder is
+    still there (measured: on the edited model the second request's direction redirects only part of its
+    forget set — refusal 0.67 vs 1.00 on the toy world), else the model itself."""
+    base = earlier.get("base_model")
+    if base and Path(base).is_dir():
+        return load_model(base, device=device, dtype=dtype)
+    if base:
+        warnings.warn(f"the unedited base model {base} is gone: directions come from the edited model (weaker)")
+    return bridge
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -88,7 +99,9 @@ def unlearn(
 
     for layer in layers or ():
         check_layer(bridge, layer)  # fail before any forward pass
-    directions = directions_for(bridge, forget_set, reference_set, settings, progress, parallel)
+    source = str(getattr(bridge, "source_path", None))
+    earlier = earlier_request(getattr(bridge, "source_path", None))
+    directions = directions_for(direction_model(bridge, earlier, device, dtype), forget_set, reference_set, settings, progress, parallel)
     localisation = None
     if layers is None or coeff is None:
         from lunar_lens.localise import choose_layer_and_coeff
@@ -102,14 +115,15 @@ def unlearn(
     timings["localise"] = time.perf_counter() - started - timings["load"]
     settings.coeff = float(coeff)
 
-    kept = previously_forgotten(getattr(bridge, "source_path", None))
+    kept = [QA(question) for question in earlier.get("forgotten", [])]  # earlier requests stay forgotten
     result = edit_layers(
         bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel
     )
     timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
 
     report = {
-        "source": str(getattr(bridge, "source_path", None)),
+        "source": source,
+        "base_model": earlier.get("base_model", source),
         "settings": asdict(settings),
         "layers": [layer.layer for layer in result.layers],
         "coeff": settings.coeff,

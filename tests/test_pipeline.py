@@ -68,7 +68,8 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
         model_metrics=False, max_new_tokens=16,
     ).scores
     assert scores["first"]["refusal_rate"] >= 0.8 and scores["first"]["rouge1"] <= 0.1  # still forgotten
-    assert scores["second"]["rouge1"] <= 0.5  # forgotten in part: see the closing note of issue 3
+    assert scores["second"]["refusal_rate"] >= 0.8 and scores["second"]["rouge1"] <= 0.1
+    assert report["base_model"] == str(checkpoint_path())  # directions of request 2 come from the unedited model
     assert scores["retain"]["rouge1"] >= 0.95
 
 
