@@ -83,6 +83,55 @@ class Directions:
 
 
 @torch.no_grad()
+def residual_means(
+    bridge: TransformerBridge,
+    questions: list[str],
+    rule: str = "last",
+    answer: str | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+    desc: str | None = None,
+    parallel: DataParallel = SINGLE,
+) -> tuple[Float[torch.Tensor, "n_layers d_model"], Float[torch.Tensor, "n_layers n_answer d_model"] | None]:
+    """Means of `blocks.l.hook_resid_post` over prompts (float64), from one pass per batch stopped after
+    the deepest layer: at the last prompt token (or averaged over each prompt's question tokens), and,
+    with `answer` teacher-forced after every prompt, at each of its tokens (the prompt positions of a
+    causal model are the same with or without the answer appended). Answers that tokenise longer are cut
+    to the shortest (over all ranks with `parallel`, where each rank runs its shard of the prompts)."""
+    if rule not in DIRECTION_RULES:
+        raise LunarError(f"unknown direction rule {rule!r}: use one of {', '.join(DIRECTION_RULES)}")
+    if not questions:
+        raise LunarError("cannot compute a mean residual over an empty set of prompts: give at least one question")
+    layers = list(range(n_layers(bridge))) if layers is None else layers
+    names = [resid_post(layer) for layer in layers]
+    prompt_total = torch.zeros(len(layers), bridge.cfg.d_model, dtype=torch.float64)
+    answer_total: torch.Tensor | None = None
+    shard = parallel.shard(questions)
+    for batch in token_batches(bridge.tokenizer, shard, None if answer is None else [answer] * len(shard), batch_size, desc):
+        cache = capture(bridge, batch, names, stop_at_layer=max(layers) + 1)
+        stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
+        if rule == "last":
+            weights = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
+            weights[torch.arange(len(weights)), batch.last_prompt_index] = 1.0
+        else:
+            weights = batch.question_mask.double()
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        prompt_total += torch.einsum("bs,lbsd->ld", weights, stacked)
+        if answer is not None:
+            offset = batch.answer_mask.long().cumsum(dim=1) - 1
+            n_answer = int(batch.answer_mask.sum(dim=1).min())
+            n_answer = n_answer if answer_total is None else min(answer_total.shape[1], n_answer)
+            sums = torch.stack([stacked[:, batch.answer_mask & (offset == k)].sum(dim=1) for k in range(n_answer)], dim=1)
+            answer_total = sums if answer_total is None else answer_total[:, :n_answer] + sums
+    prompt_mean = parallel.sum(prompt_total) / len(questions)
+    if answer is None:
+        return prompt_mean, None
+    n_answer = min(n for n in parallel.gather(None if answer_total is None else answer_total.shape[1]) if n is not None)
+    if answer_total is None:
+        answer_total = torch.zeros(len(names), n_answer, bridge.cfg.d_model, dtype=torch.float64)
+    return prompt_mean, parallel.sum(answer_total[:, :n_answer].contiguous()) / len(questions)
+
+
 def mean_residuals(
     bridge: TransformerBridge,
     questions: list[str],
@@ -92,30 +141,10 @@ def mean_residuals(
     desc: str | None = None,
     parallel: DataParallel = SINGLE,
 ) -> Float[torch.Tensor, "n_layers d_model"]:
-    """Mean of `blocks.l.hook_resid_post` over prompts (float64), at the last prompt token or
-    averaged over each prompt's question tokens; one pass per batch, stopped after the deepest layer.
-    With `parallel`, each rank runs its shard of the prompts and the totals are summed over ranks."""
-    if rule not in DIRECTION_RULES:
-        raise LunarError(f"unknown direction rule {rule!r}: use one of {', '.join(DIRECTION_RULES)}")
-    if not questions:
-        raise LunarError("cannot compute a mean residual over an empty set of prompts: give at least one question")
-    layers = list(range(n_layers(bridge))) if layers is None else layers
-    names = [resid_post(layer) for layer in layers]
-    total = torch.zeros(len(layers), bridge.cfg.d_model, dtype=torch.float64)
-    for batch in token_batches(bridge.tokenizer, parallel.shard(questions), batch_size=batch_size, desc=desc):
-        cache = capture(bridge, batch, names, stop_at_layer=max(layers) + 1)
-        if rule == "last":
-            weights = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
-            weights[torch.arange(len(weights)), batch.last_prompt_index] = 1.0
-        else:
-            weights = batch.question_mask.double()
-            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-        for i, name in enumerate(names):
-            total[i] += torch.einsum("bs,bsd->d", weights, cache[name].double().cpu())
-    return parallel.sum(total) / len(questions)
+    """The prompt means of `residual_means`."""
+    return residual_means(bridge, questions, rule, None, layers, batch_size, desc, parallel)[0]
 
 
-@torch.no_grad()
 def mean_answer_residuals(
     bridge: TransformerBridge,
     questions: list[str],
@@ -124,21 +153,8 @@ def mean_answer_residuals(
     desc: str | None = None,
     parallel: DataParallel = SINGLE,
 ) -> Float[torch.Tensor, "n_layers n_answer d_model"]:
-    """Mean `hook_resid_post` at each token of `answer` teacher-forced after every prompt (float64).
-    Rows whose answer tokenises longer are cut to the shortest (over all ranks with `parallel`)."""
-    names = [resid_post(layer) for layer in range(n_layers(bridge))]
-    total: torch.Tensor | None = None
-    shard = parallel.shard(questions)
-    for batch in token_batches(bridge.tokenizer, shard, [answer] * len(shard), batch_size, desc):
-        cache = capture(bridge, batch, names, stop_at_layer=len(names))
-        offset = batch.answer_mask.long().cumsum(dim=1) - 1
-        n_answer = int(batch.answer_mask.sum(dim=1).min()) if total is None else min(total.shape[1], int(batch.answer_mask.sum(dim=1).min()))
-        stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
-        sums = torch.stack([stacked[:, batch.answer_mask & (offset == k)].sum(dim=1) for k in range(n_answer)], dim=1)
-        total = sums if total is None else total[:, :n_answer] + sums
-    n_answer = min(n for n in parallel.gather(None if total is None else total.shape[1]) if n is not None)
-    total = torch.zeros(len(names), n_answer, bridge.cfg.d_model, dtype=torch.float64) if total is None else total[:, :n_answer]
-    return parallel.sum(total.contiguous()) / len(questions)
+    """The per-answer-token means of `residual_means`."""
+    return residual_means(bridge, questions, "last", answer, None, batch_size, desc, parallel)[1]
 
 
 def compute_directions(
@@ -154,15 +170,14 @@ def compute_directions(
     """Unanswerability directions for every layer (not normalised, as in the release); with `refusal`,
     also one per token of that refusal, teacher-forced after reference and forget prompts alike.
     With `parallel` (every rank passes the whole sets), each rank runs its shard of the prompts."""
-    def desc(name: str) -> str | None:
-        return f"{name} activations" if progress else None
+    def means(questions: list[str], name: str):
+        desc = f"{name} activations" if progress else None
+        return residual_means(bridge, questions, rule, refusal or None, None, batch_size, desc, parallel)
 
-    reference = mean_residuals(bridge, reference_questions, rule, batch_size=batch_size, desc=desc("reference"), parallel=parallel)
-    forget = mean_residuals(bridge, forget_questions, rule, batch_size=batch_size, desc=desc("forget"), parallel=parallel)
+    reference, answer_reference = means(reference_questions, "reference")
+    forget, answer_forget = means(forget_questions, "forget")
     answer = None
     if refusal:
-        answer_reference = mean_answer_residuals(bridge, reference_questions, refusal, batch_size, desc("reference+refusal"), parallel)
-        answer_forget = mean_answer_residuals(bridge, forget_questions, refusal, batch_size, desc("forget+refusal"), parallel)
         n_answer = min(answer_reference.shape[1], answer_forget.shape[1])
         answer = (answer_reference[:, :n_answer] - answer_forget[:, :n_answer]).float()
     return Directions((reference - forget).float(), rule, len(reference_questions), len(forget_questions), answer_vectors=answer)

@@ -98,6 +98,8 @@ def test_answer_directions_equal_a_slow_reference(bridge):
     assert fast.shape == slow.shape
     assert torch.allclose(fast, slow / len(QUESTIONS), atol=1e-5)
     directions = compute_directions(bridge, QUESTIONS[:2], QUESTIONS[2:], refusal=refusal)
+    # one pass with the refusal appended gives the prompt direction too (causal: prompt positions unchanged)
+    assert torch.allclose(directions.vectors, compute_directions(bridge, QUESTIONS[:2], QUESTIONS[2:]).vectors, atol=1e-5)
     table = directions.shift_table(1, 3.0)
     assert table.shape == (1 + fast.shape[1], bridge.cfg.d_model)
     assert torch.allclose(table[0], 3.0 * directions[1])
