@@ -251,14 +251,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> tuple[list[int], float, str]:
     """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json`."""
-    from lunar_lens.pipeline import REPORT_NAME, parse_layers
+    from lunar_lens.pipeline import REPORT_NAME, earlier_request, parse_layers
 
-    path = Path(model_dir) / REPORT_NAME
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    report = earlier_request(model_dir)
     layers = parse_layers(layer) if layer else report.get("layers")
     coeff = coeff if coeff is not None else report.get("coeff")
     if not layers or coeff is None:
-        raise LunarError(f"{path} does not give the edited layers and coefficient: pass --layer N and --coeff C")
+        raise LunarError(f"{Path(model_dir) / REPORT_NAME} does not give the edited layers and coefficient: pass --layer N and --coeff C")
     return list(layers), float(coeff), report.get("settings", {}).get("direction_rule", "last")
 
 

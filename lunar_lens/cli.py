@@ -22,6 +22,20 @@ COMMANDS = {
 }
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "cpu or cuda", dtype_help: str = "in-memory dtype") -> None:
+    """`--device` and `--dtype`, the same for every command that loads a model."""
+    parser.add_argument("--device", default="cpu", help=device_help)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
+
+
+def parse_numbers(text: str, kind: type, flag: str, what: str = "a comma-separated list of numbers", example: str = "1,2,4") -> list:
+    """`--flag 1,2,4` → [1, 2, 4]; anything else is a one-line error naming the flag and an example."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LunarError(f"{flag} {text!r} is not {what} (e.g. {flag} {example})") from None
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lunar-lens", description="LUNAR unlearning on TransformerLens hook points.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -14,6 +14,7 @@ from statistics import fmean
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens import metrics
+from lunar_lens.cli import add_device_arguments
 from lunar_lens.data import QA, load_qa, load_refusals
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
@@ -147,8 +148,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longer answers are cut (and score lower recall)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation and scoring batch")
     parser.add_argument("--refusals", help="reference refusal responses, one per line (refusal detection by similarity)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(parser)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
+from lunar_lens.cli import add_device_arguments
 from lunar_lens.errors import LunarError
 from lunar_lens.model import load_model, w_out_parameter, w_out_tensor_name
 from lunar_lens.patches import (
@@ -214,10 +215,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
     parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="in-memory dtype (the file keeps the source's)"
-    )
+    add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
     parser.set_defaults(func=run_cli)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, shared_prefix_length, shift_index
+from lunar_lens.cli import add_device_arguments, parse_numbers
 from lunar_lens.data import QA
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.edit import EditSettings, collect_statistics, refusal_text
@@ -651,13 +652,6 @@ def save_localisation(loc: Localisation, out_dir: str | Path) -> dict[str, Path]
 
 # ---------------------------------------------------------------- command line
 
-def _numbers(text: str, kind: type, flag: str) -> list:
-    try:
-        return [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise LunarError(f"{flag} {text!r} is not a comma-separated list of numbers (e.g. {flag} 1,2,4)") from None
-
-
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "localise",
@@ -673,8 +667,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", default=None, help="comma-separated layers to probe (default: all)")
     parser.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS), help="comma-separated coefficients c")
     parser.add_argument("--max-prompts", type=int, default=LocaliseSettings.max_prompts, help="prompts per set (evenly spread)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    add_device_arguments(parser)
     parser.set_defaults(func=run_cli)
 
 
@@ -685,8 +678,8 @@ def run_cli(args: argparse.Namespace) -> None:
     bridge = load_model(args.model, args.device, args.dtype)
     forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
     retain = check_disjoint(forget, retain)
-    layers = None if args.layers is None else _numbers(args.layers, int, "--layers")
-    coeffs = _numbers(args.coeffs, float, "--coeffs")
+    layers = None if args.layers is None else parse_numbers(args.layers, int, "--layers")
+    coeffs = parse_numbers(args.coeffs, float, "--coeffs")
     loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
     paths = save_localisation(loc, args.out)
     print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.cli import add_device_arguments, parse_numbers
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.edit import EditResult, EditSettings, directions_for, edit_layers
@@ -53,10 +54,7 @@ def parse_layers(text: str) -> list[int] | None:
     """`auto` → None, else a comma-separated list of layer indices."""
     if text == "auto":
         return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise LunarError(f"--layer {text!r} is not 'auto' or a comma-separated list of layer numbers (e.g. 3 or 2,3)") from None
+    return parse_numbers(text, int, "--layer", "'auto' or a comma-separated list of layer numbers", "3 or 2,3")
 
 
 def unlearn(
@@ -158,10 +156,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--solver", default="closed", choices=["closed", "adamw", "lora"])
     parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
     parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per process)")
+    add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
     parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
     parser.add_argument("--batch-size", type=int, default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.set_defaults(func=run_cli)
@@ -193,7 +190,7 @@ def parse_device_map(text: str | None) -> str | dict | None:
 
 
 def _parse_coeff(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise LunarError(f"--coeff {text!r} is not 'auto' or a number (e.g. 4.0)") from None
+    values = parse_numbers(text, float, "--coeff", "'auto' or a number", "4.0")
+    if len(values) != 1:
+        raise LunarError(f"--coeff {text!r} is not 'auto' or a number (e.g. --coeff 4.0)")
+    return values[0]
