@@ -104,9 +104,9 @@ def evaluate_sets(
         for sample, reference, rouge1 in zip(samples[name], references, rouge["rouge1"]):
             sample |= {"reference": reference, "rouge1": rouge1}
         if model_metrics:
-            ranks = metrics.answer_token_ranks(bridge, questions, references, batch_size)
+            ranks, perplexity = metrics.answer_token_scores(bridge, questions, references, batch_size)
             scores[name] |= {key: fmean(values) for key, values in metrics.rank_metrics(ranks).items()}
-            scores[name]["perplexity"] = fmean(metrics.answer_perplexity(bridge, questions, references, batch_size))
+            scores[name]["perplexity"] = fmean(perplexity)
     deviation = None
     if "rouge1" in scores.get("forget", {}) and "rouge1" in scores.get("retain", {}):
         deviation = metrics.deviation_score(scores["forget"]["rouge1"], scores["retain"]["rouge1"])

@@ -155,6 +155,19 @@ def _nll(logits: Float[torch.Tensor, "n vocab"], gold: Int[torch.Tensor, " n"]) 
     return F.cross_entropy(logits, gold, reduction="none")
 
 
+def _rank_and_nll(logits: Float[torch.Tensor, "n vocab"], gold: Int[torch.Tensor, " n"]) -> Float[torch.Tensor, "n 2"]:
+    return torch.stack([_rank(logits, gold).double(), _nll(logits, gold).double()], dim=1)
+
+
+def answer_token_scores(
+    model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32
+) -> tuple[list[Int[torch.Tensor, " _answer"]], list[float]]:
+    """Per example, from one teacher-forced pass: the answer-token ranks (`answer_token_ranks`) and the
+    answer perplexity (`answer_perplexity`)."""
+    scores = _per_answer_token(model, questions, answers, batch_size, _rank_and_nll)
+    return [s[:, 0].long() for s in scores], [s[:, 1].mean().exp().item() for s in scores]
+
+
 def answer_token_ranks(
     model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32
 ) -> list[Int[torch.Tensor, " _answer"]]:

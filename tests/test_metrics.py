@@ -164,6 +164,8 @@ def test_hand_computed_model_metrics(bigram, batch_size):
     assert metrics.extraction_strength(*args, batch_size=batch_size) == pytest.approx([0.0, 1 / 3, 1.0])
     expected_ppl = [math.prod(p) ** (-1 / len(p)) for p in GOLD_P]  # 80^(1/4), 10^(1/3), …
     assert metrics.answer_perplexity(*args, batch_size=batch_size) == pytest.approx(expected_ppl, rel=1e-5)
+    one_pass_ranks, one_pass_ppl = metrics.answer_token_scores(*args, batch_size=batch_size)
+    assert [r.tolist() for r in one_pass_ranks] == GOLD_RANKS and one_pass_ppl == pytest.approx(expected_ppl, rel=1e-5)
 
 
 def test_extraction_strength_counts_the_prefix_up_to_the_last_miss(bigram):
