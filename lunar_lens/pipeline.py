@@ -41,7 +41,7 @@ def earlier_request(model_dir: str | Path | None) -> dict:
 def direction_model(bridge: TransformerBridge, earlier: dict, device: str, dtype: str) -> TransformerBridge:
     """The model directions are read from: the unedited base of an earlier request when its folder is
     still there (measured: on the edited model the second request's direction redirects only part of its
-    forget set — refusal 0.67 vs 1.00 on the toy world), else the model itself."""
+    forget set — refusal 0.79 vs 1.00 on the toy world, experiments/sequential_requests.py), else the model itself."""
     base = earlier.get("base_model")
     if base and Path(base).is_dir():
         return load_model(base, device=device, dtype=dtype)
