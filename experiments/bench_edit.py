@@ -8,7 +8,7 @@ localisation sweep's cost relative to one edit.
 - **release**: `experiments/release_recipe.py` — directions in batches of 32 through the full model, then
   six full-depth passes at batch size 1 (three per forget prompt, three per retain prompt), then 20 epochs
   of AdamW (lr 1e-2, ExponentialLR 0.9, batches of 64 rows), c = 2 on every forget position.
-- **lens**: `compute_directions` (batched) and `edit_layers` with the release's objective
+- **lens**: `compute_directions` (batched, stopped after the edited layer) and `edit_layers` with the release's objective
   (`positions="all"`, c = 2, retain prompts without answers): batched passes truncated at the edited layer,
   streamed statistics, the exact solver.
 - **localise**: `localise` (every probe on every layer, the edit check) against one edit made with the
@@ -128,7 +128,8 @@ def worker_lens(layer: int, forget: list, retain: list, reference: list) -> dict
     def edit(forget: list, retain: list, reference: list) -> dict:
         started = time.perf_counter()
         directions = compute_directions(
-            bridge, [qa.question for qa in forget], [qa.question for qa in reference], batch_size=settings.batch_size
+            bridge, [qa.question for qa in forget], [qa.question for qa in reference], batch_size=settings.batch_size,
+            deepest_layer=layer,
         )
         seconds_directions = time.perf_counter() - started
         report = edit_layers(bridge, forget, retain, reference, [layer], settings, directions=directions).layers[0]

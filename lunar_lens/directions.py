@@ -35,13 +35,23 @@ class Directions:
     def shift_table(self, layer: int, coeff: float) -> Float[torch.Tensor, "n_shifts d_model"]:
         """coeff × [r_l, r_l(answer token 0), r_l(answer token 1), …]: row j is the shift of
         `activations.shift_index` j."""
+        self.check_layer(layer)
         rows = [self.vectors[layer : layer + 1]]
         if self.answer_vectors is not None:
             rows.append(self.answer_vectors[layer])
         return coeff * torch.cat(rows)
 
     def __getitem__(self, layer: int) -> Float[torch.Tensor, "d_model"]:
+        self.check_layer(layer)
         return self.vectors[layer]
+
+    def check_layer(self, layer: int) -> None:
+        """Fail clearly when the directions stop before `layer` (computed with a shallower `deepest_layer`)."""
+        if not 0 <= layer < len(self.vectors):
+            raise LunarError(
+                f"these directions cover layers 0..{len(self.vectors) - 1}, not layer {layer}: "
+                "compute them with deepest_layer >= the deepest layer you edit"
+            )
 
     @property
     def norms(self) -> list[float]:
@@ -166,13 +176,19 @@ def compute_directions(
     progress: bool = False,
     refusal: str | None = None,
     parallel: DataParallel = SINGLE,
+    deepest_layer: int | None = None,
 ) -> Directions:
     """Unanswerability directions for every layer (not normalised, as in the release); with `refusal`,
     also one per token of that refusal, teacher-forced after reference and forget prompts alike.
-    With `parallel` (every rank passes the whole sets), each rank runs its shard of the prompts."""
+    With `deepest_layer`, only layers 0..deepest_layer (the passes stop there). With `parallel` (every
+    rank passes the whole sets), each rank runs its shard of the prompts."""
+    last = n_layers(bridge) - 1 if deepest_layer is None else deepest_layer
+    if not 0 <= last < n_layers(bridge):
+        raise LunarError(f"deepest_layer {deepest_layer} is outside the model's layers 0..{n_layers(bridge) - 1}")
+
     def means(questions: list[str], name: str):
         desc = f"{name} activations" if progress else None
-        return residual_means(bridge, questions, rule, refusal or None, None, batch_size, desc, parallel)
+        return residual_means(bridge, questions, rule, refusal or None, list(range(last + 1)), batch_size, desc, parallel)
 
     reference, answer_reference = means(reference_questions, "reference")
     forget, answer_forget = means(forget_questions, "forget")

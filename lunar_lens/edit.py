@@ -124,14 +124,16 @@ def directions_for(
     settings: EditSettings,
     progress: bool = False,
     parallel: DataParallel = SINGLE,
+    deepest_layer: int | None = None,
 ) -> Directions:
-    """The directions an edit with `settings` needs (per refusal token too, for `+answer` rules)."""
+    """The directions an edit with `settings` needs (per refusal token too, for `+answer` rules), for
+    layers 0..`deepest_layer` (default: all)."""
     if not reference:
         raise LunarError("the reference set is empty: give questions the model already declines")
     refusal = refusal_text(reference, settings) if settings.positions.endswith("+answer") else None
     return compute_directions(
         bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
-        settings.batch_size, progress, refusal=refusal, parallel=parallel,
+        settings.batch_size, progress, refusal=refusal, parallel=parallel, deepest_layer=deepest_layer,
     )
 
 
@@ -166,7 +168,7 @@ def edit_layers(
     refusal = refusal_text(reference, settings)
     with_answer = settings.positions.endswith("+answer")
     if directions is None:
-        directions = directions_for(bridge, forget, reference, settings, progress, parallel)
+        directions = directions_for(bridge, forget, reference, settings, progress, parallel, deepest_layer=layers[-1])
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
     result = EditResult([], directions)

@@ -105,6 +105,19 @@ def test_answer_directions_equal_a_slow_reference(bridge):
     assert torch.allclose(table[0], 3.0 * directions[1])
 
 
+def test_directions_stop_at_the_deepest_layer(bridge):
+    refusal = "I don't know."
+    full = compute_directions(bridge, QUESTIONS[:2], QUESTIONS[2:], refusal=refusal)
+    shallow = compute_directions(bridge, QUESTIONS[:2], QUESTIONS[2:], refusal=refusal, deepest_layer=0)
+    assert shallow.vectors.shape == (1, bridge.cfg.d_model)
+    assert torch.allclose(shallow.vectors, full.vectors[:1], atol=1e-6)
+    assert torch.allclose(shallow.shift_table(0, 2.0), full.shift_table(0, 2.0), atol=1e-5)
+    with pytest.raises(LunarError, match="cover layers 0..0, not layer 1"):
+        shallow.shift_table(1, 2.0)
+    with pytest.raises(LunarError, match="outside the model's layers"):
+        compute_directions(bridge, QUESTIONS[:2], QUESTIONS[2:], deepest_layer=bridge.cfg.n_layers)
+
+
 def test_token_batches_cover_every_question(toy_tokenizer):
     batches = list(token_batches(toy_tokenizer, QUESTIONS, batch_size=2))
     assert [len(b.input_ids) for b in batches] == [2, 2, 1]
