@@ -12,7 +12,8 @@ from lunar_lens.errors import LunarError
 from lunar_lens.model import load_model, load_tokenizer
 from lunar_lens.prompts import format_prompt, tokenize
 from lunar_lens.toyworld import REFUSAL, build_world, checkpoint_path
-from lunar_lens.toyworld.train import build_tokenizer, score_toy_model, train_toy_model
+from lunar_lens.qa_model import score_qa_model
+from lunar_lens.toyworld.train import build_tokenizer, train_toy_model
 
 NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # no template word is capitalised right before a name
 
@@ -72,7 +73,7 @@ def test_shipped_checkpoint_answers_facts_and_refuses_unknowns(world, toy_bridge
     assert toy_bridge.cfg.n_layers >= 4
     known = random.Random(0).sample(world.known_qa, 60)
     unknown = random.Random(0).sample(world.unknown_heldout_qa, 60)
-    scores = score_toy_model(toy_bridge, known, unknown)
+    scores = score_qa_model(toy_bridge, known, unknown)
     assert scores["rouge1_recall"] >= 0.95
     assert scores["refusal_rate"] >= 0.80
 

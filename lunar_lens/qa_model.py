@@ -1,0 +1,164 @@
+"""Train a small Llama from scratch on question–answer dialogues: a byte-level BPE tokenizer built on
+the dialogues, the model, a deterministic training loop (loss on answer tokens only), and scoring.
+
+The toy world's model (`lunar_lens.toyworld.train`) and the real-data experiments
+(`experiments/finetune.py`: TOFU, PISTOL) are trained with it. Training runs with
+`torch.use_deterministic_algorithms`, so a seed reproduces a checkpoint on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.data import QA
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.prompts import tokenize
+
+USER, ASSISTANT = "User: ", "Assistant:\n"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}" + USER + "{{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def dialogue_text(qa: QA) -> str:
+    """One training dialogue as plain text (what the tokenizer is trained on)."""
+    return f"{USER}{qa.question}\n{ASSISTANT}{qa.answer}"
+
+
+def build_tokenizer(examples: Sequence[QA], vocab_size: int, max_length: int = 128) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the dialogues of `examples`, with special tokens and the chat template."""
+    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([dialogue_text(qa) for qa in examples], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=max_length,
+        **SPECIAL_TOKENS,
+    )
+
+
+def model_config(tokenizer: PreTrainedTokenizerBase, shape: dict) -> LlamaConfig:
+    """A Llama config for `tokenizer` with `shape` (hidden_size, intermediate_size, num_hidden_layers, …)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        **shape,
+    )
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def train_qa_model(
+    out_dir: str | Path,
+    examples: Sequence[QA],
+    tokenizer: PreTrainedTokenizerFast,
+    shape: dict,
+    seed: int = 0,
+    steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    desc: str = "training",
+) -> Path:
+    """Train a Llama of `shape` from scratch on `examples` (loss on answer tokens), save it with `tokenizer`."""
+    if not examples or any(qa.answer is None for qa in examples):
+        raise LunarError("training needs question–answer pairs: every example must have an answer")
+    tokenizer.padding_side = "left"
+    data = tokenize(tokenizer, [qa.question for qa in examples], [qa.answer for qa in examples])
+    if data.input_ids.shape[1] > tokenizer.model_max_length:
+        raise LunarError(
+            f"the longest dialogue is {data.input_ids.shape[1]} tokens, over the model's {tokenizer.model_max_length}: "
+            "raise max_length or drop long examples"
+        )
+    labels = data.input_ids.masked_fill(~data.answer_mask, -100)
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(model_config(tokenizer, shape))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup=min(100, steps)))
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.empty(0, dtype=torch.long)
+        model.train()
+        bar = tqdm(range(steps), desc=desc, disable=not progress)
+        for _ in bar:
+            if len(order) < batch_size:
+                order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
+            rows, order = order[:batch_size], order[batch_size:]
+            mask = data.attention_mask[rows]
+            first = int(mask.any(dim=0).nonzero()[0])  # drop columns that are padding in every row
+            loss = model(
+                input_ids=data.input_ids[rows, first:], attention_mask=mask[:, first:], labels=labels[rows, first:]
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequence[QA], max_new_tokens: int = 32) -> dict[str, float]:
+    """Greedy ROUGE-1 recall and exact-match rate on `known`, refusal rate on `unknown`."""
+    answers = generate_answers(bridge, [qa.question for qa in known], max_new_tokens=max_new_tokens)
+    refusals = generate_answers(bridge, [qa.question for qa in unknown], max_new_tokens=max_new_tokens)
+    references = [qa.answer for qa in known]
+    recall = rouge_recall(answers, references)["rouge1"]
+    return {
+        "rouge1_recall": sum(recall) / len(recall),
+        "exact_match": sum(a == r for a, r in zip(answers, references)) / len(references),
+        "refusal_rate": refusal_rate(refusals),
+    }
