@@ -3,7 +3,7 @@
 Sources (`load_qa`): `.json` (an array of records, an object holding one such array, or JSON lines
 saved as `.json`, which is what TOFU ships), `.jsonl`, `.csv`, `.txt` (one question per line), a folder
 written by `datasets.Dataset.save_to_disk`, any other folder (a `datasets` data folder), or else a
-Hugging Face hub name. Fields: the question is `question`, else `instruction`, else `prompt`; the
+Hugging Face hub name (`owner/name:config` picks a configuration, e.g. `locuslab/TOFU:forget10`). Fields: the question is `question`, else `instruction`, else `prompt`; the
 answer is `answer`, else `response`, else `output`; PISTOL records also carry an `edge`.
 
 Policies:
@@ -186,10 +186,12 @@ def _folder_rows(path: Path, split: str) -> list[Row]:
 
 
 def _load_dataset(name: str, split: str) -> Any:
+    """A `datasets` folder or hub dataset; `owner/name:config` picks a configuration (locuslab/TOFU:forget10)."""
     import datasets
 
+    path, _, config = name.partition(":") if not Path(name).exists() else (name, "", "")
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(path, config or None, split=split)
     except (OSError, ValueError) as error:
         raise LunarError(
             f"{name!r} is not a file and not a reachable dataset on the hub ({type(error).__name__}: {error}): check the path"

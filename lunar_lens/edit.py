@@ -4,6 +4,7 @@ direction by changing only W_out, keeping retain-set outputs where they are."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -73,8 +74,8 @@ def refusal_text(reference: Sequence[QA], settings: EditSettings) -> str:
     common answer, else "I don't know."."""
     if settings.refusal:
         return settings.refusal
-    answers = [qa.answer for qa in reference if qa.answer]
-    return max(set(answers), key=answers.count) if answers else DEFAULT_REFUSAL
+    answers = Counter(qa.answer for qa in reference if qa.answer)
+    return answers.most_common(1)[0][0] if answers else DEFAULT_REFUSAL  # ties: the first seen
 
 
 def collect_statistics(

@@ -157,6 +157,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
     parser.add_argument("--positions", default=EditSettings.positions, help="forget positions redirected (see lunar_lens.activations)")
     parser.add_argument("--solver", default="closed", choices=["closed", "adamw", "lora"])
+    parser.add_argument(
+        "--no-retain-answers", action="store_true",
+        help="keep retain prompts only, not their teacher-forced answers (the released recipe's objective)",
+    )
     parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
     parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
     add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
@@ -170,7 +174,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     coeff = None if args.coeff == "auto" else _parse_coeff(args.coeff)
     settings = EditSettings(
-        positions=args.positions, solver=args.solver, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
+        positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
     )
     outcome = unlearn(
         args.model, args.forget, args.retain, args.reference, args.out, parse_layers(args.layer), coeff, settings,

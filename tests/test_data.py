@@ -74,6 +74,21 @@ def test_data_folder(tmp_path, monkeypatch):
     assert load_qa(folder) == PAIRS
 
 
+def test_hub_name_with_a_configuration(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"question": "Who wrote Hamlet?", "answer": "Shakespeare."}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_qa("locuslab/TOFU:forget10") == [QA("Who wrote Hamlet?", "Shakespeare.")]
+    load_qa("locuslab/TOFU")
+    assert calls == [("locuslab/TOFU", "forget10", "train"), ("locuslab/TOFU", None, "train")]
+
+
 def test_hub_name_failure_is_clean(monkeypatch):
     import datasets
 

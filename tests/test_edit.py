@@ -100,3 +100,13 @@ def test_toy_world_forgets_the_forget_set_and_keeps_the_rest(fresh_toy_bridge, w
     assert after.scores["retain"]["rouge1"] >= 0.95
     assert after.deviation_score <= 15
     assert all(sample["answer"] == "I don't know." for sample in after.samples["forget"][:5])
+
+
+def test_refusal_text_is_the_most_common_reference_answer_first_seen_on_ties():
+    from lunar_lens.edit import refusal_text
+
+    reference = [QA("a?", "No idea."), QA("b?", "I can't say."), QA("c?", "I can't say."), QA("d?", "No idea.")]
+    assert refusal_text(reference, EditSettings()) == "No idea."
+    assert refusal_text(reference[1:], EditSettings()) == "I can't say."
+    assert refusal_text([QA("e?")], EditSettings()) == "I don't know."
+    assert refusal_text(reference, EditSettings(refusal="Sorry.")) == "Sorry."
