@@ -1,13 +1,16 @@
-"""Exhaustive layer × coefficient sweep of the W_out edit on the toy world, against the automatic
-choice (`--layer auto --coeff auto`, `lunar_lens.localise.choose_layer_and_coeff`).
+"""Exhaustive layer × coefficient sweep of the W_out edit on the toy world (or any model and sets),
+against the automatic choice (`--layer auto --coeff auto`, `lunar_lens.localise.choose_layer_and_coeff`).
 
     .venv/bin/python experiments/sweep_layers.py [--entities 2] [--coeffs 1,2,3,4,6,8] [--retain-eval 192]
+    .venv/bin/python experiments/sweep_layers.py --name pistol --model experiments/runs/pistol/model \
+        --forget experiments/runs/pistol/sets/forget.json --retain experiments/runs/pistol/sets/retain.json \
+        --reference experiments/runs/pistol/sets/reference.json
 
 For every layer and c: edit a freshly loaded model (default `EditSettings` otherwise, full retain set
 kept), answer forget and retain questions greedily, and score ROUGE-1 recall and the Deviation Score.
 Retain answers are scored on an evenly spread subsample (`--retain-eval`) to keep the run to minutes;
-the edit itself keeps the whole retain set. Writes experiments/results/sweep_layers.json and
-figures/sweep_layers.png, and prints a markdown table.
+the edit itself keeps the whole retain set. Writes experiments/results/sweep_layers[_NAME].json and
+figures/sweep_layers[_NAME].png, and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -24,18 +27,18 @@ from lunar_lens.directions import compute_directions
 from lunar_lens.edit import EditSettings, edit_layers, refusal_text
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.figures import heatmap, new_figure, save
+from lunar_lens.data import check_disjoint, load_qa
 from lunar_lens.localise import DEFAULT_COEFFS, choose_layer_and_coeff, save_localisation, spread
 from lunar_lens.model import load_model, n_layers
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-FIGURE = ROOT / "figures" / "sweep_layers.png"
 
 
-def evaluate_edit(forget, retain, reference, retain_eval, directions, layer: int, coeff: float) -> dict:
-    """Edit a fresh copy of the toy model at `layer` with c = `coeff` and score it."""
-    bridge = load_model(checkpoint_path())
+def evaluate_edit(model, forget, retain, reference, retain_eval, directions, layer: int, coeff: float) -> dict:
+    """Edit a fresh copy of `model` at `layer` with c = `coeff` and score it."""
+    bridge = load_model(model)
     edit_layers(bridge, forget, retain, reference, [layer], replace(EditSettings(), coeff=coeff), directions=directions)
     evaluation = evaluate_sets(bridge, {"forget": forget, "retain": retain_eval}, model_metrics=False)
     scores = evaluation.scores
@@ -57,7 +60,7 @@ def spearman(ranking: list[int], other: list[int]) -> float:
     return 1 - 6 * gaps / (n * (n * n - 1))
 
 
-def plot(rows: list[dict], layers: list[int], coeffs: list[float], best: dict, auto: dict) -> Path:
+def plot(rows: list[dict], layers: list[int], coeffs: list[float], best: dict, auto: dict, title: str, path: Path) -> Path:
     figure, axes = new_figure(1, 3, panel=(4.6, 3.4))
     cell = {(r["layer"], r["coeff"]): r for r in rows}
     marks = {
@@ -73,9 +76,9 @@ def plot(rows: list[dict], layers: list[int], coeffs: list[float], best: dict, a
         values = [[cell[(layer, coeff)][key] for coeff in coeffs] for layer in layers]
         heatmap(ax, values, [str(layer) for layer in layers], [f"{c:g}" for c in coeffs], title=title,
                 xlabel="coefficient c", ylabel="edited layer", colorbar=label, cmap=cmap, fmt=fmt, marks=marks)
-    figure.suptitle(f"W_out edit on the toy world, every layer × c (auto: layer {auto['layer']}, c = {auto['coeff']:g}, "
+    figure.suptitle(f"W_out edit on {title}, every layer × c (auto: layer {auto['layer']}, c = {auto['coeff']:g}, "
                     f"DS {auto['deviation_score']:.1f}; best DS {best['deviation_score']:.1f})")
-    return save(figure, FIGURE)
+    return save(figure, path)
 
 
 def main() -> None:
@@ -84,27 +87,40 @@ def main() -> None:
     parser.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS))
     parser.add_argument("--retain-eval", type=int, default=192, help="retain questions scored (evenly spread)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--name", help="suffix of the output files (with --model and the three sets)")
+    parser.add_argument("--model", help="model folder (default: the toy world's)")
+    for name in ("forget", "retain", "reference"):
+        parser.add_argument(f"--{name}", help=f"{name} set (with --model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    world = build_world(0)
-    forget, retain, reference = world.split(world.entities[: args.entities])
+    if args.model:
+        if not (args.name and args.forget and args.retain and args.reference):
+            parser.error("--model needs --name, --forget, --retain and --reference")
+        model, title = args.model, args.name
+        forget, reference = load_qa(args.forget), load_qa(args.reference)
+        retain = check_disjoint(forget, load_qa(args.retain))
+    else:
+        world = build_world(0)
+        forget, retain, reference = world.split(world.entities[: args.entities])
+        model, title = checkpoint_path(), "the toy world"
+    suffix = f"_{args.name}" if args.name else ""
     retain_eval = spread(retain, args.retain_eval)
     coeffs = [float(c) for c in args.coeffs.split(",")]
 
-    bridge = load_model(checkpoint_path())
+    bridge = load_model(model)
     layers = list(range(n_layers(bridge)))
     refusal = refusal_text(reference, EditSettings())
     directions = compute_directions(bridge, [qa.question for qa in forget], [qa.question for qa in reference], refusal=refusal)
     auto_layers, auto_coeff, localisation = choose_layer_and_coeff(bridge, forget, retain, reference, coeffs=coeffs, directions=directions)
-    save_localisation(localisation, RESULTS / "sweep_layers_localisation")
+    save_localisation(localisation, RESULTS / f"sweep_layers{suffix}_localisation")
     seconds_localise = time.perf_counter() - started
 
     rows = []
     print("| layer | c | forget R1 | retain R1 | forget refusal | DS | first forget answer |\n|---|---|---|---|---|---|---|")
     for layer in layers:
         for coeff in coeffs:
-            row = evaluate_edit(forget, retain, reference, retain_eval, directions, layer, coeff)
+            row = evaluate_edit(model, forget, retain, reference, retain_eval, directions, layer, coeff)
             rows.append(row)
             print(f"| {layer} | {coeff:g} | {row['forget_rouge1']:.3f} | {row['retain_rouge1']:.3f} | {row['forget_refusal']:.2f} | "
                   f"{row['deviation_score']:.1f} | {row['forget_sample']!r} |", flush=True)
@@ -129,8 +145,8 @@ def main() -> None:
         "sizes": {"forget": len(forget), "retain_edit": len(retain), "retain_eval": len(retain_eval), "reference": len(reference)},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sweep_layers.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
-    plot(rows, layers, coeffs, best, auto)
+    (RESULTS / f"sweep_layers{suffix}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    plot(rows, layers, coeffs, best, auto, title, ROOT / "figures" / f"sweep_layers{suffix}.png")
     print(f"best: layer {best['layer']}, c = {best['coeff']:g}, DS {best['deviation_score']:.1f}; "
           f"auto: layer {auto['layer']}, c = {auto['coeff']:g}, DS {auto['deviation_score']:.1f} "
           f"(gap {gap:.1f}, {'within' if passed else 'NOT within'} 10% / 2 points); sweep ranking {sweep_ranking}, "

@@ -190,7 +190,8 @@ def run_attacks(
     """Forget ROUGE-1 and refusal rate of `bridge` (edited at `layers` with shift coeff·r_l) under each
     attack, with `recovered` = the gain in forget ROUGE-1 over no attack. Model attacks also report
     retain ROUGE-1 when `retain` is given (an attack that breaks the model recovers nothing useful);
-    with `base`, a `base` row gives the ROUGE-1 there was to recover."""
+    with `base`, a `base` row gives the ROUGE-1 there was to recover, and each question attack its
+    `base_forget_rouge1` (a paraphrase the base model does not answer has nothing to recover)."""
     if any(qa.answer is None for qa in forget):
         raise LunarError("the forget set needs answers to measure what an attack recovers: give question/answer records")
     score = partial(evaluate_sets, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, model_metrics=False, refusals=refusals)
@@ -212,6 +213,8 @@ def run_attacks(
             results[name] = _summary(score(bridge, sets))
     for name, questions in question_attacks.items():
         results[name] = _summary(score(bridge, {"forget": questions}))
+        if base is not None:  # what the attacked questions get from the base model: all there is to recover
+            results[name]["base_forget_rouge1"] = score(base, {"forget": questions}).scores["forget"]["rouge1"]
     for result in results.values():
         result["recovered"] = result["forget_rouge1"] - results["none"]["forget_rouge1"]
     return results
@@ -274,7 +277,10 @@ def run_cli(args: argparse.Namespace) -> None:
     base = load_model(args.base, device=args.device, dtype=args.dtype)
     for layer in layers:
         check_layer(model, layer)
-    directions = compute_directions(base, [qa.question for qa in forget], [qa.question for qa in reference], rule, args.batch_size, progress=True)
+    directions = compute_directions(
+        base, [qa.question for qa in forget], [qa.question for qa in reference], rule, args.batch_size, progress=True,
+        deepest_layer=max(layers),
+    )
     results = run_attacks(
         model, forget, layers, directions, coeff, retain, paraphrases, base,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True, refusals=refusals,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -82,6 +83,15 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
+def _length_buckets(
+    epoch: Int[torch.Tensor, "n"], lengths: Int[torch.Tensor, "n"], batch_size: int, generator: torch.Generator
+) -> Int[torch.Tensor, "n"]:
+    """`epoch` (a permutation) regrouped into batches of similar length, the batches in random order."""
+    by_length = epoch[torch.argsort(lengths[epoch], stable=True)]
+    batches = list(by_length.split(batch_size))
+    return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator)])
+
+
 def train_qa_model(
     out_dir: str | Path,
     examples: Sequence[QA],
@@ -94,8 +104,12 @@ def train_qa_model(
     max_new_tokens: int = 32,
     progress: bool = True,
     desc: str = "training",
+    device: str = "cpu",
+    length_buckets: bool = False,
 ) -> Path:
-    """Train a Llama of `shape` from scratch on `examples` (loss on answer tokens), save it with `tokenizer`."""
+    """Train a Llama of `shape` from scratch on `examples` (loss on answer tokens) on `device`, save it
+    with `tokenizer`. `length_buckets` batches examples of similar length (less padding; batches in
+    random order each epoch)."""
     if not examples or any(qa.answer is None for qa in examples):
         raise LunarError("training needs question–answer pairs: every example must have an answer")
     tokenizer.padding_side = "left"
@@ -106,12 +120,13 @@ def train_qa_model(
             "raise max_length or drop long examples"
         )
     labels = data.input_ids.masked_fill(~data.answer_mask, -100)
+    lengths = data.attention_mask.sum(dim=1)
 
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(model_config(tokenizer, shape))
+        model = LlamaForCausalLM(model_config(tokenizer, shape)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup=min(100, steps)))
         generator = torch.Generator().manual_seed(seed)
@@ -120,12 +135,17 @@ def train_qa_model(
         bar = tqdm(range(steps), desc=desc, disable=not progress)
         for _ in bar:
             if len(order) < batch_size:
-                order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
+                epoch = torch.randperm(len(examples), generator=generator)
+                if length_buckets:
+                    epoch = _length_buckets(epoch, lengths, batch_size, generator)
+                order = torch.cat([order, epoch])
             rows, order = order[:batch_size], order[batch_size:]
             mask = data.attention_mask[rows]
             first = int(mask.any(dim=0).nonzero()[0])  # drop columns that are padding in every row
             loss = model(
-                input_ids=data.input_ids[rows, first:], attention_mask=mask[:, first:], labels=labels[rows, first:]
+                input_ids=data.input_ids[rows, first:].to(device),
+                attention_mask=mask[:, first:].to(device),
+                labels=labels[rows, first:].to(device),
             ).loss
             optimizer.zero_grad()
             loss.backward()
@@ -136,7 +156,7 @@ def train_qa_model(
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
-    model.eval()
+    model.to("cpu").eval()
     model.generation_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=max_new_tokens,

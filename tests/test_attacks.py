@@ -157,6 +157,8 @@ def test_run_attacks_reports_every_attack_and_restores(bridge, batch):
         "base", "none", "layer_skip", "reverse_direction", "abliteration", "quantise_int8", "quantise_int4", "paraphrase", "prefix_injection",
     ]
     assert results["none"]["recovered"] == 0.0 and results["base"] == results["none"]  # the "base" here is the model itself
+    for name in ("paraphrase", "prefix_injection"):
+        assert results[name]["base_forget_rouge1"] == results[name]["forget_rouge1"]  # same model: same answers
     for name, result in results.items():
         assert 0 <= result["forget_rouge1"] <= 1 and 0 <= result["forget_refusal_rate"] <= 1
         assert ("retain_rouge1" in result) == (name not in {"paraphrase", "prefix_injection"})

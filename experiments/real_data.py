@@ -1,0 +1,239 @@
+"""What run_tofu.py and run_pistol.py share: fine-tune the model when the run folder has none, then for
+each forget request run, through the `lunar-lens` command line,
+
+1. `localise` (the layer profile figure) and `unlearn --layer auto --coeff auto` (lunar-lens);
+2. `unlearn` with the released recipe's settings at the same layer: every forget position shifted,
+   c = 2, AdamW, retain prompts without their answers (`--positions all --coeff 2 --solver adamw
+   --no-retain-answers`);
+3. `evaluate` (forget / retain / factual ROUGE-1, refusal rate, DS, MRR, before → after) and `attack`
+   on both edited models;
+
+and write the markdown tables (experiments/results/TASK.md, .json) and figures (figures/TASK_*.png).
+Every command's output is logged under RUN/REQUEST/*.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import finetune  # noqa: E402
+
+METHODS = {"lunar-lens": "lunar-lens (auto layer, auto c)", "release": "released settings (all positions, c = 2, AdamW)"}
+RELEASE_FLAGS = ["--coeff", "2", "--positions", "all", "--solver", "adamw", "--no-retain-answers"]
+ATTACKS = ("layer_skip", "reverse_direction", "abliteration", "quantise_int8", "quantise_int4", "paraphrase", "prefix_injection")
+
+
+@dataclass
+class Request:
+    """One unlearning request: set files under RUN/sets (paraphrases: TOFU's perturbed questions)."""
+
+    name: str
+    forget: Path
+    retain: Path
+    paraphrases: Path | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    parser.add_argument("--run", default=str(ROOT / "experiments" / "runs" / task), help="run folder (model, sets, outputs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per command")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every command")
+    parser.add_argument("--max-new-tokens", type=int, default=finetune.RECIPES[task].max_new_tokens)
+    parser.add_argument("--results", default=str(ROOT / "experiments" / "results" / f"{task}.md"), help="markdown tables to write")
+
+
+def ensure_model(task: str, args: argparse.Namespace, finetune_flags: list[str]) -> dict:
+    """RUN/finetune.json, training the model first when RUN/model is missing."""
+    run = Path(args.run)
+    if not (run / "model").exists():
+        finetune.finetune(finetune.build_parser().parse_args([task, "--out", str(run), "--threads", str(args.threads), "--device", args.device, *finetune_flags]))
+    return json.loads((run / "finetune.json").read_text())
+
+
+def lunar_lens(arguments: list[str], log: Path, threads: int) -> float:
+    """Run `python -m lunar_lens ARGUMENTS` (its output to `log`); seconds taken."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run([sys.executable, "-m", "lunar_lens", *arguments], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"lunar-lens {arguments[0]} failed (exit {done.returncode}); its output:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - started
+
+
+def run_request(request: Request, args: argparse.Namespace) -> dict:
+    """Localise, unlearn (lunar-lens and the released settings), evaluate and attack one request."""
+    run = Path(args.run)
+    sets, base, out = run / "sets", run / "model", run / request.name
+    out.mkdir(parents=True, exist_ok=True)
+    refusals = finetune.SHARED / "lunar" / "unlearning" / "refusal_response.txt"
+    data = ["--forget", str(request.forget), "--retain", str(request.retain), "--reference", str(sets / "reference.json")]
+    common = ["--device", args.device]
+    seconds = {"localise": lunar_lens(["localise", "--model", str(base), *data, "--out", str(out / "localise"), *common], out / "localise.log", args.threads)}
+    seconds["lunar-lens"] = lunar_lens(
+        ["unlearn", "--model", str(base), *data, "--out", str(out / "lunar-lens"), "--layer", "auto", "--coeff", "auto", "--force", *common],
+        out / "unlearn_lunar-lens.log", args.threads,
+    )
+    report = json.loads((out / "lunar-lens" / "lunar_report.json").read_text())
+    layer = ",".join(str(layer) for layer in report["layers"])
+    seconds["release"] = lunar_lens(
+        ["unlearn", "--model", str(base), *data, "--out", str(out / "release"), "--layer", layer, *RELEASE_FLAGS, "--force", *common],
+        out / "unlearn_release.log", args.threads,
+    )
+    results = {"layers": report["layers"], "coeff": report["coeff"], "seconds_cli": seconds, "methods": {}}
+    for method in METHODS:
+        model = out / method
+        edit = json.loads((model / "lunar_report.json").read_text())
+        evaluation, attacks = out / f"evaluate_{method}.json", out / f"attacks_{method}.json"
+        lunar_lens(
+            ["evaluate", "--model", str(model), "--base", str(base), "--forget", str(request.forget), "--retain", str(request.retain),
+             "--factual", str(sets / "factual.json"), "--refusals", str(refusals), "--max-new-tokens", str(args.max_new_tokens),
+             "--out", str(evaluation), *common],
+            out / f"evaluate_{method}.log", args.threads,
+        )
+        paraphrases = ["--paraphrases", str(request.paraphrases)] if request.paraphrases else []
+        lunar_lens(
+            ["attack", "--model", str(model), "--base", str(base), *data, *paraphrases, "--refusals", str(refusals),
+             "--max-new-tokens", str(args.max_new_tokens), "--out", str(attacks), *common],
+            out / f"attacks_{method}.log", args.threads,
+        )
+        results["methods"][method] = {
+            "coeff": edit["coeff"],
+            "seconds_edit": edit["timings_s"].get("edit"),
+            "seconds_localise": edit["timings_s"].get("localise"),
+            "evaluation": json.loads(evaluation.read_text()),
+            "attacks": json.loads(attacks.read_text())["attacks"],
+        }
+    return results
+
+
+# ---------------------------------------------------------------- tables and figures
+
+def _score(evaluation: dict, name: str, key: str) -> float | None:
+    return evaluation.get("scores", {}).get(name, {}).get(key)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """One row per request × (base, lunar-lens, released settings)."""
+    header = "| request | model | layer | c | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | forget MRR | DS ↓ |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, result in results.items():
+        first = result["methods"]["lunar-lens"]["evaluation"]["before"]
+        rows = [("base (fine-tuned)", "–", "–", first)] + [
+            (method, ",".join(map(str, result["layers"])), f"{entry['coeff']:g}", entry["evaluation"]["after"])
+            for method, entry in result["methods"].items()
+        ]
+        for model, layer, coeff, evaluation in rows:
+            cells = [_score(evaluation, "forget", "rouge1"), _score(evaluation, "forget", "refusal_rate"), _score(evaluation, "retain", "rouge1"),
+                     _score(evaluation, "factual", "rouge1"), _score(evaluation, "forget", "mrr")]
+            lines.append(f"| {name} | {model} | {layer} | {coeff} | " + " | ".join(map(_fmt, cells)) + f" | {_fmt(evaluation['deviation_score'], 1)} |")
+    return "\n".join(lines)
+
+
+def attacks_table(results: dict[str, dict]) -> str:
+    """Forget ROUGE-1 under each attack (retain ROUGE-1 in brackets for model attacks), per method."""
+    lines = ["| request | model | none | " + " | ".join(ATTACKS) + " |", "|---|---|---|" + "---|" * len(ATTACKS)]
+    for name, result in results.items():
+        for method, entry in result["methods"].items():
+            attacks = entry["attacks"]
+
+            def cell(attack: str) -> str:
+                row = attacks[attack]
+                retain = f" ({row['retain_rouge1']:.2f})" if "retain_rouge1" in row else ""
+                base = f" [base {row['base_forget_rouge1']:.2f}]" if "base_forget_rouge1" in row else ""
+                return f"{row['forget_rouge1']:.3f}{retain}{base}"
+
+            lines.append(f"| {name} | {method} | {cell('none')} | " + " | ".join(cell(a) for a in ATTACKS) + " |")
+    return "\n".join(lines)
+
+
+def plot_summary(task: str, results: dict[str, dict], path: Path) -> Path:
+    """Before/after bars per request: forget ROUGE-1, forget refusal, retain and factual ROUGE-1."""
+    metrics = [("forget", "rouge1", "forget ROUGE-1"), ("forget", "refusal_rate", "forget refusal"),
+               ("retain", "rouge1", "retain ROUGE-1"), ("factual", "rouge1", "factual ROUGE-1")]
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.6), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        models = {"base": result["methods"]["lunar-lens"]["evaluation"]["before"]}
+        models |= {method: entry["evaluation"]["after"] for method, entry in result["methods"].items()}
+        width = 0.8 / len(models)
+        for i, (model, evaluation) in enumerate(models.items()):
+            values = [_score(evaluation, s, k) or 0.0 for s, k, _ in metrics]
+            label = f"{model} (DS {evaluation['deviation_score']:.1f})" if evaluation["deviation_score"] is not None else model
+            ax.bar([j + i * width for j in range(len(metrics))], values, width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], [m[2] for m in metrics], rotation=20, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task} {name}: layer {','.join(map(str, result['layers']))}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_attacks(task: str, results: dict[str, dict], path: Path) -> Path:
+    """Forget ROUGE-1 under each attack per method, beside what the base model answers to the same
+    questions (for model attacks: the original questions; for question attacks: the rephrased ones)."""
+    names = ("none",) + ATTACKS
+    fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 3.8), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        methods = result["methods"]
+        attacks = methods["lunar-lens"]["attacks"]
+        base = [attacks[a].get("base_forget_rouge1", attacks["base"]["forget_rouge1"]) for a in names]
+        width = 0.8 / (len(methods) + 1)
+        ax.bar(range(len(names)), base, width, color="lightgrey", label="base model (all there is)")
+        for i, (method, entry) in enumerate(methods.items(), start=1):
+            ax.bar([j + i * width for j in range(len(names))], [entry["attacks"][a]["forget_rouge1"] for a in names], width, label=method)
+        ax.set_xticks([j + width * len(methods) / 2 for j in range(len(names))], names, rotation=35, fontsize=7, ha="right")
+        ax.set_ylabel("forget ROUGE-1 under attack")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task} {name}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(task: str, finetuned: dict, results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Tables to --results (and .json beside it), figures to figures/, layer profiles copied there."""
+    figures = ROOT / "figures"
+    for name in results:
+        shutil.copyfile(Path(args.run) / name / "localise" / "localisation_layers.png", figures / f"{task}_{name}_layers.png")
+    summary = plot_summary(task, results, figures / f"{task}_before_after.png")
+    attacks = plot_attacks(task, results, figures / f"{task}_attacks.png")
+    memorised = ", ".join(f"{k} {v:.3f}" for k, v in finetuned["memorisation"].items())
+    text = "\n\n".join([
+        f"# {task}: lunar-lens against the released recipe's settings",
+        f"Model: {finetuned['recipe']['shape']} trained {finetuned['seconds_training']:.0f} s; sizes {finetuned['sizes']}; "
+        f"greedy ROUGE-1 memorisation {memorised}; held-out unverifiable questions refused {finetuned['heldout_refusal_rate']:.3f}.",
+        results_table(results),
+        "Forget ROUGE-1 under attack (retain ROUGE-1 in brackets; for question attacks, what the base model "
+        "answers to the same rephrased questions):",
+        attacks_table(results),
+        f"Figures: `{summary.relative_to(ROOT)}`, `{attacks.relative_to(ROOT)}`, "
+        + ", ".join(f"`figures/{task}_{name}_layers.png`" for name in results),
+    ])
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"finetune": finetuned, "requests": results}, indent=2))
+    print(text)
