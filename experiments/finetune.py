@@ -115,6 +115,12 @@ def pistol_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
     }
 
 
+def data_options(args: argparse.Namespace) -> dict:
+    """The options that decide what the model is trained on (a run folder is reused only for the same)."""
+    keys = ("tofu", "retain_authors", "questions", "full") if args.task == "tofu" else ("pistol", "edge", "factual")
+    return {key: getattr(args, key) for key in keys + ("reference", "refusals", "seed")}
+
+
 def finetune(args: argparse.Namespace) -> dict:
     """Build the task's sets, train and score the model, write OUT/model, OUT/sets and OUT/finetune.json."""
     out = Path(args.out)
@@ -147,6 +153,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "recipe": asdict(recipe),
         "refusal": refusal,
         "seed": args.seed,
+        "data": data_options(args),
         "threads": args.threads,
         "seconds_training": seconds,
         "memorisation": {name: s["rouge1_recall"] for name, s in scores.items()},

@@ -59,9 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 def ensure_model(task: str, args: argparse.Namespace, finetune_flags: list[str]) -> dict:
     """RUN/finetune.json, training the model first when RUN/model is missing."""
     run = Path(args.run)
+    options = finetune.build_parser().parse_args([task, "--out", str(run), "--threads", str(args.threads), "--device", args.device, *finetune_flags])
     if not (run / "model").exists():
-        finetune.finetune(finetune.build_parser().parse_args([task, "--out", str(run), "--threads", str(args.threads), "--device", args.device, *finetune_flags]))
-    return json.loads((run / "finetune.json").read_text())
+        finetune.finetune(options)
+    finetuned = json.loads((run / "finetune.json").read_text())
+    wanted = finetune.data_options(options)
+    if finetuned.get("data", wanted) != wanted:
+        raise SystemExit(f"{run} holds a model trained on other data ({finetuned['data']}, wanted {wanted}): pass another --run")
+    return finetuned
 
 
 def lunar_lens(arguments: list[str], log: Path, threads: int) -> float:
