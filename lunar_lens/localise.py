@@ -82,6 +82,9 @@ class LocaliseSettings:
     calibrate_layers: int = 2  # top-ranked layers whose edit is checked at every c
     kl_budget: float = 0.05  # retain KL (nats per token) an edit may cost
     batch_size: int = 32
+    # steer-generate and steer-KL at every c, for the figures; the rule needs only the steering log-odds at
+    # every c and the retain KL at the smallest (off: the rest are NaN, as in `--layer auto`)
+    figure_probes: bool = True
 
     def __post_init__(self) -> None:
         counts = (self.score_tokens, self.generate_tokens, self.max_prompts, self.patch_pairs, self.patch_positions, self.calibrate_layers)
@@ -372,9 +375,13 @@ def steering_scores(
         return lambda chunk: [(name, add_hook(steering_shift(rows_of(batch, chunk), table, positions, sets.prefix)))]
 
     scores: dict[str, list[float]] = {"logodds": [], "refusal_rate": [], "forget_rouge1": [], "retain_kl": []}
-    for coeff in coeffs:
+    for index, coeff in enumerate(coeffs):
         table = directions.shift_table(layer, coeff).float()
         scores["logodds"].append(forget_logodds(bridge, sets, settings, hooks(sets.forget_tf, table)))
+        if index > 0 and not settings.figure_probes:
+            for key in ("retain_kl", "refusal_rate", "forget_rouge1"):
+                scores[key].append(float("nan"))
+            continue
         scores["retain_kl"].append(retain_kl(bridge, sets, settings, hooks(sets.retain_tf, table)))
         answers = forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))])
         scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
@@ -631,8 +638,9 @@ def choose_layer_and_coeff(
     directions: Directions | None = None,
     progress: bool = False,
 ) -> tuple[list[int], float, Localisation]:
-    """`--layer auto --coeff auto`: the rule's layer and coefficient for an edit made with `edit_settings`."""
-    settings = LocaliseSettings(edit=edit_settings or EditSettings())
+    """`--layer auto --coeff auto`: the rule's layer and coefficient for an edit made with `edit_settings`
+    (without the probes that only feed the figures)."""
+    settings = LocaliseSettings(edit=edit_settings or EditSettings(), figure_probes=False)
     result = localise(bridge, forget, retain, reference, coeffs, settings=settings, directions=directions, progress=progress)
     return [result.best_layer], result.best_coeff, result
 

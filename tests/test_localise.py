@@ -21,6 +21,7 @@ from lunar_lens.localise import (
     edit_hooks,
     forget_answers_with,
     in_chunks,
+    localise,
     logit_difference,
     no_hooks,
     pair_by_suffix,
@@ -340,3 +341,14 @@ def test_localise_command_writes_scores_and_figures(bridge, qa_sets, tmp_path):
     assert "Edit check" in result["decision"]["rule"]
     for figure in ("localisation_layers.png", "localisation_patching.png"):
         assert (out / figure).stat().st_size > 20_000
+
+
+def test_without_figure_probes_the_decision_is_the_same(bridge, qa_sets):
+    forget, retain, reference = qa_sets
+    coeffs = (2.0, 8.0)
+    full = localise(bridge, forget, retain, reference, coeffs, settings=settings_for())
+    lean = localise(bridge, forget, retain, reference, coeffs, settings=settings_for(figure_probes=False))
+    assert (lean.best_layer, lean.best_coeff, lean.ranking) == (full.best_layer, full.best_coeff, full.ranking)
+    assert torch.equal(lean.steer_logodds, full.steer_logodds) and torch.equal(lean.steer_retain_kl[:, 0], full.steer_retain_kl[:, 0])
+    assert lean.steer_retain_kl[:, 1:].isnan().all() and lean.steer_refusal_rate[:, 1:].isnan().all()
+    assert not full.steer_refusal_rate.isnan().any()
