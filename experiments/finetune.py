@@ -5,7 +5,8 @@ data (`lunar_lens.qa_model`); it must memorise: greedy ROUGE-1 recall >= 0.9 on 
 
     .venv/bin/python experiments/finetune.py pistol --out experiments/runs/pistol
     .venv/bin/python experiments/finetune.py tofu --out experiments/runs/tofu            # subsample (CPU)
-    .venv/bin/python experiments/finetune.py tofu --out runs/tofu-full --full            # all 200 authors (GPU)
+    .venv/bin/python experiments/finetune.py tofu --out runs/tofu-full --full --steps 8500 --device cuda
+                                                          # all 200 authors: ~125 epochs, as the subsample gets
     .venv/bin/python experiments/finetune.py tofu --tofu locuslab/TOFU --out runs/tofu   # from the hub
 
 Sources default to ../shared/data. `--tofu` is a folder of TOFU JSON files (full.json, forget10.json, …)
@@ -142,7 +143,7 @@ def finetune(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
     for name, items in sets.items():
         write_set(out / "sets" / f"{name}.json", items)
-    bridge = load_model(out / "model")
+    bridge = load_model(out / "model", device=args.device)
     scores = {
         name: score_qa_model(bridge, sets[name], sets["heldout_reference"], recipe.max_new_tokens)
         for name in ("train_target", "factual")
@@ -181,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"), help="the first line is the trained refusal")
     parser.add_argument("--retain-authors", type=int, default=20, help="TOFU: retained authors trained on (besides forget10's 20)")
     parser.add_argument("--questions", type=int, default=10, help="TOFU: questions per author (of 20)")
-    parser.add_argument("--full", action="store_true", help="TOFU: every author and question (4,000 QA; meant for a GPU)")
+    parser.add_argument("--full", action="store_true", help="TOFU: every author and question (4,000 QA; meant for a GPU, with --steps ≈ 8500 for the subsample's ~125 epochs)")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: the task's recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (training; scoring runs on the CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (training and scoring)")
     parser.add_argument("--force", action="store_true", help="retrain over an existing OUT/model")
     return parser
 

@@ -218,6 +218,17 @@ def plot_attacks(task: str, results: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def compact(results: dict[str, dict], samples: int = 5) -> dict[str, dict]:
+    """`results` with the first `samples` answers per set (the run folder keeps them all)."""
+    results = json.loads(json.dumps(results))
+    for result in results.values():
+        for entry in result["methods"].values():
+            for evaluation in entry["evaluation"].values():
+                if isinstance(evaluation, dict) and "samples" in evaluation:
+                    evaluation["samples"] = {name: rows[:samples] for name, rows in evaluation["samples"].items()}
+    return results
+
+
 def write_results(task: str, finetuned: dict, results: dict[str, dict], args: argparse.Namespace) -> None:
     """Tables to --results (and .json beside it), figures to figures/, layer profiles copied there."""
     figures = ROOT / "figures"
@@ -240,5 +251,5 @@ def write_results(task: str, finetuned: dict, results: dict[str, dict], args: ar
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"finetune": finetuned, "requests": results}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"finetune": finetuned, "requests": compact(results)}, indent=2))
     print(text)

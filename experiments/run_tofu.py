@@ -4,7 +4,8 @@ the released recipe's settings at the same layer; evaluate, attack (TOFU's parap
 paraphrase attack), tables and figures (`experiments/real_data.py`).
 
     .venv/bin/python experiments/run_tofu.py                        # CPU: the subsample below
-    .venv/bin/python experiments/run_tofu.py --full --device cuda   # every author and question (GPU)
+    .venv/bin/python experiments/run_tofu.py --full --steps 8500 --device cuda --run experiments/runs/tofu-full
+                                                                    # every author and question (GPU)
 
 Subsample (CPU, default): the 20 forget10 authors and the first 20 other authors, 10 of each author's 20
 questions (`finetune.py --retain-authors 20 --questions 10`): forget01/05/10 hold 20 / 100 / 200 QA.
@@ -32,9 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     real_data.add_arguments(parser, "tofu")
     parser.add_argument("--full", action="store_true", help="every TOFU author and question (fine-tuning included; meant for a GPU)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps when the run folder has no model (default: the recipe's)")
     parser.add_argument("--splits", default=",".join(TOFU_FORGET_SPLITS), help="forget splits to run")
     args = parser.parse_args()
-    finetuned = real_data.ensure_model("tofu", args, ["--full"] if args.full else [])
+    flags = (["--full"] if args.full else []) + (["--steps", str(args.steps)] if args.steps else [])
+    finetuned = real_data.ensure_model("tofu", args, flags)
     sets = Path(args.run) / "sets"
     results = {}
     for split in args.splits.split(","):
