@@ -82,8 +82,8 @@ class LocaliseSettings:
     calibrate_layers: int = 2  # top-ranked layers whose edit is checked at every c
     kl_budget: float = 0.05  # retain KL (nats per token) an edit may cost
     batch_size: int = 32
-    # steer-generate and steer-KL at every c, for the figures; the rule needs only the steering log-odds at
-    # every c and the retain KL at the smallest (off: the rest are NaN, as in `--layer auto`)
+    # steer-generate and steer-KL at every c and the ablation's retain KL, for the figures; the rule needs only
+    # the steering log-odds at every c and the retain KL at the smallest (off: the rest are NaN, as in `--layer auto`)
     figure_probes: bool = True
 
     def __post_init__(self) -> None:
@@ -394,7 +394,8 @@ def ablation_scores(bridge: TransformerBridge, sets: ProbeSets, settings: Locali
     projected out of `blocks.l.hook_resid_post` at every position."""
     hooks = [(resid_post(layer), ablation_hook(direction))]
     ablated = in_chunks(bridge, sets.reference_tf, lambda chunk: hooks, answer_logprob(settings.score_tokens), settings.batch_size)
-    return float((sets.reference_clean - ablated).mean()), retain_kl(bridge, sets, settings, lambda chunk: hooks)
+    kl = retain_kl(bridge, sets, settings, lambda chunk: hooks) if settings.figure_probes else float("nan")  # figure only
+    return float((sets.reference_clean - ablated).mean()), kl
 
 
 def pair_by_suffix(forget_ids: Sequence[Sequence[int]], reference_ids: Sequence[Sequence[int]]) -> list[int]:

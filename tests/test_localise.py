@@ -352,3 +352,4 @@ def test_without_figure_probes_the_decision_is_the_same(bridge, qa_sets):
     assert torch.equal(lean.steer_logodds, full.steer_logodds) and torch.equal(lean.steer_retain_kl[:, 0], full.steer_retain_kl[:, 0])
     assert lean.steer_retain_kl[:, 1:].isnan().all() and lean.steer_refusal_rate[:, 1:].isnan().all()
     assert not full.steer_refusal_rate.isnan().any()
+    assert torch.equal(lean.ablation_drop, full.ablation_drop) and lean.ablation_retain_kl.isnan().all()
