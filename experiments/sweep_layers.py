@@ -112,7 +112,9 @@ def main() -> None:
     layers = list(range(n_layers(bridge)))
     refusal = refusal_text(reference, EditSettings())
     directions = compute_directions(bridge, [qa.question for qa in forget], [qa.question for qa in reference], refusal=refusal)
-    auto_layers, auto_coeff, localisation = choose_layer_and_coeff(bridge, forget, retain, reference, coeffs=coeffs, directions=directions)
+    auto_layers, auto_coeff, localisation = choose_layer_and_coeff(
+        bridge, forget, retain, reference, coeffs=coeffs, directions=directions, figure_probes=True
+    )
     save_localisation(localisation, RESULTS / f"sweep_layers{suffix}_localisation")
     seconds_localise = time.perf_counter() - started
 

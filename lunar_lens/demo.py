@@ -41,7 +41,7 @@ def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, 
 
     bridge = load_model(checkpoint_path())
     before = evaluate_sets(bridge, sets, progress=True)
-    outcome = unlearn(bridge, forget, retain, reference, out=out / "model", force=force)
+    outcome = unlearn(bridge, forget, retain, reference, out=out / "model", force=force, figure_probes=True)
     after = evaluate_sets(outcome.bridge, sets, progress=True)
 
     print(f"\nedited W_out of layer(s) {outcome.report['layers']} with c = {outcome.report['coeff']:g}\n")

@@ -72,6 +72,7 @@ def unlearn(
     progress: bool = True,
     device_map: str | dict | None = None,
     parallel: DataParallel | None = None,
+    figure_probes: bool = False,
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
@@ -79,7 +80,8 @@ def unlearn(
     edited model is exported as a verified Hugging Face checkpoint plus `lunar_report.json`.
     `device_map` spreads the model over devices (`load_model`). Under `torchrun`, each process
     collects its shard of the prompts, all make the same edit, and only rank 0 exports
-    (`parallel=None`: from the environment, `lunar_lens.distributed.init_from_env`).
+    (`parallel=None`: from the environment, `lunar_lens.distributed.init_from_env`). `figure_probes`
+    runs the localisation probes that only feed its figures (`lunar_lens.localise.save_localisation`).
     """
     started = time.perf_counter()
     settings = settings or EditSettings()
@@ -108,7 +110,8 @@ def unlearn(
         from lunar_lens.localise import choose_layer_and_coeff
 
         chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(
-            bridge, forget_set, retain_set, reference_set, settings, directions=directions, progress=progress
+            bridge, forget_set, retain_set, reference_set, settings, directions=directions, progress=progress,
+            figure_probes=figure_probes,
         )
         layers = chosen_layers if layers is None else layers
         coeff = chosen_coeff if coeff is None else coeff
