@@ -101,12 +101,13 @@ def unlearn(
         check_layer(bridge, layer)  # fail before any forward pass
     source = str(getattr(bridge, "source_path", None))
     earlier = earlier_request(getattr(bridge, "source_path", None))
-    deepest = max(layers) if layers is not None else None  # localisation needs every layer
+    localising = layers is None or coeff is None
+    deepest = None if localising else max(layers)  # localisation probes every layer
     directions = directions_for(
         direction_model(bridge, earlier, device, dtype), forget_set, reference_set, settings, progress, parallel, deepest
     )
     localisation = None
-    if layers is None or coeff is None:
+    if localising:
         from lunar_lens.localise import choose_layer_and_coeff
 
         chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(

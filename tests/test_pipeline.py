@@ -117,3 +117,12 @@ def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transfor
     assert exported == in_memory
     assert in_memory[0] == "I don't know." and in_memory[-1] == retain[11].answer
     assert outcome.report["layers"] == [0] and (tmp_path / "out" / "lunar_manifest.json").exists()
+
+
+def test_a_given_layer_with_an_automatic_coefficient_probes_every_layer(world, fresh_toy_bridge):
+    from lunar_lens.pipeline import unlearn
+
+    forget, retain, reference = world.split(world.entities[:1])
+    outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], coeff=None, progress=False)
+    assert outcome.report["layers"] == [1] and outcome.report["coeff"] in outcome.localisation.coeffs
+    assert len(outcome.report["edit"]["directions"]["norms"]) == 6  # localisation read every layer's direction
