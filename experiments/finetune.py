@@ -24,7 +24,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,11 +93,11 @@ def tofu_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
     if not args.full:
         retain_authors = retain_authors[: args.retain_authors]
     kept = [qa for block in retain_authors for qa in block[: args.questions]]
-    per_author = {qa.question: i % QUESTIONS_PER_TOFU_AUTHOR for i, qa in enumerate(forgets["forget10"])}
-    keep_forget = lambda qa: args.full or per_author[qa.question] < args.questions  # noqa: E731
-    forgets = {name: [qa for qa in split if keep_forget(qa)] for name, split in forgets.items()}
+    per_author = {qa.question: i % QUESTIONS_PER_TOFU_AUTHOR for i, qa in enumerate(forgets["forget10"])}  # author blocks
+    kept_questions = {question for question, index in per_author.items() if args.full or index < args.questions}
+    forgets = {name: [qa for qa in split if qa.question in kept_questions] for name, split in forgets.items()}
     trained = kept + forgets["forget10"]
-    sets = {name: split for name, split in forgets.items()}
+    sets = dict(forgets)
     for name, split in forgets.items():
         dropped = {qa.question for qa in split}
         sets[name.replace("forget", "retain")] = [qa for qa in trained if qa.question not in dropped]
@@ -128,8 +128,7 @@ def finetune(args: argparse.Namespace) -> dict:
     if (out / "model").exists() and not args.force:
         raise LunarError(f"{out / 'model'} exists: pass --force to retrain it, or use another --out")
     torch.set_num_threads(args.threads)
-    recipe = RECIPES[args.task]
-    recipe.steps = args.steps or recipe.steps
+    recipe = replace(RECIPES[args.task], steps=args.steps or RECIPES[args.task].steps)
     refusal = load_refusals(args.refusals)[0]
     sets = tofu_sets(args) if args.task == "tofu" else pistol_sets(args)
     sets["reference"], sets["heldout_reference"] = reference_sets(args.reference, refusal, args.seed)
