@@ -326,42 +326,11 @@ def prepare_sets(
     )
 
 
-def mean_logodds(scores: Float[torch.Tensor, "rows"]) -> float:
-    """`forget_tf` rows are each forget prompt + the refusal, then + its answer: the mean log-odds between them."""
-    n = len(scores) // 2
-    return float((scores[:n] - scores[n:]).mean())
-
-
 def forget_logodds(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
     """Mean over forget prompts of the per-token log-odds of the refusal's first tokens against the answer's."""
-    return mean_logodds(in_chunks(bridge, sets.forget_tf, hooks_for, answer_logprob(settings.score_tokens), settings.batch_size))
-
-
-def steering_hooks(sets: ProbeSets, settings: LocaliseSettings, layer: int, batch: TokenBatch, table: torch.Tensor) -> HooksFor:
-    """Hooks adding each row chunk's `steering_shift` of `table` at `blocks.layer.hook_resid_post`."""
-    return lambda chunk: [(resid_post(layer), add_hook(steering_shift(rows_of(batch, chunk), table, settings.edit.positions, sets.prefix)))]
-
-
-@torch.no_grad()
-def steered_logodds(
-    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, tables: Sequence[torch.Tensor]
-) -> list[float]:
-    """`forget_logodds` with each steering table added at `blocks.layer.hook_resid_post`: the blocks up to
-    `layer` run once per row chunk, the later ones once per table (`start_at_layer`)."""
-    if layer + 1 == n_layers(bridge):  # no block after the last to start at: steer with a hook
-        return [forget_logodds(bridge, sets, settings, steering_hooks(sets, settings, layer, sets.forget_tf, table)) for table in tables]
-    device, batch, reduce = bridge.cfg.device, sets.forget_tf, answer_logprob(settings.score_tokens)
-    outputs: list[list[torch.Tensor]] = [[] for _ in tables]
-    for start in range(0, len(batch.input_ids), settings.batch_size):
-        chunk = slice(start, start + settings.batch_size)
-        rows = rows_of(batch, chunk)
-        mask = rows.attention_mask.to(device)
-        residual = capture(bridge, rows, [resid_post(layer)], stop_at_layer=layer + 1)[resid_post(layer)]
-        for output, table in zip(outputs, tables):
-            shift = steering_shift(rows, table, settings.edit.positions, sets.prefix).to(residual.device, residual.dtype)
-            logits = bridge(residual + shift, start_at_layer=layer + 1, attention_mask=mask)
-            output.append(reduce(logits.float(), rows, chunk))
-    return [mean_logodds(torch.cat(output)) for output in outputs]
+    scores = in_chunks(bridge, sets.forget_tf, hooks_for, answer_logprob(settings.score_tokens), settings.batch_size)
+    n = len(scores) // 2
+    return float((scores[:n] - scores[n:]).mean())
 
 
 def retain_kl(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
@@ -400,16 +369,21 @@ def steering_scores(
     bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, directions: Directions, coeffs: Sequence[float]
 ) -> dict[str, list[float]]:
     """Log-odds, refusal rate, forget ROUGE-1 recall and retain KL of steering by each c at `layer`."""
-    tables = [directions.shift_table(layer, coeff).float() for coeff in coeffs]
-    scores: dict[str, list[float]] = {"logodds": steered_logodds(bridge, sets, settings, layer, tables)}
-    scores |= {"refusal_rate": [], "forget_rouge1": [], "retain_kl": []}
-    for index, table in enumerate(tables):
+    name, positions = resid_post(layer), settings.edit.positions
+
+    def hooks(batch: TokenBatch, table: torch.Tensor) -> HooksFor:
+        return lambda chunk: [(name, add_hook(steering_shift(rows_of(batch, chunk), table, positions, sets.prefix)))]
+
+    scores: dict[str, list[float]] = {"logodds": [], "refusal_rate": [], "forget_rouge1": [], "retain_kl": []}
+    for index, coeff in enumerate(coeffs):
+        table = directions.shift_table(layer, coeff).float()
+        scores["logodds"].append(forget_logodds(bridge, sets, settings, hooks(sets.forget_tf, table)))
         if index > 0 and not settings.figure_probes:
             for key in ("retain_kl", "refusal_rate", "forget_rouge1"):
                 scores[key].append(float("nan"))
             continue
-        scores["retain_kl"].append(retain_kl(bridge, sets, settings, steering_hooks(sets, settings, layer, sets.retain_tf, table)))
-        answers = forget_answers_with(bridge, sets, settings, [(resid_post(layer), steering_generation_hook(sets, settings, table))])
+        scores["retain_kl"].append(retain_kl(bridge, sets, settings, hooks(sets.retain_tf, table)))
+        answers = forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))])
         scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
         scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
     return scores
