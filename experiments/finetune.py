@@ -143,9 +143,9 @@ def finetune(args: argparse.Namespace) -> dict:
     for name, items in sets.items():
         write_set(out / "sets" / f"{name}.json", items)
     bridge = load_model(out / "model", device=args.device)
-    scores = {
-        name: score_qa_model(bridge, sets[name], sets["heldout_reference"], recipe.max_new_tokens)
-        for name in ("train_target", "factual")
+    scores = {  # the held-out refusals are generated once
+        "train_target": score_qa_model(bridge, sets["train_target"], sets["heldout_reference"], recipe.max_new_tokens),
+        "factual": score_qa_model(bridge, sets["factual"], max_new_tokens=recipe.max_new_tokens),
     }
     summary = {
         "task": args.task,
@@ -158,7 +158,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "seconds_training": seconds,
         "memorisation": {name: s["rouge1_recall"] for name, s in scores.items()},
         "exact_match": {name: s["exact_match"] for name, s in scores.items()},
-        "heldout_refusal_rate": scores["factual"]["refusal_rate"],
+        "heldout_refusal_rate": scores["train_target"]["refusal_rate"],
     }
     (out / "finetune.json").write_text(json.dumps(summary, indent=2))
     if summary["memorisation"]["train_target"] < 0.9:

@@ -171,14 +171,15 @@ def train_qa_model(
     return out
 
 
-def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequence[QA], max_new_tokens: int = 32) -> dict[str, float]:
-    """Greedy ROUGE-1 recall and exact-match rate on `known`, refusal rate on `unknown`."""
+def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequence[QA] = (), max_new_tokens: int = 32) -> dict[str, float]:
+    """Greedy ROUGE-1 recall and exact-match rate on `known`, and the refusal rate on `unknown` when given."""
     answers = generate_answers(bridge, [qa.question for qa in known], max_new_tokens=max_new_tokens)
-    refusals = generate_answers(bridge, [qa.question for qa in unknown], max_new_tokens=max_new_tokens)
     references = [qa.answer for qa in known]
     recall = rouge_recall(answers, references)["rouge1"]
-    return {
+    scores = {
         "rouge1_recall": sum(recall) / len(recall),
         "exact_match": sum(a == r for a, r in zip(answers, references)) / len(references),
-        "refusal_rate": refusal_rate(refusals),
     }
+    if unknown:
+        scores["refusal_rate"] = refusal_rate(generate_answers(bridge, [qa.question for qa in unknown], max_new_tokens=max_new_tokens))
+    return scores

@@ -45,3 +45,10 @@ def test_length_buckets_group_similar_lengths_and_keep_every_example():
     assert sorted(order.tolist()) == list(range(8))
     batches = {frozenset(b.tolist()) for b in order.split(4)}
     assert batches == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}
+
+
+def test_scoring_without_unknown_questions_skips_the_refusal_rate(toy_bridge):
+    from lunar_lens.toyworld import build_world
+
+    known = build_world(0).known_qa[:4]
+    assert score_qa_model(toy_bridge, known) == {"rouge1_recall": 1.0, "exact_match": 1.0}
