@@ -1,7 +1,7 @@
 """What run_tofu.py and run_pistol.py share: fine-tune the model when the run folder has none, then for
 each forget request run, through the `lunar-lens` command line,
 
-1. `localise` (the layer profile figure) and `unlearn --layer auto --coeff auto` (lunar-lens);
+1. `unlearn --layer auto --coeff auto --localisation DIR` (lunar-lens; DIR gets the layer-profile figure);
 2. `unlearn` with the released recipe's settings at the same layer: every forget position shifted,
    c = 2, AdamW, retain prompts without their answers (`--positions all --coeff 2 --solver adamw
    --no-retain-answers`);
@@ -88,11 +88,11 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
     refusals = finetune.SHARED / "lunar" / "unlearning" / "refusal_response.txt"
     data = ["--forget", str(request.forget), "--retain", str(request.retain), "--reference", str(sets / "reference.json")]
     common = ["--device", args.device]
-    seconds = {"localise": lunar_lens(["localise", "--model", str(base), *data, "--out", str(out / "localise"), *common], out / "localise.log", args.threads)}
-    seconds["lunar-lens"] = lunar_lens(
-        ["unlearn", "--model", str(base), *data, "--out", str(out / "lunar-lens"), "--layer", "auto", "--coeff", "auto", "--force", *common],
+    seconds = {"lunar-lens": lunar_lens(
+        ["unlearn", "--model", str(base), *data, "--out", str(out / "lunar-lens"), "--layer", "auto", "--coeff", "auto",
+         "--localisation", str(out / "localise"), "--force", *common],
         out / "unlearn_lunar-lens.log", args.threads,
-    )
+    )}
     report = json.loads((out / "lunar-lens" / "lunar_report.json").read_text())
     layer = ",".join(str(layer) for layer in report["layers"])
     seconds["release"] = lunar_lens(

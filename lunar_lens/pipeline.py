@@ -172,20 +172,32 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument(
+        "--localisation", metavar="DIR",
+        help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
+    )
     parser.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> None:
     coeff = None if args.coeff == "auto" else _parse_coeff(args.coeff)
+    layers = parse_layers(args.layer)
+    if args.localisation and layers is not None and coeff is not None:
+        raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
     settings = EditSettings(
         positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
     )
     outcome = unlearn(
-        args.model, args.forget, args.retain, args.reference, args.out, parse_layers(args.layer), coeff, settings,
+        args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
         device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
+        figure_probes=bool(args.localisation),
     )
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
+    if args.localisation:
+        from lunar_lens.localise import save_localisation
+
+        print("\n".join(f"wrote {path}" for path in save_localisation(outcome.localisation, args.localisation).values()))
     layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}")
 

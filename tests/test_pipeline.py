@@ -81,6 +81,7 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
         (["--layer", "two"], "is not 'auto' or a comma-separated list"),
         (["--coeff", "big", "--layer", "0"], "is not 'auto' or a number"),
         (["--positions", "everywhere"], "unknown --positions"),
+        (["--layer", "0", "--coeff", "4", "--localisation", "loc"], "--localisation writes the automatic choice"),
     ],
 )
 def test_cli_misuse_ends_with_one_line_naming_the_fix(tmp_path, files, capsys, change, message):
@@ -117,6 +118,18 @@ def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transfor
     assert exported == in_memory
     assert in_memory[0] == "I don't know." and in_memory[-1] == retain[11].answer
     assert outcome.report["layers"] == [0] and (tmp_path / "out" / "lunar_manifest.json").exists()
+
+
+def test_cli_writes_the_automatic_choices_localisation(tmp_path, world):
+    forget, retain, reference = world.split(world.entities[:1])
+    files = {name: write_set(tmp_path / f"{name}.json", items) for name, items in
+             (("forget", forget[::4]), ("retain", retain[::40]), ("reference", reference[::40]))}
+    args = unlearn_args(files, checkpoint_path(), tmp_path / "out", "--layer", "1", "--localisation", str(tmp_path / "loc"))
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "lunar_report.json").read_text())
+    localisation = json.loads((tmp_path / "loc" / "localisation.json").read_text())
+    assert report["coeff"] == localisation["best_coeff"] and report["layers"] == [1]
+    assert (tmp_path / "loc" / "localisation_layers.png").stat().st_size > 20_000
 
 
 def test_a_given_layer_with_an_automatic_coefficient_probes_every_layer(world, fresh_toy_bridge):
