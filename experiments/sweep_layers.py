@@ -4,7 +4,7 @@ against the automatic choice (`--layer auto --coeff auto`, `lunar_lens.localise.
     .venv/bin/python experiments/sweep_layers.py [--entities 2] [--coeffs 1,2,3,4,6,8] [--retain-eval 192]
     .venv/bin/python experiments/sweep_layers.py --name pistol --model experiments/runs/pistol/model \
         --forget experiments/runs/pistol/sets/forget.json --retain experiments/runs/pistol/sets/retain.json \
-        --reference experiments/runs/pistol/sets/reference.json
+        --reference experiments/runs/pistol/sets/reference.json --coeffs 2,4,6,8,12,16 --layer-sets '2,3;3,4;2,3,4'
 
 For every layer and c: edit a freshly loaded model (default `EditSettings` otherwise, full retain set
 kept), answer forget and retain questions greedily, and score ROUGE-1 recall and the Deviation Score.
@@ -36,14 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
-def evaluate_edit(model, forget, retain, reference, retain_eval, directions, layer: int, coeff: float) -> dict:
-    """Edit a fresh copy of `model` at `layer` with c = `coeff` and score it."""
+def evaluate_edit(model, forget, retain, reference, retain_eval, directions, layers: list[int], coeff: float) -> dict:
+    """Edit a fresh copy of `model` at `layers` with c = `coeff` and score it."""
     bridge = load_model(model)
-    edit_layers(bridge, forget, retain, reference, [layer], replace(EditSettings(), coeff=coeff), directions=directions)
+    edit_layers(bridge, forget, retain, reference, layers, replace(EditSettings(), coeff=coeff), directions=directions)
     evaluation = evaluate_sets(bridge, {"forget": forget, "retain": retain_eval}, model_metrics=False)
     scores = evaluation.scores
     return {
-        "layer": layer,
+        "layer": layers[0] if len(layers) == 1 else layers,
         "coeff": coeff,
         "forget_rouge1": scores["forget"]["rouge1"],
         "retain_rouge1": scores["retain"]["rouge1"],
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--name", help="suffix of the output files (with --model and the three sets)")
     parser.add_argument("--model", help="model folder (default: the toy world's)")
+    parser.add_argument("--layer-sets", type=lambda text: [[int(l) for l in group.split(",")] for group in text.split(";")], default=[],
+                        help="also edit several layers at once, e.g. '2,3;3,4' (a table row per set × c; not plotted)")
     for name in ("forget", "retain", "reference"):
         parser.add_argument(f"--{name}", help=f"{name} set (with --model)")
     args = parser.parse_args()
@@ -122,10 +124,17 @@ def main() -> None:
     print("| layer | c | forget R1 | retain R1 | forget refusal | DS | first forget answer |\n|---|---|---|---|---|---|---|")
     for layer in layers:
         for coeff in coeffs:
-            row = evaluate_edit(model, forget, retain, reference, retain_eval, directions, layer, coeff)
+            row = evaluate_edit(model, forget, retain, reference, retain_eval, directions, [layer], coeff)
             rows.append(row)
             print(f"| {layer} | {coeff:g} | {row['forget_rouge1']:.3f} | {row['retain_rouge1']:.3f} | {row['forget_refusal']:.2f} | "
                   f"{row['deviation_score']:.1f} | {row['forget_sample']!r} |", flush=True)
+    multi_rows = [
+        evaluate_edit(model, forget, retain, reference, retain_eval, directions, layer_set, coeff)
+        for layer_set in args.layer_sets for coeff in coeffs
+    ]
+    for row in multi_rows:
+        print(f"| {','.join(map(str, row['layer']))} | {row['coeff']:g} | {row['forget_rouge1']:.3f} | {row['retain_rouge1']:.3f} | "
+              f"{row['forget_refusal']:.2f} | {row['deviation_score']:.1f} | {row['forget_sample']!r} |", flush=True)
     best = min(rows, key=lambda r: r["deviation_score"])
     best_per_layer = {layer: min(r["deviation_score"] for r in rows if r["layer"] == layer) for layer in layers}
     sweep_ranking = sorted(layers, key=best_per_layer.get)
@@ -147,7 +156,7 @@ def main() -> None:
         "sizes": {"forget": len(forget), "retain_edit": len(retain), "retain_eval": len(retain_eval), "reference": len(reference)},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"sweep_layers{suffix}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    (RESULTS / f"sweep_layers{suffix}.json").write_text(json.dumps({"summary": summary, "rows": rows, "multi_layer_rows": multi_rows}, indent=2))
     plot(rows, layers, coeffs, best, auto, title, ROOT / "figures" / f"sweep_layers{suffix}.png")
     print(f"best: layer {best['layer']}, c = {best['coeff']:g}, DS {best['deviation_score']:.1f}; "
           f"auto: layer {auto['layer']}, c = {auto['coeff']:g}, DS {auto['deviation_score']:.1f} "
