@@ -112,8 +112,8 @@ def bench_dtype(args: argparse.Namespace, tokenizer, forget: list, retain: list,
     settings = EditSettings(positions="all", coeff=2.0, retain_answers=False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    collect_statistics(bridge, layer, forget[:2], retain[:2], settings, "")  # warm-up
-    stats, seconds_collect = timed(args.device, lambda: collect_statistics(bridge, layer, forget, retain, settings, ""))
+    collect_statistics(bridge, [layer], forget[:2], retain[:2], settings, "")  # warm-up
+    stats, seconds_collect = timed(args.device, lambda: collect_statistics(bridge, [layer], forget, retain, settings, "")[0])
     batches = [(b, True) for b in token_batches(tokenizer, [qa.question for qa in forget], batch_size=settings.batch_size)]
     batches += [(b, False) for b in token_batches(tokenizer, [qa.question for qa in retain], batch_size=settings.batch_size)]
     device_stats, seconds_forward, seconds_stats = device_pass(bridge, layer, batches, settings.positions, args.device)

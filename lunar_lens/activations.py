@@ -32,12 +32,18 @@ def token_batches(
     answers: Sequence[str] | None = None,
     batch_size: int = 32,
     desc: str | None = None,
+    by_length: bool = False,
 ) -> Iterator[TokenBatch]:
-    """Left-padded batches of `questions` (+ `answers`), with a progress bar when `desc` is given."""
-    starts = range(0, len(questions), batch_size)
+    """Left-padded batches of `questions` (+ `answers`), with a progress bar when `desc` is given.
+    With `by_length`, prompts are visited shortest first (by characters), so that a batch holds
+    prompts of about one length and little padding is computed: for sums over prompts."""
+    order = list(range(len(questions)))
+    if by_length:
+        order.sort(key=lambda i: len(questions[i]) + (0 if answers is None else len(answers[i])))
+    starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        stop = start + batch_size
-        yield tokenize(tokenizer, list(questions[start:stop]), None if answers is None else list(answers[start:stop]))
+        picked = order[start : start + batch_size]
+        yield tokenize(tokenizer, [questions[i] for i in picked], None if answers is None else [answers[i] for i in picked])
 
 
 @torch.no_grad()

@@ -117,7 +117,8 @@ def residual_means(
     prompt_total = torch.zeros(len(layers), bridge.cfg.d_model, dtype=torch.float64)
     answer_total: torch.Tensor | None = None
     shard = parallel.shard(questions)
-    for batch in token_batches(bridge.tokenizer, shard, None if answer is None else [answer] * len(shard), batch_size, desc):
+    answers = None if answer is None else [answer] * len(shard)
+    for batch in token_batches(bridge.tokenizer, shard, answers, batch_size, desc, by_length=True):
         cache = capture(bridge, batch, names, stop_at_layer=max(layers) + 1)
         stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
         if rule == "last":

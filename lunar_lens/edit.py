@@ -80,7 +80,7 @@ def refusal_text(reference: Sequence[QA], settings: EditSettings) -> str:
 
 def collect_statistics(
     bridge: TransformerBridge,
-    layer: int,
+    layers: Sequence[int],
     forget: Sequence[QA],
     keep: Sequence[QA],
     settings: EditSettings,
@@ -89,33 +89,39 @@ def collect_statistics(
     keep_rows: bool = False,
     progress: bool = False,
     parallel: DataParallel = SINGLE,
-) -> EditStatistics:
-    """Stream the edit's statistics at `layer`: one truncated, batched pass over forget prompts
-    (+ the refusal, teacher-forced, for `+answer` rules) and one over kept prompts (+ their answers).
-    With `parallel`, each rank runs its shard of both sets and the statistics are summed over ranks."""
-    stats = EditStatistics.empty(bridge.cfg.d_mlp, n_shifts, keep_rows=keep_rows)
-    name = mlp_post(layer)
+) -> list[EditStatistics]:
+    """Stream the edit's statistics at each of `layers` (of the model as it is: one set per layer, from
+    the same passes): one batched pass over forget prompts (+ the refusal, teacher-forced, for `+answer`
+    rules) and one over kept prompts (+ their answers), truncated after the deepest layer. With
+    `parallel`, each rank runs its shard of both sets and the statistics are summed over ranks."""
+    stats = [EditStatistics.empty(bridge.cfg.d_mlp, n_shifts, keep_rows=keep_rows) for _ in layers]
+    names = [mlp_post(layer) for layer in layers]
+    stop = max(layers) + 1
     forget_questions = [qa.question for qa in forget]
     mine = parallel.shard(forget)
     forget_answers = [refusal] * len(mine) if settings.positions.endswith("+answer") else None
     prefix = 0
     if settings.positions.startswith("suffix"):
         prefix = shared_prefix_length(list(token_batches(bridge.tokenizer, forget_questions, batch_size=settings.batch_size)))
-    desc = f"layer {layer}: forget" if progress else None
-    for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], forget_answers, settings.batch_size, desc):
-        x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
+    where = f"layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}"
+    desc = f"{where}: forget" if progress else None
+    for batch in token_batches(bridge.tokenizer, [qa.question for qa in mine], forget_answers, settings.batch_size, desc, by_length=True):
+        cache = capture(bridge, batch, names, stop_at_layer=stop)
         real = batch.attention_mask.bool()
-        stats.add(x[real], shift_index(batch, settings.positions, prefix, n_answer=n_shifts - 1)[real])
+        shift_ids = shift_index(batch, settings.positions, prefix, n_answer=n_shifts - 1)[real]
+        for layer_stats, name in zip(stats, names):
+            layer_stats.add(cache[name].cpu()[real], shift_ids)
     mine = parallel.shard(keep)
     answered = [qa for qa in mine if settings.retain_answers and qa.answer]
     prompts_only = [qa for qa in mine if not (settings.retain_answers and qa.answer)]
-    desc = f"layer {layer}: retain" if progress else None
+    desc = f"{where}: retain" if progress else None
     for items, answers in ((answered, [qa.answer for qa in answered]), (prompts_only, None)):
-        for batch in token_batches(bridge.tokenizer, [qa.question for qa in items], answers, settings.batch_size, desc):
-            x = capture(bridge, batch, [name], stop_at_layer=layer + 1)[name].cpu()
+        for batch in token_batches(bridge.tokenizer, [qa.question for qa in items], answers, settings.batch_size, desc, by_length=True):
+            cache = capture(bridge, batch, names, stop_at_layer=stop)
             real = batch.attention_mask.bool()
-            stats.add(x[real], torch.full((int(real.sum()),), -1))
-    return parallel.sum_statistics(stats)
+            for layer_stats, name in zip(stats, names):
+                layer_stats.add(cache[name].cpu()[real], torch.full((int(real.sum()),), -1))
+    return [parallel.sum_statistics(layer_stats) for layer_stats in stats]
 
 
 def directions_for(
@@ -179,9 +185,9 @@ def edit_layers(
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
         stats = collect_statistics(
-            bridge, layer, forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress,
+            bridge, [layer], forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress,
             parallel=parallel,
-        )
+        )[0]
         collected = time.perf_counter()
         if settings.solver == "closed":
             solution = solve_closed(stats, shifts, settings.ridge)

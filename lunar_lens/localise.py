@@ -24,6 +24,7 @@ The selection rule (`rank_layers`, then `choose_edit`) is written out in `RULE` 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
 from lunar_lens.model import check_layer, mlp_out, mlp_post, n_layers, resid_post
-from lunar_lens.prompts import TokenBatch, tokenize
+from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
 from lunar_lens.solvers import solve_closed
 
 DEFAULT_COEFFS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -81,15 +82,20 @@ class LocaliseSettings:
     kl_slack: float = 2.0  # steering retain-KL filter, relative to the best layer
     calibrate_layers: int = 2  # top-ranked layers whose edit is checked at every c
     kl_budget: float = 0.05  # retain KL (nats per token) an edit may cost
-    batch_size: int = 32
-    # steer-generate and steer-KL at every c and the ablation's retain KL, for the figures; the rule needs only
-    # the steering log-odds at every c and the retain KL at the smallest (off: the rest are NaN, as in `--layer auto`)
+    batch_size: int = 96  # rows per probe forward: the teacher-forced forget rows (2 × max_prompts) in one
+    generate_rows: int = 288  # rows greedily decoded together: the edit check decodes several c in one batch
+    # steer-generate at every c, steer-KL above the smallest c, the ablation's retain KL and patching before the
+    # last prompt token, for the figures; the rule needs only the steering log-odds at every c, the retain KL at
+    # the smallest and patching at the last token (off: the rest are NaN, as in `--layer auto`)
     figure_probes: bool = True
 
     def __post_init__(self) -> None:
-        counts = (self.score_tokens, self.generate_tokens, self.max_prompts, self.patch_pairs, self.patch_positions, self.calibrate_layers)
+        counts = (self.score_tokens, self.generate_tokens, self.max_prompts, self.patch_pairs, self.patch_positions, self.calibrate_layers,
+                  self.generate_rows)
         if min(counts) < 1:
-            raise LunarError("score_tokens, generate_tokens, max_prompts, patch_pairs, patch_positions and calibrate_layers must be ≥ 1")
+            raise LunarError(
+                "score_tokens, generate_tokens, max_prompts, patch_pairs, patch_positions, calibrate_layers and generate_rows must be ≥ 1"
+            )
 
 
 @dataclass
@@ -188,8 +194,9 @@ def patch_hook(columns: Int[torch.Tensor, "batch"], values: Float[torch.Tensor, 
     return hook
 
 
-def edit_hooks(layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> list[Hook]:
-    """Hooks that act as W_out[layer] + delta: the MLP output gains `mlp.hook_post @ delta`."""
+def edit_hooks(layer: int, delta: Float[torch.Tensor, "d_mlp d_model"], scale: Float[torch.Tensor, "batch"] | None = None) -> list[Hook]:
+    """Hooks that act as W_out[layer] + delta: the MLP output gains `mlp.hook_post @ delta` (× `scale[b]`
+    in row b: one batch simulates several multiples of the edit)."""
     inputs: list[torch.Tensor] = []
 
     def keep(activation: torch.Tensor, hook=None) -> torch.Tensor:
@@ -197,7 +204,8 @@ def edit_hooks(layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> list[
         return activation
 
     def add(activation: torch.Tensor, hook=None) -> torch.Tensor:
-        return activation + inputs[0] @ delta.to(activation.device, activation.dtype)
+        change = inputs[0] @ delta.to(activation.device, activation.dtype)
+        return activation + (change if scale is None else change * scale.to(change)[:, None, None])
 
     return [(mlp_post(layer), keep), (mlp_out(layer), add)]
 
@@ -249,18 +257,54 @@ def top_next_token(logits: torch.Tensor, rows: TokenBatch, chunk: slice) -> torc
     return logits[:, -1].argmax(dim=-1).cpu()
 
 
+def columns_of(batch: TokenBatch, start: int) -> TokenBatch:
+    return TokenBatch(*(getattr(batch, name)[:, start:] for name in batch.__dataclass_fields__))
+
+
 @torch.no_grad()
-def in_chunks(bridge: TransformerBridge, batch: TokenBatch, hooks_for: HooksFor, reduce: Reduce, size: int) -> torch.Tensor:
-    """`reduce(logits, rows, chunk)` over row chunks of `batch`, each chunk's forward run with `hooks_for(chunk)`."""
-    device, outputs = bridge.cfg.device, []
-    for start in range(0, len(batch.input_ids), size):
+def each_intervention(
+    bridge: TransformerBridge,
+    batch: TokenBatch,
+    interventions: Sequence[HooksFor],
+    reduce: Reduce,
+    size: int,
+    shared_columns: int = 0,
+    desc: str | None = None,
+) -> list[torch.Tensor]:
+    """For each intervention, `reduce(logits, rows, chunk)` over row chunks of `batch`, each chunk's forward run
+    with `hooks_for(chunk)`. The first `shared_columns` columns, which no intervention may change, run once per
+    chunk, and every intervention continues from their keys and values: its logits, rows and hooks then cover
+    the later columns only. Positions count real tokens, as the bridge's own forward does. A progress bar
+    counts forwards when `desc` is given."""
+    model, device = bridge.original_model, bridge.cfg.device
+    outputs: list[list[torch.Tensor]] = [[] for _ in interventions]
+    starts = range(0, len(batch.input_ids), size)
+    bar = tqdm(total=len(starts) * len(interventions), desc=desc, disable=desc is None, leave=False)
+    for start in starts:
         chunk = slice(start, start + size)
         rows = rows_of(batch, chunk)
-        logits = bridge.run_with_hooks(
-            rows.input_ids.to(device), attention_mask=rows.attention_mask.to(device), fwd_hooks=list(hooks_for(chunk))
-        )
-        outputs.append(reduce(logits.float(), rows, chunk))
-    return torch.cat(outputs)
+        ids, mask = rows.input_ids.to(device), rows.attention_mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        shared = None
+        if shared_columns:
+            head = slice(0, shared_columns)
+            shared = model(input_ids=ids[:, head], attention_mask=mask[:, head], position_ids=positions[:, head], use_cache=True).past_key_values
+        tail = columns_of(rows, shared_columns)
+        for output, hooks_for in zip(outputs, interventions):
+            with bridge.hooks(fwd_hooks=list(hooks_for(chunk))):
+                logits = model(
+                    input_ids=ids[:, shared_columns:], attention_mask=mask, position_ids=positions[:, shared_columns:],
+                    past_key_values=copy.deepcopy(shared), use_cache=shared is not None,
+                ).logits
+            output.append(reduce(logits.float(), tail, chunk))
+            bar.update()
+    bar.close()
+    return [torch.cat(output) for output in outputs]
+
+
+def in_chunks(bridge: TransformerBridge, batch: TokenBatch, hooks_for: HooksFor, reduce: Reduce, size: int) -> torch.Tensor:
+    """`reduce(logits, rows, chunk)` over row chunks of `batch`, each chunk's forward run with `hooks_for(chunk)`."""
+    return each_intervention(bridge, batch, [hooks_for], reduce, size)[0]
 
 
 def mean_rouge1(answers: list[str], references: list[str]) -> float:
@@ -279,10 +323,10 @@ class ProbeSets:
     forget_answers: list[str]  # the given answers, else the model's own greedy answers
     baseline_answers: list[str]  # the model's greedy answers to the forget prompts
     reference_questions: list[str]
-    forget_tf: TokenBatch  # 2n rows: forget prompt + refusal, then forget prompt + answer (teacher-forced)
+    forget_tf: TokenBatch  # 2n rows: forget prompt + refusal, then forget prompt + answer (teacher-forced, first score_tokens)
     forget_prompts: TokenBatch
     retain_tf: TokenBatch  # retain prompt + answer (prompt only when answers are missing)
-    reference_tf: TokenBatch  # reference prompt + refusal
+    reference_tf: TokenBatch  # reference prompt + refusal (first score_tokens)
     prefix: int  # tokens every forget prompt shares (for the `suffix` position rule)
     retain_clean: Float[torch.Tensor, "n_positions vocab"]  # at `predicting_answer` positions
     retain_counts: Int[torch.Tensor, "n_retain"]  # those positions per retain row
@@ -297,7 +341,8 @@ def prepare_sets(
     bridge: TransformerBridge, forget: Sequence[QA], retain: Sequence[QA], reference: Sequence[QA], settings: LocaliseSettings
 ) -> ProbeSets:
     """Subsample and tokenise the sets; clean greedy answers, retain distributions, reference refusal scores."""
-    tokenizer, size = bridge.tokenizer, settings.batch_size
+    tokenizer, size, k = bridge.tokenizer, settings.batch_size, settings.score_tokens
+    pad = tokenizer.pad_token_id
     refusal = refusal_text(reference, settings.edit)
     forget = spread(forget, settings.max_prompts)
     questions = [qa.question for qa in forget]
@@ -308,43 +353,65 @@ def prepare_sets(
     retain_answers = [qa.answer for qa in retain] if all(qa.answer for qa in retain) else None
     retain_tf = tokenize(tokenizer, [qa.question for qa in retain], retain_answers)
     reference_questions = [qa.question for qa in spread(reference, settings.max_prompts)]
-    reference_tf = tokenize(tokenizer, reference_questions, [refusal] * len(reference_questions))
+    # teacher-forced rows that are scored on their first k answer tokens stop there
+    reference_tf = first_answer_tokens(tokenize(tokenizer, reference_questions, [refusal] * len(reference_questions)), k, pad)
+    forget_tf = first_answer_tokens(tokenize(tokenizer, questions + questions, [refusal] * len(questions) + answers), k, pad)
     return ProbeSets(
         refusal=refusal,
         forget=forget,
         forget_answers=answers,
         baseline_answers=baseline,
         reference_questions=reference_questions,
-        forget_tf=tokenize(tokenizer, questions + questions, [refusal] * len(questions) + answers),
+        forget_tf=forget_tf,
         forget_prompts=forget_prompts,
         retain_tf=retain_tf,
         reference_tf=reference_tf,
         prefix=shared_prefix_length([forget_prompts]),
         retain_clean=in_chunks(bridge, retain_tf, no_hooks, answer_log_probs, size),
         retain_counts=predicting_answer(retain_tf).sum(dim=1),
-        reference_clean=in_chunks(bridge, reference_tf, no_hooks, answer_logprob(settings.score_tokens), size),
+        reference_clean=in_chunks(bridge, reference_tf, no_hooks, answer_logprob(k), size),
     )
 
 
-def forget_logodds(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
-    """Mean over forget prompts of the per-token log-odds of the refusal's first tokens against the answer's."""
-    scores = in_chunks(bridge, sets.forget_tf, hooks_for, answer_logprob(settings.score_tokens), settings.batch_size)
-    n = len(scores) // 2
-    return float((scores[:n] - scores[n:]).mean())
+def forget_logodds(
+    bridge: TransformerBridge,
+    sets: ProbeSets,
+    settings: LocaliseSettings,
+    interventions: Sequence[HooksFor],
+    shared_columns: int = 0,
+    desc: str | None = None,
+) -> list[float]:
+    """For each intervention, the mean over forget prompts of the per-token log-odds of the refusal's first
+    tokens against the answer's (`each_intervention`'s `shared_columns`: columns none of them changes)."""
+    score = answer_logprob(settings.score_tokens)
+    runs = each_intervention(bridge, sets.forget_tf, interventions, score, settings.batch_size, shared_columns, desc)
+    n = len(sets.forget)
+    return [float((scores[:n] - scores[n:]).mean()) for scores in runs]
 
 
-def retain_kl(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: HooksFor) -> float:
-    """KL(clean ‖ intervened) of retain next-token distributions, averaged over each row's
-    `predicting_answer` positions, then over rows."""
-    log_q = in_chunks(bridge, sets.retain_tf, hooks_for, answer_log_probs, settings.batch_size)
-    per_row = kl_divergence(sets.retain_clean, log_q).split(sets.retain_counts.tolist())
-    return float(torch.stack([kl.mean() for kl in per_row]).mean())
+def retain_kl(
+    bridge: TransformerBridge,
+    sets: ProbeSets,
+    settings: LocaliseSettings,
+    interventions: Sequence[HooksFor],
+    shared_columns: int = 0,
+    desc: str | None = None,
+) -> list[float]:
+    """For each intervention, KL(clean ‖ intervened) of retain next-token distributions, averaged over each
+    row's `predicting_answer` positions, then over rows (`shared_columns` as in `each_intervention`)."""
+    runs = each_intervention(bridge, sets.retain_tf, interventions, answer_log_probs, settings.batch_size, shared_columns, desc)
+    counts = sets.retain_counts.tolist()
+    return [float(torch.stack([kl.mean() for kl in kl_divergence(sets.retain_clean, log_q).split(counts)]).mean()) for log_q in runs]
 
 
-def forget_answers_with(bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks: Sequence[Hook]) -> list[str]:
-    """Greedy answers to the forget prompts with `hooks` active (one batch, so hooks see its shape)."""
+def forget_answers_with(
+    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks: Sequence[Hook], copies: int = 1
+) -> list[str]:
+    """Greedy answers to the forget prompts with `hooks` active, in one batch (so hooks see its shape);
+    with `copies`, the prompts repeated that many times (copy-major)."""
+    questions = sets.forget_questions * copies
     with bridge.hooks(fwd_hooks=list(hooks)):
-        return generate_answers(bridge, sets.forget_questions, settings.generate_tokens, batch_size=len(sets.forget))
+        return generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions))
 
 
 def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, table: torch.Tensor) -> Callable:
@@ -365,27 +432,49 @@ def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, table:
     return hook
 
 
+def first_steered_column(batch: TokenBatch, positions: str, prefix: int, n_answer: int) -> int:
+    """The first column of `batch` where any row is steered under the position rule: the columns before it
+    are the same under every steering."""
+    steered = shift_index(batch, positions, prefix, n_answer) >= 0
+    return int(steered.any(dim=0).long().argmax())
+
+
 def steering_scores(
-    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, directions: Directions, coeffs: Sequence[float]
-) -> dict[str, list[float]]:
-    """Log-odds, refusal rate, forget ROUGE-1 recall and retain KL of steering by each c at `layer`."""
-    name, positions = resid_post(layer), settings.edit.positions
+    bridge: TransformerBridge,
+    sets: ProbeSets,
+    settings: LocaliseSettings,
+    layers: Sequence[int],
+    directions: Directions,
+    coeffs: Sequence[float],
+    progress: bool = False,
+) -> dict[str, Float[torch.Tensor, "n_layers n_coeffs"]]:
+    """Log-odds, refusal rate, forget ROUGE-1 recall and retain KL of steering by each c at each layer
+    (without `settings.figure_probes`, retain KL at the smallest c only and no generation: NaN). The forget
+    and retain columns before the first steered one run once for every layer and c."""
+    positions = settings.edit.positions
+    cells = [(layer, directions.shift_table(layer, coeff).float()) for layer in layers for coeff in coeffs]  # layer-major
+    n_answer = len(cells[0][1]) - 1
 
-    def hooks(batch: TokenBatch, table: torch.Tensor) -> HooksFor:
-        return lambda chunk: [(name, add_hook(steering_shift(rows_of(batch, chunk), table, positions, sets.prefix)))]
+    def hooks(batch: TokenBatch, layer: int, table: torch.Tensor, start: int = 0) -> HooksFor:
+        name = resid_post(layer)
+        return lambda chunk: [(name, add_hook(steering_shift(rows_of(batch, chunk), table, positions, sets.prefix)[:, start:]))]
 
-    scores: dict[str, list[float]] = {"logodds": [], "refusal_rate": [], "forget_rouge1": [], "retain_kl": []}
-    for index, coeff in enumerate(coeffs):
-        table = directions.shift_table(layer, coeff).float()
-        scores["logodds"].append(forget_logodds(bridge, sets, settings, hooks(sets.forget_tf, table)))
-        if index > 0 and not settings.figure_probes:
-            for key in ("retain_kl", "refusal_rate", "forget_rouge1"):
-                scores[key].append(float("nan"))
-            continue
-        scores["retain_kl"].append(retain_kl(bridge, sets, settings, hooks(sets.retain_tf, table)))
-        answers = forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))])
-        scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
-        scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
+    shape = (len(layers), len(coeffs))
+    scores = {key: torch.full(shape, float("nan")) for key in ("logodds", "refusal_rate", "forget_rouge1", "retain_kl")}
+    desc = "steering log-odds" if progress else None
+    shared = first_steered_column(sets.forget_tf, positions, sets.prefix, n_answer)
+    interventions = [hooks(sets.forget_tf, layer, table, shared) for layer, table in cells]
+    scores["logodds"] = torch.tensor(forget_logodds(bridge, sets, settings, interventions, shared, desc)).view(shape)
+    kl_cells = range(len(cells)) if settings.figure_probes else range(0, len(cells), len(coeffs))  # else the smallest c
+    shared = first_steered_column(sets.retain_tf, positions, sets.prefix, n_answer)
+    interventions = [hooks(sets.retain_tf, *cells[i], shared) for i in kl_cells]
+    desc = "steering retain KL" if progress else None
+    scores["retain_kl"].view(-1)[list(kl_cells)] = torch.tensor(retain_kl(bridge, sets, settings, interventions, shared, desc))
+    if settings.figure_probes:
+        for index, (layer, table) in enumerate(tqdm(cells, desc="steered generation", disable=not progress, leave=False)):
+            answers = forget_answers_with(bridge, sets, settings, [(resid_post(layer), steering_generation_hook(sets, settings, table))])
+            scores["refusal_rate"].view(-1)[index] = refusal_rate(answers, references=[sets.refusal])
+            scores["forget_rouge1"].view(-1)[index] = mean_rouge1(answers, sets.forget_answers)
     return scores
 
 
@@ -394,7 +483,7 @@ def ablation_scores(bridge: TransformerBridge, sets: ProbeSets, settings: Locali
     projected out of `blocks.l.hook_resid_post` at every position."""
     hooks = [(resid_post(layer), ablation_hook(direction))]
     ablated = in_chunks(bridge, sets.reference_tf, lambda chunk: hooks, answer_logprob(settings.score_tokens), settings.batch_size)
-    kl = retain_kl(bridge, sets, settings, lambda chunk: hooks) if settings.figure_probes else float("nan")  # figure only
+    kl = retain_kl(bridge, sets, settings, [lambda chunk: hooks])[0] if settings.figure_probes else float("nan")  # figure only
     return float((sets.reference_clean - ablated).mean()), kl
 
 
@@ -428,7 +517,8 @@ def patching_map(
     bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layers: Sequence[int], progress: bool = False
 ) -> tuple[Float[torch.Tensor, "n_layers n_positions"], list[str]]:
     """Activation patching of `hook_resid_post`, reference run → paired forget run, at each layer × each
-    of the last P prompt positions, in one batched pass per layer.
+    of the last P prompt positions (without `settings.figure_probes`, only the last: the others are NaN),
+    in one batched pass per layer.
 
     Metric: LD = logit(t_ref) − logit(t_fgt) at the last prompt token, where t_ref / t_fgt are the clean
     reference / forget runs' top next tokens (the refusal's and the answer's first token, however the
@@ -452,45 +542,53 @@ def patching_map(
     cache = capture(bridge, reference, names, stop_at_layer=max(layers) + 1)
 
     # one row per (position p, pair i), p-major: pair i's forget prompt patched at its p-th of the last P positions
-    pair = torch.arange(n_pairs).repeat(n_positions)
-    offset = torch.arange(n_positions).repeat_interleave(n_pairs)
+    offsets = torch.arange(n_positions) if settings.figure_probes else torch.tensor([n_positions - 1])
+    pair = torch.arange(n_pairs).repeat(len(offsets))
+    offset = offsets.repeat_interleave(n_pairs)
     forget_columns = forget.input_ids.shape[1] - n_positions + offset
     reference_columns = reference.input_ids.shape[1] - n_positions + offset
     patched_rows = rows_of(forget, pair)
-    recovered = torch.zeros(len(layers), n_positions)
+    recovered = torch.full((len(layers), n_positions), float("nan"))
     for index, name in enumerate(tqdm(names, desc="patching", disable=not progress, leave=False)):
         values = cache[name][pair, reference_columns].cpu()
         hooks_for = lambda chunk, name=name, values=values: [(name, patch_hook(forget_columns[chunk], values[chunk]))]  # noqa: E731
         patched = in_chunks(bridge, patched_rows, hooks_for, lambda logits, rows, chunk: difference(logits, rows, pair[chunk]), size)
-        recovered[index] = patched.view(n_positions, n_pairs).mean(dim=1)
+        recovered[index, offsets] = patched.view(len(offsets), n_pairs).mean(dim=1)
     gap = clean - corrupted
-    recovered = (recovered - corrupted) / gap if abs(gap) > 1e-6 else torch.zeros_like(recovered)
+    recovered = (recovered - corrupted) / gap if abs(gap) > 1e-6 else recovered * 0.0  # NaN stays NaN
     tokens = forget.input_ids[0, -n_positions:].tolist()
     return recovered, [f"{p - n_positions} {bridge.tokenizer.decode([token])!r}" for p, token in enumerate(tokens)]
 
 
 # ---------------------------------------------------------------- the edit check
 
-def unit_edit(
-    bridge: TransformerBridge, layer: int, forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions, edit: EditSettings
-) -> Float[torch.Tensor, "d_mlp d_model"]:
-    """ΔW of the closed-form edit at c = 1; at any c it is c·ΔW (u does not depend on c)."""
-    table = directions.shift_table(layer, 1.0)
-    stats = collect_statistics(bridge, layer, forget, retain, edit, refusal, len(table))
-    return solve_closed(stats, table, edit.ridge).delta
+def unit_edits(
+    bridge: TransformerBridge, layers: Sequence[int], forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions,
+    edit: EditSettings,
+) -> list[Float[torch.Tensor, "d_mlp d_model"]]:
+    """ΔW of the closed-form edit at c = 1 of each of `layers` alone (statistics from the same passes);
+    at any c it is c·ΔW (u does not depend on c)."""
+    tables = [directions.shift_table(layer, 1.0) for layer in layers]
+    stats = collect_statistics(bridge, layers, forget, retain, edit, refusal, len(tables[0]))
+    return [solve_closed(layer_stats, table, edit.ridge).delta for layer_stats, table in zip(stats, tables)]
 
 
 def edit_scores(
     bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, delta: torch.Tensor, coeffs: Sequence[float]
 ) -> dict[str, list[float]]:
-    """Forget ROUGE-1 recall, forget refusal rate and retain KL of the edit c·`delta` at `layer`, for each c."""
+    """Forget ROUGE-1 recall, forget refusal rate and retain KL of the edit c·`delta` at `layer`, for each c.
+    The greedy answers of several c are decoded in one batch of at most `generate_rows` rows (at least one c)."""
     scores: dict[str, list[float]] = {"forget_rouge1": [], "refusal_rate": [], "retain_kl": []}
-    for coeff in coeffs:
-        hooks = edit_hooks(layer, coeff * delta)
-        answers = forget_answers_with(bridge, sets, settings, hooks)
-        scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
-        scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
-        scores["retain_kl"].append(retain_kl(bridge, sets, settings, lambda chunk: hooks))
+    n = len(sets.forget)
+    n_calls = -(-len(coeffs) // max(1, settings.generate_rows // n))
+    for group in torch.tensor([float(c) for c in coeffs]).tensor_split(n_calls):
+        answers = forget_answers_with(bridge, sets, settings, edit_hooks(layer, delta, group.repeat_interleave(n)), copies=len(group))
+        for copy in range(len(group)):
+            mine = answers[copy * n : (copy + 1) * n]
+            scores["forget_rouge1"].append(mean_rouge1(mine, sets.forget_answers))
+            scores["refusal_rate"].append(refusal_rate(mine, references=[sets.refusal]))
+    interventions = [lambda chunk, hooks=edit_hooks(layer, coeff * delta): hooks for coeff in coeffs]
+    scores["retain_kl"] = retain_kl(bridge, sets, settings, interventions)
     return scores
 
 
@@ -578,11 +676,9 @@ def localise(
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"positions {settings.edit.positions} need per-answer-token directions: compute them with compute_directions(..., refusal=...)")
 
-    steering = {key: torch.zeros(len(layers), len(coeffs)) for key in ("logodds", "refusal_rate", "forget_rouge1", "retain_kl")}
+    steering = steering_scores(bridge, sets, settings, layers, directions, coeffs, progress)
     ablation = torch.zeros(2, len(layers))
-    for index, layer in enumerate(tqdm(layers, desc="steering and ablation", disable=not progress)):
-        for key, values in steering_scores(bridge, sets, settings, layer, directions, coeffs).items():
-            steering[key][index] = torch.tensor(values)
+    for index, layer in enumerate(tqdm(layers, desc="ablation", disable=not progress)):
         ablation[:, index] = torch.tensor(ablation_scores(bridge, sets, settings, layer, directions[layer].float()))
     patching, labels = patching_map(bridge, sets, settings, layers, progress)
     probe_ranking, probe_why = rank_layers(
@@ -591,15 +687,15 @@ def localise(
 
     checked = probe_ranking[: settings.calibrate_layers]
     edit = {key: torch.zeros(len(checked), len(coeffs)) for key in ("forget_rouge1", "refusal_rate", "retain_kl")}
-    for index, layer in enumerate(tqdm(checked, desc="edit check", disable=not progress)):
-        delta = unit_edit(bridge, layer, forget, retain, sets.refusal, directions, settings.edit)
+    deltas = unit_edits(bridge, checked, forget, retain, sets.refusal, directions, settings.edit)
+    for index, (layer, delta) in enumerate(zip(tqdm(checked, desc="edit check", disable=not progress), deltas)):
         for key, values in edit_scores(bridge, sets, settings, layer, delta, coeffs).items():
             edit[key][index] = torch.tensor(values)
     best_layer, best_coeff, checked_order, edit_why = choose_edit(
         checked, coeffs, edit["forget_rouge1"], edit["refusal_rate"], edit["retain_kl"], settings.kl_budget
     )
     ranking = checked_order + [layer for layer in probe_ranking if layer not in checked]
-    no_steering = forget_logodds(bridge, sets, settings, no_hooks)
+    (no_steering,) = forget_logodds(bridge, sets, settings, [no_hooks])
     return Localisation(
         layers=layers,
         coeffs=coeffs,

@@ -61,9 +61,12 @@ class TokenBatch:
         return torch.where(self.prompt_mask, positions, -1).max(dim=1).values
 
 
-def _char_mask(offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Tokens whose character span overlaps [start, end)."""
-    return (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+def format_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str]) -> list[str]:
+    """`format_prompt` of every question (one chat-template call for the batch)."""
+    if not questions or not uses_chat_template(tokenizer):
+        return [format_prompt(tokenizer, q) for q in questions]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    return list(tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True))
 
 
 def tokenize(
@@ -79,7 +82,7 @@ def tokenize(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("lunar-lens needs a fast (Rust) tokenizer for character offsets: save the model with tokenizer.json")
-    prompts = [format_prompt(tokenizer, q) for q in questions]
+    prompts = format_prompts(tokenizer, questions)
     texts = list(prompts) if answers is None else [p + format_answer(tokenizer, a) for p, a in zip(prompts, answers)]
     encoded = tokenizer(
         texts,
@@ -90,16 +93,34 @@ def tokenize(
         truncation=max_length is not None,
         max_length=max_length,
     )
-    offsets = encoded["offset_mapping"]
+    starts, ends = encoded["offset_mapping"].unbind(dim=-1)  # character span of each token
     real = encoded["attention_mask"].bool()
-    question_mask = torch.zeros_like(real)
-    prompt_mask = torch.zeros_like(real)
-    for row, (prompt, question) in enumerate(zip(prompts, questions)):
-        q_start = prompt.rfind(question)
-        question_mask[row] = _char_mask(offsets[row], q_start, q_start + len(question)) & real[row]
-        answer_start = len(prompt) if answers is not None else len(texts[row]) + 1
-        ends_in_prompt = offsets[row, :, 1] <= answer_start
-        prompt_mask[row] = real[row] & ends_in_prompt
-    # special tokens (BOS) have empty offsets (0, 0): they are prompt tokens
+    question_start = torch.tensor([prompt.rfind(question) for prompt, question in zip(prompts, questions)])[:, None]
+    question_end = question_start + torch.tensor([len(question) for question in questions])[:, None]
+    # tokens overlapping the question's characters (special tokens have empty spans)
+    question_mask = real & (starts < question_end) & (ends > question_start) & (ends > starts)
+    answer_start = torch.tensor([len(p) if answers is not None else len(t) + 1 for p, t in zip(prompts, texts)])[:, None]
+    prompt_mask = real & (ends <= answer_start)  # special tokens (BOS) have the span (0, 0): prompt tokens
     answer_mask = real & ~prompt_mask
     return TokenBatch(encoded["input_ids"], encoded["attention_mask"], question_mask, prompt_mask, answer_mask)
+
+
+def first_answer_tokens(batch: TokenBatch, k: int, pad_id: int) -> TokenBatch:
+    """Each row's prompt and first `k` answer tokens, left-padded again: all that scoring those tokens
+    needs (in a causal model, later tokens cannot change them)."""
+    real = batch.attention_mask.bool()
+    keep = real & ~(batch.answer_mask & (batch.answer_mask.long().cumsum(dim=1) > k))
+    lengths = keep.sum(dim=1, keepdim=True)
+    width = int(lengths.max())
+    column = torch.arange(width)[None, :]
+    valid = column >= width - lengths
+    # the kept tokens run from each row's first real token (after its left padding)
+    source = ((~real).sum(dim=1, keepdim=True) + column - (width - lengths)).clamp(0, real.shape[1] - 1)
+
+    def take(values: torch.Tensor, pad: int | bool) -> torch.Tensor:
+        return torch.where(valid, values.gather(1, source), torch.tensor(pad, dtype=values.dtype))
+
+    return TokenBatch(
+        take(batch.input_ids, pad_id), take(batch.attention_mask, 0), take(batch.question_mask, False),
+        take(batch.prompt_mask, False), take(batch.answer_mask, False),
+    )

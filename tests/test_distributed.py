@@ -44,7 +44,7 @@ def edit_once(parallel: DataParallel) -> dict:
     result = edit_layers(bridge, forget, retain, reference, LAYERS, EditSettings(batch_size=4), parallel=parallel)
     # one forget prompt: the second rank's shard is empty
     lonely = compute_directions(bridge, [forget[0].question], [qa.question for qa in reference], refusal="I don't know.", parallel=parallel)
-    rows = collect_statistics(bridge, 1, forget, retain, EditSettings(), "I don't know.", keep_rows=True, parallel=parallel)
+    rows = collect_statistics(bridge, [1], forget, retain, EditSettings(), "I don't know.", keep_rows=True, parallel=parallel)[0]
     return {
         "directions": result.directions.vectors,
         "answer_directions": result.directions.answer_vectors,

@@ -53,10 +53,20 @@ def test_single_shift_vector_gives_a_rank_one_edit_that_beats_adamw(tiny):
     shifts = settings.coeff * result.directions[1][None]
     with torch.no_grad():
         w_out(tiny, 1).sub_(result.edits[0].delta)  # back to the original weights
-    stats = collect_statistics(tiny, 1, FORGET, RETAIN, settings, "I don't know.", keep_rows=True)
+    stats = collect_statistics(tiny, [1], FORGET, RETAIN, settings, "I don't know.", keep_rows=True)[0]
     closed, adamw = solve_closed(stats, shifts), solve_adamw(stats, shifts, w_out(tiny, 1))
     assert closed.objective_after <= adamw.objective_after < adamw.objective_before
     assert closed.objective_after == pytest.approx(result.layers[0].objective_after, rel=1e-4)
+
+
+def test_statistics_of_several_layers_come_from_one_pass_and_equal_single_layer_ones(tiny):
+    settings = EditSettings(positions="last+answer")
+    both = collect_statistics(tiny, [2, 0], FORGET, RETAIN, settings, "I don't know.", n_shifts=3)
+    for layer, stats in zip([2, 0], both):
+        (alone,) = collect_statistics(tiny, [layer], FORGET, RETAIN, settings, "I don't know.", n_shifts=3)
+        assert torch.allclose(stats.gram, alone.gram, rtol=1e-10, atol=1e-12) and torch.equal(stats.shifted_counts, alone.shifted_counts)
+        assert torch.allclose(stats.shifted_sums, alone.shifted_sums, rtol=1e-10, atol=1e-12) and stats.n_rows == alone.n_rows
+    assert not torch.allclose(both[0].gram, both[1].gram)
 
 
 def test_answer_rules_use_one_direction_per_refusal_token(tiny):

@@ -19,10 +19,12 @@ from lunar_lens.localise import (
     ablation_scores,
     choose_edit,
     edit_hooks,
+    edit_scores,
     forget_answers_with,
     in_chunks,
     localise,
     logit_difference,
+    mean_rouge1,
     no_hooks,
     pair_by_suffix,
     patching_map,
@@ -32,7 +34,7 @@ from lunar_lens.localise import (
     steering_generation_hook,
     steering_scores,
     top_next_token,
-    unit_edit,
+    unit_edits,
 )
 from lunar_lens.model import resid_post, wrap_hf_model
 from lunar_lens.prompts import tokenize
@@ -132,7 +134,7 @@ def test_steering_scores_equal_slow_references(bridge, qa_sets, positions):
         bridge, [q.question for q in forget], [q.question for q in reference], refusal=sets.refusal if positions.endswith("+answer") else None
     )
     coeffs = [0.5, 3.0]
-    fast = steering_scores(bridge, sets, settings, LAYER, directions, coeffs)
+    fast = {key: values[1] for key, values in steering_scores(bridge, sets, settings, [0, LAYER], directions, coeffs).items()}
     tokenizer, name = bridge.tokenizer, resid_post(LAYER)
     for i, coeff in enumerate(coeffs):
         table = directions.shift_table(LAYER, coeff)
@@ -155,7 +157,7 @@ def test_steering_scores_equal_slow_references(bridge, qa_sets, positions):
         assert fast["retain_kl"][i] == pytest.approx(sum(kls) / len(kls), rel=1e-3, abs=1e-6)
         assert forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))]) == answers
         assert fast["refusal_rate"][i] == refusal_rate(answers, references=[sets.refusal])
-    assert len({round(x, 3) for x in fast["logodds"]}) == 2  # the coefficient matters
+    assert len({round(x, 3) for x in fast["logodds"].tolist()}) == 2  # the coefficient matters
 
 
 def test_ablation_scores_equal_a_slow_reference(bridge, qa_sets):
@@ -278,7 +280,8 @@ def test_edit_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     settings = EditSettings(coeff=3.0)
     refusal = reference[0].answer
     directions = compute_directions(model, [q.question for q in forget], [q.question for q in reference], refusal=refusal)
-    delta = unit_edit(model, LAYER, forget, retain, refusal, directions, settings)
+    delta, other = unit_edits(model, [LAYER, 0], forget, retain, refusal, directions, settings)
+    assert torch.equal(other, unit_edits(model, [0], forget, retain, refusal, directions, settings)[0])  # one pass, two layers
     batch = tokenize(toy_tokenizer, [q.question for q in forget + retain], [q.answer for q in forget + retain])
     with torch.no_grad():
         before = model(batch.input_ids, attention_mask=batch.attention_mask)
@@ -288,6 +291,22 @@ def test_edit_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
         edited = model(batch.input_ids, attention_mask=batch.attention_mask)
     assert (edited - before).abs().max() > 1e-3
     assert torch.allclose(simulated, edited, atol=1e-4)
+
+
+def test_edit_scores_decode_several_coefficients_in_one_batch(toy_bridge, qa_sets):
+    forget, retain, reference = qa_sets
+    coeffs = [0.05, 1.0, 32.0]
+    settings = settings_for(generate_rows=2 * len(forget))  # two c per batch: batches of 2 and 1
+    sets = prepare_sets(toy_bridge, forget, retain, reference, settings)
+    directions = compute_directions(toy_bridge, [q.question for q in forget], [q.question for q in reference], refusal=sets.refusal)
+    (delta,) = unit_edits(toy_bridge, [LAYER], forget, retain, sets.refusal, directions, settings.edit)
+    scores = edit_scores(toy_bridge, sets, settings, LAYER, delta, coeffs)
+    for i, coeff in enumerate(coeffs):  # one c at a time
+        answers = forget_answers_with(toy_bridge, sets, settings, edit_hooks(LAYER, coeff * delta))
+        assert scores["refusal_rate"][i] == refusal_rate(answers, references=[sets.refusal])
+        assert scores["forget_rouge1"][i] == pytest.approx(mean_rouge1(answers, sets.forget_answers))
+    # c matters, so rows of different c were told apart: answers at 0.05, refusals at 1, broken text at 32
+    assert scores["forget_rouge1"][0] > 0.5 > scores["forget_rouge1"][1] and scores["refusal_rate"][1] > scores["refusal_rate"][2]
 
 
 # ---------------------------------------------------------------- the rule
@@ -350,6 +369,7 @@ def test_without_figure_probes_the_decision_is_the_same(bridge, qa_sets):
     lean = localise(bridge, forget, retain, reference, coeffs, settings=settings_for(figure_probes=False))
     assert (lean.best_layer, lean.best_coeff, lean.ranking) == (full.best_layer, full.best_coeff, full.ranking)
     assert torch.equal(lean.steer_logodds, full.steer_logodds) and torch.equal(lean.steer_retain_kl[:, 0], full.steer_retain_kl[:, 0])
-    assert lean.steer_retain_kl[:, 1:].isnan().all() and lean.steer_refusal_rate[:, 1:].isnan().all()
+    assert lean.steer_retain_kl[:, 1:].isnan().all() and lean.steer_refusal_rate.isnan().all()
     assert not full.steer_refusal_rate.isnan().any()
     assert torch.equal(lean.ablation_drop, full.ablation_drop) and lean.ablation_retain_kl.isnan().all()
+    assert torch.allclose(lean.patching[:, -1], full.patching[:, -1], atol=1e-5) and lean.patching[:, :-1].isnan().all()

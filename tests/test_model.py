@@ -11,7 +11,7 @@ from lunar_lens.model import (
     add_to_w_out, b_out, load_model, mlp_out, mlp_post, parse_dtype, resid_mid, resid_post, resid_pre,
     w_out, w_out_tensor_name, wrap_hf_model,
 )
-from lunar_lens.prompts import format_prompt, tokenize
+from lunar_lens.prompts import add_special_tokens, first_answer_tokens, format_answer, format_prompt, tokenize
 
 QUESTIONS = ["Where does Zorvan Kelt live?", "What is the favourite colour of the tall baker from the valley?", "Who?"]
 
@@ -105,6 +105,47 @@ def test_prompt_format_uses_the_chat_template_or_the_plain_format(toy_tokenizer,
     batch = tokenize(plain_tokenizer, ["Who?"], ["Nobody."])
     answer = plain_tokenizer.decode(batch.input_ids[0][batch.answer_mask[0]], skip_special_tokens=True)
     assert answer.strip() == "Nobody."
+
+
+def row_masks(tokenizer, question: str, answer: str | None) -> tuple[list[bool], list[bool]]:
+    """Question and prompt masks of one unpadded row, token by token from its character spans."""
+    prompt = format_prompt(tokenizer, question)
+    text = prompt if answer is None else prompt + format_answer(tokenizer, answer)
+    spans = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens(tokenizer))["offset_mapping"]
+    q_start = prompt.rfind(question)
+    answer_start = len(prompt) if answer is not None else len(text) + 1
+    question = [start < q_start + len(question) and end > q_start and end > start for start, end in spans]
+    return question, [end <= answer_start for _, end in spans]
+
+
+@pytest.mark.parametrize("with_answers", [False, True])
+def test_batched_masks_equal_token_by_token_masks(toy_tokenizer, plain_tokenizer, with_answers):
+    answers = ["Nobody knows.", "Green, with a ü.", "I'm not able to answer that."] if with_answers else None
+    for tokenizer in (toy_tokenizer, plain_tokenizer):
+        batch = tokenize(tokenizer, QUESTIONS, answers)
+        for row, question in enumerate(QUESTIONS):
+            real = batch.attention_mask[row].bool()
+            question_mask, prompt_mask = row_masks(tokenizer, question, None if answers is None else answers[row])
+            assert batch.question_mask[row][real].tolist() == question_mask
+            assert batch.prompt_mask[row][real].tolist() == prompt_mask
+            assert batch.answer_mask[row][real].tolist() == [not p for p in prompt_mask]
+            assert not (batch.question_mask[row] | batch.prompt_mask[row] | batch.answer_mask[row])[~real].any()
+        assert sum(batch.question_mask[0]) > 0
+
+
+def test_first_answer_tokens_keep_each_prompt_and_k_answer_tokens(toy_tokenizer):
+    answers = ["No.", "It is a long answer about the favourite colour, which is green.", "Nobody knows who."]
+    full = tokenize(toy_tokenizer, QUESTIONS, answers)
+    cut = first_answer_tokens(full, 3, toy_tokenizer.pad_token_id)
+    assert cut.input_ids.shape[1] < full.input_ids.shape[1]
+    for row in range(len(QUESTIONS)):
+        real, kept = full.attention_mask[row].bool(), cut.attention_mask[row].bool()
+        n_prompt = int(full.prompt_mask[row].sum())
+        n_kept = n_prompt + min(3, int(full.answer_mask[row].sum()))
+        for name in ("input_ids", "question_mask", "prompt_mask", "answer_mask"):
+            assert torch.equal(getattr(cut, name)[row][kept], getattr(full, name)[row][real][:n_kept])
+        assert not kept[: len(kept) - n_kept].any() and kept[len(kept) - n_kept :].all()  # left padding
+        assert (cut.input_ids[row][~kept] == toy_tokenizer.pad_token_id).all()
 
 
 def test_bad_model_inputs_are_clear_errors(tmp_path):
