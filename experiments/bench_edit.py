@@ -11,6 +11,9 @@ localisation sweep's cost relative to one edit.
 - **lens**: `compute_directions` (batched, stopped after the edited layer) and `edit_layers` with the release's objective
   (`positions="all"`, c = 2, retain prompts without answers): batched passes truncated at the edited layer,
   streamed statistics, the exact solver.
+- **floor**: the compute floor of the lens passes — the same prompts, pre-tokenised, through the plain HF
+  model's blocks 0..layer and nothing else (fastest of batch sizes 32, 128, 512); release / floor bounds the
+  speed-up any implementation that reads these activations can reach on this machine.
 - **localise**: `choose_layer_and_coeff` (what `--layer auto --coeff auto` runs: every probe on every layer,
   the edit check) and the `localise` report (plus the figure-only probes) against one edit made with the
   default `EditSettings` at the chosen layer and c (directions included), 1× only.
@@ -54,6 +57,7 @@ WORKER_ENV = {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
 # freed, so the peak RSS is the live memory, without the heap fragmentation that grows with the number of
 # batches under the 4 MiB threshold; edits run ~2.5x slower, so these runs are not timed.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
+FLOOR_BATCH_SIZES = (32, 128, 512)
 RELEASE_OBJECTIVE = dict(positions="all", coeff=2.0, retain_answers=False)  # what the released recipe fits
 
 
@@ -168,7 +172,48 @@ def worker_localise(layer: int, forget: list, retain: list, reference: list) -> 
             "best_layer": layers[0], "best_coeff": coeff, "report_agrees": (loc.best_layer, loc.best_coeff) == (layers[0], coeff)}
 
 
-WORKERS = {"release": worker_release, "lens": worker_lens, "lens-memory": worker_lens, "localise": worker_localise}
+def worker_floor(layer: int, forget: list, retain: list, reference: list) -> dict:
+    """The compute floor of lunar-lens's passes on this machine: the same prompts, tokenised before the clock
+    starts into length-sorted batches, through the plain HF model's blocks 0..layer only (no bridge, no hook
+    but the one that stops the pass, nothing read or kept); the fastest of three batch sizes. An implementation
+    that reads these activations is not faster."""
+    from release_recipe import decoder_layers
+    from transformers import AutoModelForCausalLM
+
+    from lunar_lens.activations import token_batches
+    from lunar_lens.model import load_tokenizer
+    from lunar_lens.toyworld import checkpoint_path
+
+    tokenizer = load_tokenizer(checkpoint_path())
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path(), dtype=torch.float32).eval()
+
+    def batches(items: list, size: int) -> list:
+        return list(token_batches(tokenizer, [qa.question for qa in items], batch_size=size, by_length=True))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_) -> None:
+        raise Stop
+
+    @torch.no_grad()
+    def run(batches: list) -> None:
+        for batch in batches:
+            try:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            except Stop:
+                pass
+
+    decoder_layers(model)[layer].register_forward_hook(stop)
+    seconds = {}
+    for size in FLOOR_BATCH_SIZES:
+        passes = [batch for items in (reference, forget, forget, retain) for batch in batches(items, size)]  # directions, edit rows
+        run(passes[:2])  # warm-up
+        seconds[size] = measured(lambda: run(passes))[1]["seconds_total"]
+    return {"seconds_floor": min(seconds.values()), "seconds_by_batch_size": seconds}
+
+
+WORKERS = {"release": worker_release, "lens": worker_lens, "lens-memory": worker_lens, "localise": worker_localise, "floor": worker_floor}
 
 
 def run_worker(variant: str, scale: int, args: argparse.Namespace) -> dict:
@@ -195,7 +240,7 @@ def summarise(runs: list[dict], n_prompts: int) -> dict:
         groups.setdefault((run["variant"], run["scale"]), []).append(run)
     cells = {}
     for (variant, scale), group in sorted(groups.items()):
-        if variant == "localise":
+        if variant in ("localise", "floor"):
             continue
         cells[f"{variant} x{scale}"] = {
             "variant": variant, "scale": scale, "prompts": n_prompts * scale, "repeats": len(group),
@@ -215,6 +260,7 @@ def summarise(runs: list[dict], n_prompts: int) -> dict:
     timed_peak = [cells[f"lens x{s}"]["peak_mb"] for s in lens_scales]
     lens_time = [cells[f"lens x{s}"]["seconds_total"] for s in lens_scales]
     localise = groups.get(("localise", 1), [])
+    floor = groups.get(("floor", 1), [])
     summary = {
         "speedup_1x": cells["release x1"]["seconds_total"] / cells["lens x1"]["seconds_total"],
         # repeat i of each variant ran back to back, under about the same load
@@ -231,6 +277,12 @@ def summarise(runs: list[dict], n_prompts: int) -> dict:
         "lens_peak_spread_timed_runs": (max(timed_peak) - min(timed_peak)) / min(timed_peak),  # RSS with fragmentation
         "lens_seconds_per_prompt": {s: t / (n_prompts * s) for s, t in zip(lens_scales, lens_time)},
     }
+    if floor:
+        seconds_floor = median_of(floor, lambda r: r["seconds_floor"])
+        summary["floor"] = {
+            "seconds_floor": seconds_floor, "lens_over_floor": cells["lens x1"]["seconds_total"] / seconds_floor,
+            "speedup_ceiling_1x": cells["release x1"]["seconds_total"] / seconds_floor,
+        }
     if localise:
         edit = median_of(localise, lambda r: r["seconds_edit"])
         summary["localise"] = {
@@ -270,6 +322,11 @@ def print_tables(result: dict) -> None:
     print(f"lens peak memory spread over scales: live {live} (lens-memory runs), RSS of the timed runs "
           f"{100 * summary['lens_peak_spread_timed_runs']:.1f}%; seconds per prompt: "
           + ", ".join(f"{s}x {v * 1000:.2f} ms" for s, v in summary["lens_seconds_per_prompt"].items()))
+    if "floor" in summary:
+        floor = summary["floor"]
+        print(f"compute floor (the same batches through the plain HF blocks, nothing else): {floor['seconds_floor']:.2f} s; lunar-lens "
+              f"takes {floor['lens_over_floor']:.2f}x the floor; a path at the floor would be {floor['speedup_ceiling_1x']:.1f}x faster "
+              "than the release")
     if "localise" in summary:
         loc = summary["localise"]
         print(f"localisation (--layer auto --coeff auto) {loc['seconds_localise']:.1f} s = {loc['ratio_to_default_edit']:.1f}x one "
@@ -294,6 +351,9 @@ def plot(result: dict) -> Path:
         cell = cells[f"{variant} x1"]
         values = [cell[f"seconds_{p}"] for p in labels]
         ax.bar([i + offset for i in range(len(labels))], values, width=0.4, color=colours[variant], label=names[variant])
+    if "floor" in summary:
+        ax.bar([len(labels)], [summary["floor"]["seconds_floor"]], width=0.4, color="tab:olive", label="compute floor of the lens passes")
+        labels.append("floor")
     if "localise" in summary:
         loc = summary["localise"]
         ax.bar([len(labels) - 0.2], [loc["seconds_default_edit"]], width=0.4, color="tab:cyan", label="lunar-lens, default edit")
@@ -365,13 +425,15 @@ def main() -> None:
                 jobs.append(("lens", scale))
             if scale == 1 and not args.no_localise:
                 jobs.append(("localise", 1))
+            if scale == 1:
+                jobs.append(("floor", 1))
     jobs += [("lens-memory", scale) for scale in scales for _ in range(args.memory_repeats)]
     started = time.perf_counter()
     runs = []
     for number, (variant, scale) in enumerate(jobs, 1):
         run = run_worker(variant, scale, args)
         runs.append(run)
-        took = run.get("seconds_total", run.get("seconds_localise", 0.0) + run.get("seconds_edit", 0.0))
+        took = run.get("seconds_total", run.get("seconds_floor", run.get("seconds_localise", 0.0) + run.get("seconds_edit", 0.0)))
         print(f"[{number}/{len(jobs)}] {variant} x{scale}: {took:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
     n_prompts = sum(len(s) for s in toy_sets(args.entities, 1))
     result = summarise(runs, n_prompts)
