@@ -321,7 +321,7 @@ class ProbeSets:
     refusal: str
     forget: list[QA]
     forget_answers: list[str]  # the given answers, else the model's own greedy answers
-    baseline_answers: list[str]  # the model's greedy answers to the forget prompts
+    baseline_answers: list[str]  # the model's greedy answers to the forget prompts (none if not needed)
     reference_questions: list[str]
     forget_tf: TokenBatch  # 2n rows: forget prompt + refusal, then forget prompt + answer (teacher-forced, first score_tokens)
     forget_prompts: TokenBatch
@@ -346,8 +346,10 @@ def prepare_sets(
     refusal = refusal_text(reference, settings.edit)
     forget = spread(forget, settings.max_prompts)
     questions = [qa.question for qa in forget]
-    baseline = generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions))
-    answers = [qa.answer or own for qa, own in zip(forget, baseline)]
+    # the model's own answers: the references where answers are missing, and the figures' baseline
+    own = settings.figure_probes or not all(qa.answer for qa in forget)
+    baseline = generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions)) if own else []
+    answers = [qa.answer or baseline[i] for i, qa in enumerate(forget)]
     forget_prompts = tokenize(tokenizer, questions)
     retain = spread(retain, settings.max_prompts)
     retain_answers = [qa.answer for qa in retain] if all(qa.answer for qa in retain) else None
@@ -414,12 +416,15 @@ def forget_answers_with(
         return generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions))
 
 
-def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, table: torch.Tensor) -> Callable:
-    """Steering while generating, as the edit would act: the prefill adds `steering_shift` at the prompt
-    positions; for `+answer` rules, decoding step j (whose one new position holds generated token
-    j − 1) adds the shift of answer token j − 1."""
-    prompt = steering_shift(sets.forget_prompts, table, settings.edit.positions, sets.prefix)
-    answer_table = table[1:] if settings.edit.positions.endswith("+answer") else table[:0]
+def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, tables: Sequence[torch.Tensor]) -> Callable:
+    """Steering while generating, as the edit would act, for the forget prompts repeated once per shift table
+    (copy-major, as `forget_answers_with(..., copies=len(tables))` decodes them): the prefill adds
+    `steering_shift` at the prompt positions; for `+answer` rules, decoding step j (whose one new position
+    holds generated token j − 1) adds the shift of answer token j − 1."""
+    positions = settings.edit.positions
+    prompt = torch.cat([steering_shift(sets.forget_prompts, table, positions, sets.prefix) for table in tables])
+    answer_tables = torch.stack([table[1:] if positions.endswith("+answer") else table[:0] for table in tables])
+    per_row = answer_tables.repeat_interleave(len(sets.forget), dim=0)  # [rows, n_answer, d_model]
     calls = 0
 
     def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
@@ -427,9 +432,25 @@ def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, table:
         calls += 1
         if calls == 1:
             return add_hook(prompt)(activation)
-        return add_hook(answer_table[calls - 2])(activation) if calls - 2 < len(answer_table) else activation
+        step = calls - 2
+        return add_hook(per_row[:, step, None])(activation) if step < per_row.shape[1] else activation
 
     return hook
+
+
+def answers_per_intervention(
+    bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, hooks_for: Callable[[list[int]], list[Hook]], count: int
+) -> list[list[str]]:
+    """Greedy forget answers under each of `count` interventions, several decoded per batch (at most
+    `generate_rows` rows, at least one intervention): `hooks_for(indices)` acts as interventions `indices`
+    on the forget prompts repeated once per index (copy-major)."""
+    n = len(sets.forget)
+    answers: list[list[str]] = []
+    for group in torch.arange(count).tensor_split(-(-count // max(1, settings.generate_rows // n))):
+        indices = group.tolist()
+        decoded = forget_answers_with(bridge, sets, settings, hooks_for(indices), copies=len(indices))
+        answers += [decoded[copy * n : (copy + 1) * n] for copy in range(len(indices))]
+    return answers
 
 
 def first_steered_column(batch: TokenBatch, positions: str, prefix: int, n_answer: int) -> int:
@@ -471,10 +492,15 @@ def steering_scores(
     desc = "steering retain KL" if progress else None
     scores["retain_kl"].view(-1)[list(kl_cells)] = torch.tensor(retain_kl(bridge, sets, settings, interventions, shared, desc))
     if settings.figure_probes:
-        for index, (layer, table) in enumerate(tqdm(cells, desc="steered generation", disable=not progress, leave=False)):
-            answers = forget_answers_with(bridge, sets, settings, [(resid_post(layer), steering_generation_hook(sets, settings, table))])
-            scores["refusal_rate"].view(-1)[index] = refusal_rate(answers, references=[sets.refusal])
-            scores["forget_rouge1"].view(-1)[index] = mean_rouge1(answers, sets.forget_answers)
+        for row, layer in enumerate(tqdm(layers, desc="steered generation", disable=not progress, leave=False)):
+            tables = [table for _, table in cells[row * len(coeffs) : (row + 1) * len(coeffs)]]
+
+            def hooks_for(indices: list[int], name: str = resid_post(layer), tables: list = tables) -> list[Hook]:
+                return [(name, steering_generation_hook(sets, settings, [tables[i] for i in indices]))]
+
+            for column, answers in enumerate(answers_per_intervention(bridge, sets, settings, hooks_for, len(coeffs))):
+                scores["refusal_rate"][row, column] = refusal_rate(answers, references=[sets.refusal])
+                scores["forget_rouge1"][row, column] = mean_rouge1(answers, sets.forget_answers)
     return scores
 
 
@@ -579,14 +605,14 @@ def edit_scores(
     """Forget ROUGE-1 recall, forget refusal rate and retain KL of the edit c·`delta` at `layer`, for each c.
     The greedy answers of several c are decoded in one batch of at most `generate_rows` rows (at least one c)."""
     scores: dict[str, list[float]] = {"forget_rouge1": [], "refusal_rate": [], "retain_kl": []}
-    n = len(sets.forget)
-    n_calls = -(-len(coeffs) // max(1, settings.generate_rows // n))
-    for group in torch.tensor([float(c) for c in coeffs]).tensor_split(n_calls):
-        answers = forget_answers_with(bridge, sets, settings, edit_hooks(layer, delta, group.repeat_interleave(n)), copies=len(group))
-        for copy in range(len(group)):
-            mine = answers[copy * n : (copy + 1) * n]
-            scores["forget_rouge1"].append(mean_rouge1(mine, sets.forget_answers))
-            scores["refusal_rate"].append(refusal_rate(mine, references=[sets.refusal]))
+    scale = torch.tensor([float(c) for c in coeffs])
+
+    def hooks_for(indices: list[int]) -> list[Hook]:
+        return edit_hooks(layer, delta, scale[indices].repeat_interleave(len(sets.forget)))
+
+    for answers in answers_per_intervention(bridge, sets, settings, hooks_for, len(coeffs)):
+        scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
+        scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
     interventions = [lambda chunk, hooks=edit_hooks(layer, coeff * delta): hooks for coeff in coeffs]
     scores["retain_kl"] = retain_kl(bridge, sets, settings, interventions)
     return scores
@@ -695,15 +721,16 @@ def localise(
         checked, coeffs, edit["forget_rouge1"], edit["refusal_rate"], edit["retain_kl"], settings.kl_budget
     )
     ranking = checked_order + [layer for layer in probe_ranking if layer not in checked]
-    (no_steering,) = forget_logodds(bridge, sets, settings, [no_hooks])
+    nan = float("nan")  # the figures' no-steering baselines
+    (no_steering,) = forget_logodds(bridge, sets, settings, [no_hooks]) if settings.figure_probes else (nan,)
     return Localisation(
         layers=layers,
         coeffs=coeffs,
         refusal=sets.refusal,
         direction_norms=[directions.norms[layer] for layer in layers],
         baseline_logodds=no_steering,
-        baseline_refusal_rate=refusal_rate(sets.baseline_answers, references=[sets.refusal]),
-        baseline_forget_rouge1=mean_rouge1(sets.baseline_answers, sets.forget_answers),
+        baseline_refusal_rate=refusal_rate(sets.baseline_answers, references=[sets.refusal]) if sets.baseline_answers else nan,
+        baseline_forget_rouge1=mean_rouge1(sets.baseline_answers, sets.forget_answers) if sets.baseline_answers else nan,
         steer_logodds=steering["logodds"],
         steer_refusal_rate=steering["refusal_rate"],
         steer_forget_rouge1=steering["forget_rouge1"],

@@ -2,6 +2,7 @@
 utilities, the edit simulation against the real edit, and the selection rule on planted cases."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -155,7 +156,7 @@ def test_steering_scores_equal_slow_references(bridge, qa_sets, positions):
         answers = [slow_greedy(bridge, qa.question, table, positions, settings.generate_tokens, LAYER) for qa in forget]
         assert fast["logodds"][i] == pytest.approx(sum(logodds) / len(logodds), abs=1e-4)
         assert fast["retain_kl"][i] == pytest.approx(sum(kls) / len(kls), rel=1e-3, abs=1e-6)
-        assert forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, table))]) == answers
+        assert forget_answers_with(bridge, sets, settings, [(name, steering_generation_hook(sets, settings, [table]))]) == answers
         assert fast["refusal_rate"][i] == refusal_rate(answers, references=[sets.refusal])
     assert len({round(x, 3) for x in fast["logodds"].tolist()}) == 2  # the coefficient matters
 
@@ -373,3 +374,4 @@ def test_without_figure_probes_the_decision_is_the_same(bridge, qa_sets):
     assert not full.steer_refusal_rate.isnan().any()
     assert torch.equal(lean.ablation_drop, full.ablation_drop) and lean.ablation_retain_kl.isnan().all()
     assert torch.allclose(lean.patching[:, -1], full.patching[:, -1], atol=1e-5) and lean.patching[:, :-1].isnan().all()
+    assert math.isnan(lean.baseline_logodds) and math.isnan(lean.baseline_refusal_rate) and not math.isnan(full.baseline_logodds)
