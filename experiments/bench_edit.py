@@ -288,6 +288,7 @@ def summarise(runs: list[dict], n_prompts: int) -> dict:
         summary["localise"] = {
             "seconds_localise": median_of(localise, lambda r: r["seconds_localise"]), "seconds_default_edit": edit,
             "ratio_to_default_edit": median_of(localise, lambda r: r["seconds_localise"]) / edit,
+            "ratio_per_repeat": [r["seconds_localise"] / r["seconds_edit"] for r in localise],
             "ratio_to_release_edit": median_of(localise, lambda r: r["seconds_localise"]) / cells["release x1"]["seconds_total"],
             "seconds_localise_report": median_of(localise, lambda r: r["seconds_localise_report"]),
             "report_ratio_to_default_edit": median_of(localise, lambda r: r["seconds_localise_report"]) / edit,
@@ -364,7 +365,7 @@ def plot(result: dict) -> Path:
     ax.set_ylabel("seconds (median)")
     ax.set_title(f"One edit, 1x: {summary['speedup_1x_paired']:.0f}x faster "
                  f"({summary['speedup_edit_1x']:.0f}x without directions)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     panels = ((axes[0, 1], "seconds_total", "seconds (median)", "Time vs number of prompts", "log"),
               (axes[0, 2], "peak_mb", "MB above the loaded model", "Peak memory vs number of prompts", "linear"))
     for ax, key, ylabel, title, yscale in panels:
@@ -403,6 +404,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4, help="edited layer (4: the deepest the release can edit)")
     parser.add_argument("--entities", type=int, default=2, help="forget the first N entities")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument("--plot-only", action="store_true", help=f"redraw the figure from {RESULTS.name}, measuring nothing")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -410,6 +412,9 @@ def main() -> None:
     if args.worker:
         result = WORKERS[args.worker](args.layer, *toy_sets(args.entities, args.scale))
         print(json.dumps(result))
+        return
+    if args.plot_only:
+        print(f"wrote {plot(json.loads(RESULTS.read_text()))}")
         return
 
     scales = [int(s) for s in args.scales.split(",")]
