@@ -1,7 +1,9 @@
 """Layer localisation: which layer to edit and how hard to redirect (the coefficient c), measured with
 hook points on the unedited model, then checked on the edit itself, simulated by hooks.
 
-Probes, each batched (one pass per layer, or per layer × c, over an evenly spread subsample of each set):
+Probes, each batched (one pass per layer, or per layer × c, over an evenly spread subsample of each set;
+the columns before the first steered position run once, and every layer × c steering continues from their
+keys and values):
 
 - **steering** (sufficiency): add to `blocks.l.hook_resid_post` of forget prompts what the edit adds to
   the MLP output — c·r_l at the last prompt token and, for `+answer` rules, c·r_l(k) at answer token k —
