@@ -17,20 +17,30 @@ from pathlib import Path
 
 import torch
 
+import run_pistol
+import run_tofu
+from finetune import TOFU_FORGET_SPLITS
+from real_data import Request
+
 from lunar_lens.data import check_disjoint, load_qa
 from lunar_lens.localise import choose_layer_and_coeff
 from lunar_lens.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "relocalise.json"
-REQUESTS = {"pistol": {"A_B": ("forget", "retain")}, "tofu": {s: (s, s.replace("forget", "retain")) for s in ("forget01", "forget05", "forget10")}}
 SCORES = ("steer_logodds", "steer_retain_kl", "steer_refusal_rate", "steer_forget_rouge1", "ablation_drop", "patching",
           "edit_forget_rouge1", "edit_refusal_rate", "edit_retain_kl", "direction_norms")
 
 
-def relocalise(run: Path, request: str, forget_name: str, retain_name: str) -> dict:
-    stored = json.loads((run / request / "localise" / "localisation.json").read_text())
-    forget, retain, reference = (load_qa(run / "sets" / f"{name}.json") for name in (forget_name, retain_name, "reference"))
+def requests(runs: Path) -> list[tuple[Path, Request]]:
+    """(run folder, request) of every request `run_pistol.py` and `run_tofu.py` make."""
+    pistol, tofu = runs / "pistol", runs / "tofu"
+    return [(pistol, run_pistol.request(pistol / "sets"))] + [(tofu, run_tofu.request(tofu / "sets", s)) for s in TOFU_FORGET_SPLITS]
+
+
+def relocalise(run: Path, request: Request) -> dict:
+    stored = json.loads((run / request.name / "localise" / "localisation.json").read_text())
+    forget, retain, reference = (load_qa(path) for path in (request.forget, request.retain, run / "sets" / "reference.json"))
     bridge = load_model(run / "model")
     started = time.perf_counter()
     _, _, loc = choose_layer_and_coeff(bridge, forget, check_disjoint(forget, retain), reference, figure_probes=True)
@@ -49,13 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
-    for task, requests in REQUESTS.items():
-        for request, (forget_name, retain_name) in requests.items():
-            run = Path(args.runs) / task
-            if not (run / request / "localise" / "localisation.json").exists():
-                print(f"skipped {task}/{request}: no stored localisation under {run} (run experiments/run_{task}.py first)")
-                continue
-            results[f"{task}/{request}"] = relocalise(run, request, forget_name, retain_name)
+    for run, request in requests(Path(args.runs)):
+        name = f"{run.name}/{request.name}"
+        if not (run / request.name / "localise" / "localisation.json").exists():
+            print(f"skipped {name}: no stored localisation under {run} (run experiments/run_{run.name}.py first)")
+            continue
+        results[name] = relocalise(run, request)
     if not results:
         raise SystemExit("no stored real-data run to compare with")
     RESULTS.write_text(json.dumps(results, indent=2))

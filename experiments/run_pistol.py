@@ -15,14 +15,18 @@ from pathlib import Path
 import real_data
 
 
+def request(sets: Path) -> real_data.Request:
+    """Forget edge A_B, retain the other edges (files of RUN/sets)."""
+    return real_data.Request("A_B", sets / "forget.json", sets / "retain.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     real_data.add_arguments(parser, "pistol")
     args = parser.parse_args()
     finetuned = real_data.ensure_model("pistol", args, [])
-    sets = Path(args.run) / "sets"
-    request = real_data.Request("A_B", sets / "forget.json", sets / "retain.json")
-    results = {request.name: real_data.run_request(request, args)}
+    ab = request(Path(args.run) / "sets")
+    results = {ab.name: real_data.run_request(ab, args)}
     real_data.write_results("pistol", finetuned, results, args)
 
 

@@ -29,6 +29,11 @@ def paraphrases(source: Path, forget: Path, out: Path) -> Path:
     return out
 
 
+def request(sets: Path, split: str) -> real_data.Request:
+    """The split's request (files of RUN/sets): its forget set, the matching retain set, its paraphrases."""
+    return real_data.Request(split, sets / f"{split}.json", sets / f"{split.replace('forget', 'retain')}.json", sets / f"{split}_paraphrased.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     real_data.add_arguments(parser, "tofu")
@@ -41,10 +46,9 @@ def main() -> None:
     sets = Path(args.run) / "sets"
     results = {}
     for split in args.splits.split(","):
-        forget = sets / f"{split}.json"
-        perturbed = paraphrases(real_data.finetune.SHARED / "tofu" / f"{split}_perturbed.json", forget, sets / f"{split}_paraphrased.json")
-        request = real_data.Request(split, forget, sets / f"{split.replace('forget', 'retain')}.json", perturbed)
-        results[split] = real_data.run_request(request, args)
+        this = request(sets, split)
+        paraphrases(real_data.finetune.SHARED / "tofu" / f"{split}_perturbed.json", this.forget, this.paraphrases)
+        results[split] = real_data.run_request(this, args)
     real_data.write_results("tofu", finetuned, results, args)
 
 
