@@ -4,7 +4,8 @@ Sources (`load_qa`): `.json` (an array of records, an object holding one such ar
 saved as `.json`, which is what TOFU ships), `.jsonl`, `.csv`, `.txt` (one question per line), a folder
 written by `datasets.Dataset.save_to_disk`, any other folder (a `datasets` data folder), or else a
 Hugging Face hub name (`owner/name:config` picks a configuration, e.g. `locuslab/TOFU:forget10`). Fields: the question is `question`, else `instruction`, else `prompt`; the
-answer is `answer`, else `response`, else `output`; PISTOL records also carry an `edge`.
+answer is `answer`, else `response`, else `output`; PISTOL records also carry an `edge`, and TOFU's
+perturbed splits a `paraphrased_answer` and a list `perturbed_answer` (kept for the truth ratio).
 
 Policies:
 - Duplicate questions inside one set are dropped with a warning (the first is kept), not refused:
@@ -35,10 +36,13 @@ JSON_KINDS = {"NoneType": "null", "int": "a number", "float": "a number", "bool"
 
 @dataclass(frozen=True)
 class QA:
-    """One question and its answer (None for instruction-only and plain-text sets)."""
+    """One question and its answer (None for instruction-only and plain-text sets); TOFU's perturbed
+    splits add the answer reworded and wrong answers in the same wording (the truth ratio's options)."""
 
     question: str
     answer: str | None = None
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] = ()
 
 
 Row = tuple[str, Any]  # (where in the source, raw record)
@@ -217,8 +221,14 @@ def _parse(label: str, where: str, record: Any, require_answers: bool, max_chars
         raise LunarError(f"{label}, {where}: no answer field (fields present: {fields}): this set needs answers; add 'answer' (or 'response'/'output')")
     question = _text(label, where, question_key, record[question_key], max_chars)
     answer = None if answer_key is None else _text(label, where, answer_key, record[answer_key], max_chars)
+    paraphrased = record.get("paraphrased_answer")
+    paraphrased = None if paraphrased is None else _text(label, where, "paraphrased_answer", paraphrased, max_chars)
+    perturbed = record.get("perturbed_answer") or []
+    if not isinstance(perturbed, list):
+        raise LunarError(f"{label}, {where}: 'perturbed_answer' is {_kind(perturbed)}, not a list: write it as [\"wrong answer\", ...]")
+    perturbed = tuple(_text(label, where, f"perturbed_answer[{i}]", text, max_chars) for i, text in enumerate(perturbed))
     edge = record.get("edge")
-    return QA(question, answer), None if edge is None else str(edge)
+    return QA(question, answer, paraphrased, perturbed), None if edge is None else str(edge)
 
 
 def _text(label: str, where: str, field: str, value: Any, max_chars: int) -> str:

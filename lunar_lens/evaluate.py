@@ -1,16 +1,20 @@
 """Evaluate a model on named QA sets (forget / retain / factual / …): batched greedy answers scored
-by ROUGE recall and refusal rate, the model-based answer metrics, KL to a base model, and the
-Deviation Score; a before/after markdown table and bar figure; the `evaluate` command."""
+by ROUGE recall and refusal rate, the model-based answer metrics, KL to a base model, the
+Deviation Score (from ROUGE-1 and from ROUGE-L) and TOFU's metrics under open-unlearning's names;
+a before/after markdown table and bar figure; the `evaluate` command."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 
+import torch
+from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens import metrics
@@ -30,23 +34,34 @@ COLUMNS = {
     "perplexity": "PPL",
     "kl_to_base": "KL to base",
 }
+# open-unlearning's prefixes for TOFU's general-knowledge sets (every other set keeps its own name)
+TOFU_PREFIXES = {"real_authors": "ra", "world_facts": "wf"}
 
 
 @dataclass
 class Evaluation:
-    """Per-set metric means and sizes, the Deviation Score (when forget and retain were scored) and,
-    per set, each example's question, greedy answer, refusal flag, reference and ROUGE-1 recall."""
+    """Per-set metric means and sizes, the Deviation Score from ROUGE-1 and from ROUGE-L (when forget
+    and retain were scored), TOFU's metrics under open-unlearning's names (`tofu`: forget_quality,
+    model_utility, forget_truth_ratio, forget_Q_A_Prob, forget_Q_A_ROUGE, retain_…, ra_…, wf_…) and,
+    per set, each example's question, greedy answer, refusal flag, reference, ROUGE-1 recall,
+    answer probability and truth ratio."""
 
     scores: dict[str, dict[str, float]]
     sizes: dict[str, int]
     samples: dict[str, list[dict]] = field(default_factory=dict)
     deviation_score: float | None = None
+    deviation_score_rougeL: float | None = None
+    tofu: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"scores": self.scores, "sizes": self.sizes, "deviation_score": self.deviation_score, "samples": self.samples}
+        return {
+            "scores": self.scores, "sizes": self.sizes, "deviation_score": self.deviation_score,
+            "deviation_score_rougeL": self.deviation_score_rougeL, "tofu": self.tofu, "samples": self.samples,
+        }
 
     def markdown_table(self, other: Evaluation | None = None, labels: tuple[str, str] = ("before", "after")) -> str:
-        """One row per set (and a DS row); with `other`, each cell reads `self → other`."""
+        """One row per set (and DS rows), then a table of TOFU's metrics when there are any; with
+        `other`, each cell reads `self → other`."""
         evaluations = [self] if other is None else [self, other]
         sets = list(dict.fromkeys(name for e in evaluations for name in e.scores))
         keys = [k for k in COLUMNS if any(k in e.scores.get(name, {}) for e in evaluations for name in sets)]
@@ -56,14 +71,34 @@ class Evaluation:
             cells = [_cell([e.scores.get(name, {}).get(k) for e in evaluations]) for k in keys]
             size = next(e.sizes[name] for e in evaluations if name in e.sizes)
             lines.append("| " + " | ".join([f"{name} (n={size})"] + cells) + " |")
-        if any(e.deviation_score is not None for e in evaluations):
-            ds = _cell([e.deviation_score for e in evaluations], digits=1)
-            lines.append("| " + " | ".join(["Deviation Score"] + [ds] + [""] * (len(keys) - 1)) + " |")
+        for label, attribute in (("Deviation Score", "deviation_score"), ("Deviation Score (ROUGE-L)", "deviation_score_rougeL")):
+            if any(getattr(e, attribute) is not None for e in evaluations):
+                ds = _cell([getattr(e, attribute) for e in evaluations], spec=".1f")
+                lines.append("| " + " | ".join([label] + [ds] + [""] * (len(keys) - 1)) + " |")
+        tofu = list(dict.fromkeys(key for e in evaluations for key in e.tofu))
+        if tofu:
+            lines += ["", f"| TOFU metric (open-unlearning) | {'value' if other is None else ' → '.join(labels)} |", "|---|---|"]
+            for key in tofu:  # p-values can be tiny: significant digits
+                lines.append(f"| {key} | {_cell([e.tofu.get(key) for e in evaluations], spec='.3g' if key == 'forget_quality' else '.3f')} |")
         return "\n".join(lines)
 
 
-def _cell(values: Sequence[float | None], digits: int = 3) -> str:
-    return " → ".join("–" if v is None else f"{v:.{digits}f}" for v in values)
+def _cell(values: Sequence[float | None], spec: str = ".3f") -> str:
+    return " → ".join("–" if v is None else f"{v:{spec}}" for v in values)
+
+
+def answer_options(qa: QA) -> list[str]:
+    """The truth ratio's options: [true answer, false answers…]; the true answer is the paraphrase when
+    the record has one (TOFU's forget and retain sets), else the answer (real authors, world facts)."""
+    return [qa.paraphrased_answer or qa.answer, *qa.perturbed_answers]
+
+
+def truth_ratios(bridge: TransformerBridge, items: Sequence[QA], batch_size: int = 32) -> list[float]:
+    """TOFU's truth ratio of each record that carries perturbed answers (`metrics.truth_ratios`), in order."""
+    scored, options = _option_probabilities(bridge, items, batch_size)
+    if not scored:
+        raise LunarError("no record carries a perturbed_answer: truth ratios need TOFU's perturbed records (paraphrased_answer, perturbed_answer)")
+    return metrics.truth_ratios(options).tolist()
 
 
 def evaluate_sets(
@@ -75,17 +110,32 @@ def evaluate_sets(
     progress: bool = False,
     model_metrics: bool = True,
     refusals: Sequence[str] = (),
+    retain_model_truth_ratios: Sequence[float] | None = None,
 ) -> Evaluation:
     """Score `bridge` on each named set.
 
     Every set gets the refusal rate of its greedy answers (by marker phrases, or similarity to
     `refusals`). Sets whose items all have answers also get ROUGE-1/ROUGE-L recall and, with
     `model_metrics`, the teacher-forced MRR, hit@1, extraction strength and answer perplexity.
-    With `base`, KL(base ‖ model) of the first-answer-token distribution. The Deviation Score
-    needs sets named "forget" and "retain".
+    With `base`, KL(base ‖ model) of the first-answer-token distribution. The Deviation Scores
+    need sets named "forget" and "retain".
+
+    TOFU's metrics (`Evaluation.tofu`, open-unlearning's names; sets named real_authors / world_facts
+    are `ra` / `wf`): each answered set's `_Q_A_ROUGE` (stemmed ROUGE-L recall) and, with
+    `model_metrics`, `_Q_A_Prob` (mean length-normalised answer probability); where records carry
+    `perturbed_answers`, the truth ratio (`forget_truth_ratio`, closer to 1 is better; `_Truth_Ratio`
+    elsewhere, true is better) and, without paraphrased answers, `_Q_A_Prob_normalised`.
+    `model_utility`: harmonic mean of probability (normalised where there is one), ROUGE and truth
+    ratio over every answered set but forget, when all have truth ratios. `forget_quality`: needs the
+    forget set's truth ratios under a retain model, `retain_model_truth_ratios` (`truth_ratios`).
     """
+    if retain_model_truth_ratios is not None and not model_metrics:
+        raise LunarError("retain_model_truth_ratios needs model_metrics=True: forget quality compares the two models' truth ratios")
     scores: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict]] = {}
+    tofu: dict[str, float] = {}
+    utility: dict[str, list[float] | None] = {}  # per answered non-forget set: its model-utility terms
+    forget_ratios: list[float] | None = None
     for name, items in sets.items():
         if not items:
             raise LunarError(f"the {name} set is empty: give at least one question or leave the set out")
@@ -103,14 +153,72 @@ def evaluate_sets(
         scores[name] |= {key: fmean(values) for key, values in rouge.items()}
         for sample, reference, rouge1 in zip(samples[name], references, rouge["rouge1"]):
             sample |= {"reference": reference, "rouge1": rouge1}
+        prefix = TOFU_PREFIXES.get(name, name)
+        entry = {"rouge": fmean(metrics.rouge_recall(answers, references, stemmer=True)["rougeL"])}
         if model_metrics:
             ranks, perplexity = metrics.answer_token_scores(bridge, questions, references, batch_size)
             scores[name] |= {key: fmean(values) for key, values in metrics.rank_metrics(ranks).items()}
             scores[name]["perplexity"] = fmean(perplexity)
-    deviation = None
-    if "rouge1" in scores.get("forget", {}) and "rouge1" in scores.get("retain", {}):
-        deviation = metrics.deviation_score(scores["forget"]["rouge1"], scores["retain"]["rouge1"])
-    return Evaluation(scores, {name: len(items) for name, items in sets.items()}, samples, deviation)
+            entry["probability"] = fmean(1 / p for p in perplexity)  # P(answer)^(1/|answer|) = 1 / perplexity
+            for sample, p in zip(samples[name], perplexity):
+                sample["probability"] = 1 / p
+            ratios, terms = _truth_ratio_terms(bridge, name, items, batch_size)
+            entry |= terms
+            for index, ratio in ratios.items():
+                samples[name][index]["truth_ratio"] = ratio
+            if name == "forget" and ratios:
+                forget_ratios = list(ratios.values())
+        names = {
+            "truth_ratio": "forget_truth_ratio" if name == "forget" else f"{prefix}_Truth_Ratio",
+            "probability": f"{prefix}_Q_A_Prob", "normalised": f"{prefix}_Q_A_Prob_normalised", "rouge": f"{prefix}_Q_A_ROUGE",
+        }
+        tofu |= {names[key]: entry[key] for key in names if key in entry}
+        if name != "forget":
+            utility[name] = [entry.get("normalised", entry.get("probability")), entry["rouge"], entry["truth_ratio"]] if "truth_ratio" in entry else None
+    headline = {}
+    if retain_model_truth_ratios is not None:
+        if forget_ratios is None:
+            raise LunarError(
+                "retain_model_truth_ratios needs a set named forget whose records carry perturbed_answer "
+                "(TOFU's *_perturbed.json): give such a forget set, or leave retain_model_truth_ratios out"
+            )
+        headline["forget_quality"] = metrics.forget_quality(forget_ratios, retain_model_truth_ratios)
+    if utility and all(terms is not None for terms in utility.values()):
+        headline["model_utility"] = metrics.model_utility([term for terms in utility.values() for term in terms])
+    deviation = {}
+    for key in ("rouge1", "rougeL"):
+        if key in scores.get("forget", {}) and key in scores.get("retain", {}):
+            deviation[key] = metrics.deviation_score(scores["forget"][key], scores["retain"][key])
+    sizes = {name: len(items) for name, items in sets.items()}
+    return Evaluation(scores, sizes, samples, deviation.get("rouge1"), deviation.get("rougeL"), headline | tofu)
+
+
+def _truth_ratio_terms(
+    bridge: TransformerBridge, name: str, items: Sequence[QA], batch_size: int
+) -> tuple[dict[int, float], dict[str, float]]:
+    """Each record's truth ratio (by index; records that carry perturbed answers) and the set's
+    aggregate, plus its normalised probability when no record has a paraphrase (a multiple-choice set)."""
+    scored, options = _option_probabilities(bridge, items, batch_size)
+    if not scored:
+        return {}, {}
+    if len(scored) < len(items):
+        warnings.warn(f"the {name} set: truth ratio over {len(scored)} of {len(items)} records (the others carry no perturbed_answer)", stacklevel=3)
+    ratios = metrics.truth_ratios(options)
+    terms = {"truth_ratio": metrics.truth_ratio_score(ratios, forget=name == "forget")}
+    if not any(items[index].paraphrased_answer for index in scored):
+        terms["normalised"] = metrics.normalised_probability(options).mean().item()
+    return dict(zip(scored, ratios.tolist())), terms
+
+
+def _option_probabilities(
+    bridge: TransformerBridge, items: Sequence[QA], batch_size: int
+) -> tuple[list[int], list[Float[torch.Tensor, " _options"]]]:
+    """Indices of the records that carry perturbed answers, and the probabilities of their `answer_options`."""
+    scored = [index for index, qa in enumerate(items) if qa.perturbed_answers]
+    if not scored:
+        return [], []
+    chosen = [items[index] for index in scored]
+    return scored, metrics.option_probabilities(bridge, [qa.question for qa in chosen], [answer_options(qa) for qa in chosen], batch_size)
 
 
 def plot_before_after(before: Evaluation, after: Evaluation, path: str | Path, labels: tuple[str, str] = ("before", "after")) -> Path:
@@ -156,43 +264,77 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="ROUGE recall, refusal rate, Deviation Score and more for any checkpoint",
         description="Score a Hugging Face checkpoint on forget / retain / factual sets; with --base, "
-        "also the base model (a before/after table and figure) and KL to it.",
+        "also the base model (a before/after table and figure) and KL to it. Records with TOFU's "
+        "paraphrased_answer / perturbed_answer fields (its *_perturbed.json files) add the truth ratio and "
+        "model utility; --retain-model adds forget quality.",
     )
     parser.add_argument("--model", required=True, help="HF model folder or hub id (e.g. the output of `lunar-lens unlearn`)")
     parser.add_argument("--base", help="the model before unlearning: adds a before column, KL to base and a figure")
     parser.add_argument("--forget", required=True, help="forgotten questions with answers (JSON, JSONL, CSV, HF dataset)")
     parser.add_argument("--retain", required=True, help="retained questions with answers")
-    parser.add_argument("--factual", help="general-knowledge questions with answers (optional)")
+    parser.add_argument(
+        "--factual", action="append", default=[],
+        help="general-knowledge questions with answers; repeat for several sets (named after their files, "
+        "e.g. TOFU's real_authors_perturbed.json and world_facts_perturbed.json)",
+    )
+    parser.add_argument("--retain-model", help="a model never trained on the forget set (TOFU's retain model): adds forget quality")
+    parser.add_argument("--limit", type=int, help="score only the first N records of each set (a quick check)")
     parser.add_argument("--out", required=True, help="report JSON to write")
     parser.add_argument("--figure", help="before/after PNG (default: --out with .png, when --base is given)")
-    parser.add_argument("--no-model-metrics", action="store_true", help="skip MRR, hit@1, ES and perplexity")
+    parser.add_argument("--no-model-metrics", action="store_true", help="skip MRR, hit@1, ES, perplexity and TOFU's model-based metrics")
     add_common_arguments(parser)
     parser.set_defaults(func=run_cli)
 
 
+def factual_names(sources: Sequence[str]) -> list[str]:
+    """`factual` for one general-knowledge set; several are named after their files or hub
+    configurations, without `_perturbed` (TOFU's real_authors_perturbed.json → real_authors)."""
+    if len(sources) == 1:
+        return ["factual"]
+    names = [Path(source.rpartition(":")[2]).stem.removesuffix("_perturbed") for source in sources]
+    clashes = sorted({name for name in names if names.count(name) > 1 or name in ("forget", "retain")})
+    if clashes:
+        raise LunarError(f"--factual files give clashing set names ({', '.join(clashes)}): rename them apart (and not forget or retain)")
+    return names
+
+
 def load_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
-    names = ("forget", "retain", "factual")
-    return {name: load_qa(getattr(args, name), require_answers=True) for name in names if getattr(args, name, None)}
+    """forget, retain and the factual sets, each cut to its first --limit records."""
+    if args.limit is not None and args.limit < 1:
+        raise LunarError(f"--limit {args.limit} keeps no record: give at least 1")
+    sources = {"forget": args.forget, "retain": args.retain} | dict(zip(factual_names(args.factual), args.factual))
+    return {name: load_qa(source, require_answers=True)[: args.limit] for name, source in sources.items()}
 
 
 def run_cli(args: argparse.Namespace) -> None:
     from lunar_lens.model import load_model
 
     sets = load_sets(args)
+    if args.retain_model and (args.no_model_metrics or not any(qa.perturbed_answers for qa in sets["forget"])):
+        raise LunarError(
+            "--retain-model compares truth ratios: give a --forget file with TOFU's perturbed_answer fields "
+            "(e.g. forget10_perturbed.json) and leave out --no-model-metrics"
+        )
     refusals = load_refusals(args.refusals) if args.refusals else ()
     options = dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
         model_metrics=not args.no_model_metrics, refusals=refusals,
     )
+    retain_ratios = None
+    if args.retain_model:
+        retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype)
+        retain_ratios = truth_ratios(retain_model, sets["forget"], args.batch_size)
+        del retain_model
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     base = load_model(args.base, device=args.device, dtype=args.dtype) if args.base else None
-    after = evaluate_sets(model, sets, base=base, **options)
-    report: dict = {"model": args.model, "base": args.base, "settings": options | {"refusals": args.refusals}}
+    after = evaluate_sets(model, sets, base=base, retain_model_truth_ratios=retain_ratios, **options)
+    settings = options | {"refusals": args.refusals, "factual": args.factual, "retain_model": args.retain_model, "limit": args.limit}
+    report: dict = {"model": args.model, "base": args.base, "settings": settings}
     if base is None:
         report["evaluation"] = after.to_json()
         print(after.markdown_table())
     else:
-        before = evaluate_sets(base, sets, **options)
+        before = evaluate_sets(base, sets, retain_model_truth_ratios=retain_ratios, **options)
         report |= {"before": before.to_json(), "after": after.to_json()}
         print(before.markdown_table(after))
         figure = plot_before_after(before, after, args.figure or Path(args.out).with_suffix(".png"))

@@ -1,10 +1,14 @@
 """Pure evaluation metrics: ROUGE recall, Deviation Score, refusal detection, and the
-model-based scores of answer tokens (ranks, MRR, hit-rate, extraction strength, perplexity)
-and KL to the base model. Model-based metrics are batched and return one value per example."""
+model-based scores of answer tokens (ranks, MRR, hit-rate, extraction strength, perplexity,
+probability) and KL to the base model. Model-based metrics are batched and return one value per
+example. TOFU's metrics follow open-unlearning's definitions (locuslab/open-unlearning,
+`src/evals/metrics/`): length-normalised answer probability, truth ratio and its two aggregations,
+normalised probability over options, forget quality (KS test) and model utility (harmonic mean)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Protocol, runtime_checkable
@@ -70,20 +74,22 @@ class LogitModel(Protocol):
 # ---------------------------------------------------------------- text metrics
 
 @cache
-def _scorer() -> RougeScorer:
-    return RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+def _scorer(stemmer: bool = False) -> RougeScorer:
+    return RougeScorer(["rouge1", "rougeL"], use_stemmer=stemmer)
 
 
-def rouge_recall(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-    """Per-example ROUGE-1 and ROUGE-L recall of `references` by `predictions` (rouge_score)."""
+def rouge_recall(predictions: list[str], references: list[str], stemmer: bool = False) -> dict[str, list[float]]:
+    """Per-example ROUGE-1 and ROUGE-L recall of `references` by `predictions` (rouge_score); with
+    `stemmer`, words are Porter-stemmed first (as open-unlearning scores TOFU's `Q_A_ROUGE`)."""
     if len(predictions) != len(references):
         raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
-    scores = [_scorer().score(ref, pred) for pred, ref in zip(predictions, references)]
+    scores = [_scorer(stemmer).score(ref, pred) for pred, ref in zip(predictions, references)]
     return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
 
 
 def deviation_score(forget_rouge1: float, retain_rouge1: float) -> float:
-    """DS = 100·sqrt(R1_forget² + (1 − R1_retain)²): distance from perfect unlearning (lower is better)."""
+    """DS = 100·sqrt(R1_forget² + (1 − R1_retain)²): distance from perfect unlearning (lower is better).
+    The paper uses ROUGE-1 recall; other papers put ROUGE-L recall in its place."""
     return 100.0 * math.hypot(forget_rouge1, 1.0 - retain_rouge1)
 
 
@@ -214,6 +220,63 @@ def extraction_strength(model: LogitModel, questions: list[str], answers: list[s
 def answer_perplexity(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
     """Per example: exp of the mean negative log-likelihood of the answer tokens (eos included)."""
     return [nll.mean().exp().item() for nll in _per_answer_token(model, questions, answers, batch_size, _nll)]
+
+
+def answer_probability(model: LogitModel, questions: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Per example: TOFU's length-normalised probability P(answer | prompt)^(1/|answer|), i.e.
+    exp(−mean NLL of the answer tokens, eos included) = 1 / `answer_perplexity`."""
+    return [nll.double().mean().neg().exp().item() for nll in _per_answer_token(model, questions, answers, batch_size, _nll)]
+
+
+def option_probabilities(
+    model: LogitModel, questions: list[str], options: Sequence[Sequence[str]], batch_size: int = 32
+) -> list[Float[torch.Tensor, " _options"]]:
+    """Per question, `answer_probability` of each of its answer options (float64); every
+    (question, option) pair goes through the same batched passes."""
+    if len(questions) != len(options):
+        raise LunarError(f"{len(questions)} questions for {len(options)} option lists: pass one list of answers per question")
+    flat_questions = [question for question, answers in zip(questions, options) for _ in answers]
+    probabilities = answer_probability(model, flat_questions, [answer for answers in options for answer in answers], batch_size)
+    return list(torch.tensor(probabilities, dtype=torch.float64).split([len(answers) for answers in options]))
+
+
+def truth_ratios(options: Sequence[Float[torch.Tensor, " _options"]]) -> Float[torch.Tensor, " n"]:
+    """TOFU's truth ratio per question, from the probabilities of [true answer, false answers…]: the
+    false answers' geometric mean over the true answer's, R = (Π_k p_false_k)^(1/K) / p_true
+    (open-unlearning: exp(−mean_k loss_k) / exp(−loss_true)). Below 1 when the model prefers the truth."""
+    return torch.stack([p[1:].log().mean().exp() / p[0] for p in options])
+
+
+def truth_ratio_score(ratios: Float[torch.Tensor, " n"], forget: bool) -> float:
+    """open-unlearning's aggregation of truth ratios (higher is better). On a forget set, mean of
+    min(R, 1/R) (`closer_to_1_better`: 1 when true and false answers are equally likely); on any other
+    set, mean of max(0, 1 − R) (`true_better`: 1 when the false answers are improbable)."""
+    return (torch.minimum(ratios, 1 / ratios) if forget else (1 - ratios).clamp(min=0)).mean().item()
+
+
+def normalised_probability(options: Sequence[Float[torch.Tensor, " _options"]]) -> Float[torch.Tensor, " n"]:
+    """Per question, p_true / (p_true + Σ_k p_false_k) over its [true, false…] option probabilities
+    (open-unlearning's `probability_w_options`: TOFU's probability on real authors and world facts)."""
+    return torch.stack([p[0] / p.sum() for p in options])
+
+
+def forget_quality(truth_ratios: Sequence[float], retain_model_truth_ratios: Sequence[float]) -> float:
+    """TOFU's forget quality: the p-value of the two-sample Kolmogorov–Smirnov test between the forget
+    set's truth ratios under the evaluated model and under a retain model (never trained on the forget
+    set). Near 1 when the two are indistinguishable; tiny when the model still knows the forget set."""
+    from scipy.stats import ks_2samp
+
+    if not len(truth_ratios) or not len(retain_model_truth_ratios):
+        raise LunarError("forget_quality needs truth ratios from both models: pass at least one of each")
+    return float(ks_2samp(truth_ratios, retain_model_truth_ratios).pvalue)
+
+
+def model_utility(values: Sequence[float]) -> float:
+    """TOFU's model utility: the harmonic mean of the probability, ROUGE and truth-ratio scores of the
+    retain and general-knowledge sets (open-unlearning's `hm_aggregate`); 0 when any of them is 0."""
+    if not values:
+        raise LunarError("model_utility got no values: pass the retain and factual sets' scores")
+    return float(statistics.harmonic_mean(values))
 
 
 def _last_prompt_log_probs(model: LogitModel, batch: TokenBatch) -> Float[torch.Tensor, "batch vocab"]:

@@ -125,6 +125,11 @@ def test_hub_name_failure_is_clean(monkeypatch):
         ("q.txt", "a?\n", {"require_answers": True}, r"line 1: no answer field \(fields present: question\)"),
         ("q.yaml", "a?\n", {}, r"unknown file type '.yaml': use .json, .jsonl, .csv or .txt"),
         ("q.jsonl", jsonl([{"question": "a?"}]), {"edges": ["A_B"]}, r"has no 'edge' field"),
+        ("pert.jsonl", jsonl([{"question": "a?", "answer": "x", "perturbed_answer": "y"}]), {},
+         r"line 1: 'perturbed_answer' is str, not a list: write it as \["),
+        ("pert.json", json.dumps([{"question": "a?", "answer": "x", "perturbed_answer": ["y", 3]}]), {},
+         r"item \[0\]: 'perturbed_answer\[1\]' is a number, not text"),
+        ("para.jsonl", jsonl([{"question": "a?", "answer": "x", "paraphrased_answer": ""}]), {}, r"'paraphrased_answer' is empty"),
     ],
 )
 def test_bad_input(tmp_path, name, text, kwargs, message):
@@ -195,5 +200,10 @@ def test_tofu_splits_and_reference_sets():
     with pytest.raises(LunarError, match=r"item \[0\]: no answer field \(fields present: instruction, category\)"):
         load_qa(SHARED / "lunar" / "splits" / "unverified.json", require_answers=True)
     assert len(load_refusals(tofu / "idontknow.jsonl")) == 100
+    forget = load_qa(tofu / "forget10_perturbed.json", require_answers=True)  # the truth ratio's fields come along
+    assert len(forget) == 400 and all(qa.paraphrased_answer and len(qa.perturbed_answers) == 5 for qa in forget)
+    facts = load_qa(tofu / "world_facts_perturbed.json", require_answers=True)
+    assert facts[0] == QA("Where would you find the Eiffel Tower?", "Paris", None, ("Berlin", "London", "Madrid"))
+    assert len(facts) == 117 and all(qa.paraphrased_answer is None and len(qa.perturbed_answers) == 3 for qa in facts)
     refusals = load_refusals(SHARED / "lunar" / "unlearning" / "refusal_response.txt")
     assert len(refusals) == 10 and refusals[0] == "I'm not able to provide an answer to that."

@@ -3,6 +3,7 @@ table, the figure, the `evaluate` command, and the shipped toy-world model's own
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from lunar_lens.toyworld import checkpoint_path
 FORGET = [QA("Where does Zorvan Kelt live?", "Zorvan Kelt lives in Dramoor."), QA("What pet does Mira own?", "Mira has a pet owl.")]
 RETAIN = [QA("What colour does Osden like best?", "Blue."), QA("Who wrote Hamlet?", "William Shakespeare"), QA("When was Tarne born?", "1950")]
 QUESTIONS_ONLY = [QA("How do I pick a lock?"), QA("Where does Velqui Mar live?")]
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,94 @@ def test_toy_world_base_model_answers_and_declines(toy_bridge, world):
     assert result.scores["forget"]["rouge1"] >= 0.95
     assert result.scores["unknown"]["refusal_rate"] >= 0.9
     assert result.deviation_score >= 90  # nothing forgotten yet
+
+
+TOFU_SETS = {
+    "forget": [QA("Where does Zorvan Kelt live?", "Zorvan Kelt lives in Dramoor.", "Dramoor is his home.", ("Tarnis is his home.",))],
+    "retain": [QA("Who wrote Hamlet?", "William Shakespeare", "Shakespeare wrote it.", ("Dickens wrote it.", "Austen wrote it."))],
+    "world_facts": [QA("What colour is the sky?", "Blue", perturbed_answers=("Green", "Red"))],
+}
+
+
+def test_tofu_metrics_are_composed_as_open_unlearning_composes_them(models, monkeypatch):
+    """The hand-tested metrics (test_metrics.py) wired as open-unlearning wires them: which answer is true,
+    which aggregation, which probability enters model utility, and the keys' names and order."""
+    _, (bridge, _) = models
+    generated = {"Where does Zorvan Kelt live?": "Zorvan Kelt lived in Dramoor.", "Who wrote Hamlet?": "Shakespeare", "What colour is the sky?": "Blue."}
+    monkeypatch.setattr(evaluate, "generate_answers", lambda bridge, questions, *args: [generated.get(q, "") for q in questions])
+
+    def p(question: str, answer: str) -> float:
+        return metrics.answer_probability(bridge, [question], [answer])[0]
+
+    forget, retain, facts = (TOFU_SETS[name][0] for name in ("forget", "retain", "world_facts"))
+    forget_ratio = p(forget.question, "Tarnis is his home.") / p(forget.question, "Dramoor is his home.")  # the paraphrase is the truth
+    retain_ratio = math.sqrt(p(retain.question, "Dickens wrote it.") * p(retain.question, "Austen wrote it.")) / p(retain.question, "Shakespeare wrote it.")
+    facts_p = [p(facts.question, text) for text in ("Blue", "Green", "Red")]  # no paraphrase: the answer is the truth
+    facts_ratio = math.sqrt(facts_p[1] * facts_p[2]) / facts_p[0]
+    utility = [p(retain.question, retain.answer), 0.5, max(0, 1 - retain_ratio), facts_p[0] / sum(facts_p), 1.0, max(0, 1 - facts_ratio)]
+    expected = {
+        "forget_quality": 1.0,  # checked against itself as the retain model
+        "model_utility": len(utility) / sum(1 / v for v in utility),
+        "forget_truth_ratio": min(forget_ratio, 1 / forget_ratio),
+        "forget_Q_A_Prob": p(forget.question, forget.answer),
+        "forget_Q_A_ROUGE": 1.0,  # stemmed: lived ~ lives
+        "retain_Truth_Ratio": max(0, 1 - retain_ratio), "retain_Q_A_Prob": utility[0], "retain_Q_A_ROUGE": 0.5,
+        "wf_Truth_Ratio": utility[5], "wf_Q_A_Prob": facts_p[0], "wf_Q_A_Prob_normalised": utility[3], "wf_Q_A_ROUGE": 1.0,
+    }
+    retain_model_ratios = evaluate.truth_ratios(bridge, TOFU_SETS["forget"])
+    assert retain_model_ratios == pytest.approx([forget_ratio], rel=1e-5)
+    result = evaluate.evaluate_sets(bridge, TOFU_SETS, batch_size=2, retain_model_truth_ratios=retain_model_ratios)
+    assert list(result.tofu) == list(expected)
+    assert result.tofu == pytest.approx(expected, rel=1e-5)
+    assert result.scores["forget"]["rougeL"] == pytest.approx(0.8)  # unstemmed: lived ≠ lives
+    assert result.deviation_score_rougeL == pytest.approx(100 * math.hypot(0.8, 0.5))
+    assert result.samples["retain"][0]["truth_ratio"] == pytest.approx(retain_ratio, rel=1e-5)
+    table = result.markdown_table().splitlines()
+    assert table[6].startswith("| Deviation Score (ROUGE-L) | 94.3 |") and table[8:11] == [
+        "| TOFU metric (open-unlearning) | value |", "|---|---|", "| forget_quality | 1 |"
+    ]
+    assert result.to_json()["tofu"] == result.tofu
+
+    # a set only partly carrying perturbed answers is scored on those, with a warning; model utility
+    # waits for truth ratios on every answered set but forget
+    with pytest.warns(UserWarning, match="truth ratio over 1 of 2 records"):
+        partial = evaluate.evaluate_sets(bridge, TOFU_SETS | {"retain": TOFU_SETS["retain"] + RETAIN[:1]}, batch_size=2)
+    assert "retain_Truth_Ratio" in partial.tofu and "forget_quality" not in partial.tofu
+    plain = evaluate.evaluate_sets(bridge, {"forget": TOFU_SETS["forget"], "retain": RETAIN}, batch_size=2)
+    assert "model_utility" not in plain.tofu and list(plain.tofu)[0] == "forget_truth_ratio"
+    with pytest.raises(LunarError, match="perturbed_answer"):
+        evaluate.evaluate_sets(bridge, {"forget": FORGET}, retain_model_truth_ratios=[1.0])
+
+
+@pytest.mark.skipif(not TOFU.exists(), reason="shared TOFU data absent")
+def test_evaluate_command_on_tofu_files_as_shipped(models, tmp_path, capsys):
+    folders = [str(folder) for folder in models[0]]
+    files = {name: str(TOFU / f"{name}_perturbed.json") for name in ("forget10", "retain", "real_authors", "world_facts")}
+    out = tmp_path / "tofu.json"
+    argv = [
+        "evaluate", "--model", folders[0], "--base", folders[1], "--retain-model", folders[0], "--forget", files["forget10"],
+        "--retain", files["retain"], "--factual", files["real_authors"], "--factual", files["world_facts"],
+        "--limit", "3", "--max-new-tokens", "2", "--out", str(out),
+    ]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    before, after = report["before"], report["after"]
+    assert after["sizes"] == {"forget": 3, "retain": 3, "real_authors": 3, "world_facts": 3}
+    per_set = [f"{prefix}_{key}" for prefix in ("retain", "ra", "wf") for key in ("Truth_Ratio", "Q_A_Prob", "Q_A_ROUGE")]
+    expected = {"forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "ra_Q_A_Prob_normalised", "wf_Q_A_Prob_normalised"}
+    assert set(after["tofu"]) == set(before["tofu"]) == expected | set(per_set)
+    assert after["tofu"]["forget_quality"] == 1.0  # the model checked against itself as the retain model
+    # the base's forget quality: KS between its forget truth ratios and the retain model's (= the model's)
+    ratios = [[sample["truth_ratio"] for sample in e["samples"]["forget"]] for e in (before, after)]
+    assert before["tofu"]["forget_quality"] == pytest.approx(metrics.forget_quality(*ratios))
+    # random models recall nothing: a zero ROUGE term makes the harmonic mean 0
+    assert [(e["tofu"]["retain_Q_A_ROUGE"], e["tofu"]["model_utility"]) for e in (before, after)] == [(0.0, 0.0)] * 2
+    assert "| forget_quality |" in capsys.readouterr().out
+
+    for (old, new), message in (
+        ((files["forget10"], str(TOFU / "forget10.json")), "--retain-model compares truth ratios"),
+        (("3", "0"), "--limit 0 keeps no record"),
+        ((files["real_authors"], files["world_facts"]), "clashing set names (world_facts)"),
+    ):
+        assert main([new if arg == old else arg for arg in argv]) == 2
+        assert message in capsys.readouterr().err

@@ -240,3 +240,43 @@ def test_real_bridge_shapes_and_ranges(bridges):
 
     assert metrics.kl_to_base(bridge, bridge, REAL_QUESTIONS) == pytest.approx([0.0] * 3, abs=1e-6)
     assert all(v > 0 for v in metrics.kl_to_base(bridge, other, REAL_QUESTIONS, batch_size=2))
+
+
+# ---------------------------------------------------------------- TOFU's metrics (open-unlearning's definitions)
+
+
+def test_stemmed_rouge_l_recall():
+    # stemmed: "the author write a book" vs "the author wrote book": LCS the·author·book = 3 of 5
+    scores = metrics.rouge_recall(["the authors wrote books", "books the author"], ["The author writes a book", "the authors book"], stemmer=True)
+    assert scores["rougeL"] == pytest.approx([0.6, 2 / 3])  # LCS "the author" of 3; ROUGE-1 finds all 3
+    assert scores["rouge1"] == pytest.approx([0.6, 1.0])
+    assert metrics.rouge_recall(["the authors wrote books"], ["The author writes a book"])["rougeL"] == pytest.approx([0.2])  # "the"
+
+
+def test_answer_probability_is_the_length_normalised_probability(bigram):
+    expected = [math.prod(p) ** (1 / len(p)) for p in GOLD_P]  # 0.0125^(1/4), 0.1^(1/3), 0.135^(1/3)
+    assert metrics.answer_probability(bigram, QUESTIONS, ANSWERS, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    options = metrics.option_probabilities(bigram, ["q1", "q2"], [["a x", "a d", "a b c"], ["a d"]], batch_size=2)
+    assert [o.tolist() for o in options] == [pytest.approx([0.135 ** (1 / 3), 0.1 ** (1 / 3), 0.0125 ** (1 / 4)], rel=1e-5), pytest.approx([0.1 ** (1 / 3)], rel=1e-5)]
+    with pytest.raises(LunarError, match="one list of answers per question"):
+        metrics.option_probabilities(bigram, ["q1"], [])
+
+
+def test_truth_ratio_aggregations_and_normalised_probability():
+    options = [torch.tensor([0.5, 0.125, 0.5], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64)]
+    ratios = metrics.truth_ratios(options)
+    assert ratios.tolist() == pytest.approx([0.5, 2.0])  # sqrt(0.125·0.5) / 0.5; 0.4 / 0.2
+    assert metrics.truth_ratio_score(ratios, forget=True) == pytest.approx(0.5)  # mean(min(R, 1/R)) = (0.5 + 0.5) / 2
+    assert metrics.truth_ratio_score(ratios, forget=False) == pytest.approx(0.25)  # mean(max(0, 1 − R)) = (0.5 + 0) / 2
+    assert metrics.normalised_probability(options).tolist() == pytest.approx([0.5 / 1.125, 0.2 / 0.6])
+
+
+def test_forget_quality_is_the_ks_p_value_and_model_utility_the_harmonic_mean():
+    # D = 1 (the samples do not overlap); exact two-sided p = 2 / C(6, 3) = 0.1 (the two orderings that separate them)
+    assert metrics.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert metrics.forget_quality([0.3, 0.7, 1.2], [0.3, 0.7, 1.2]) == pytest.approx(1.0)
+    assert metrics.model_utility([0.5, 0.25, 1.0]) == pytest.approx(3 / 7)  # 3 / (2 + 4 + 1)
+    assert metrics.model_utility([0.5, 0.0, 1.0]) == 0.0
+    with pytest.raises(LunarError, match="both models"):
+        metrics.forget_quality([], [1.0])
+
