@@ -8,6 +8,8 @@ data (`lunar_lens.qa_model`); it must memorise: greedy ROUGE-1 recall >= 0.9 on 
     .venv/bin/python experiments/finetune.py tofu --out runs/tofu-full --full --steps 8500 --device cuda
                                                           # all 200 authors: ~125 epochs, as the subsample gets
     .venv/bin/python experiments/finetune.py tofu --tofu locuslab/TOFU --out runs/tofu   # from the hub
+    .venv/bin/python experiments/finetune.py tofu --without forget10 --out runs/tofu/retain_model_forget10
+                                                          # TOFU's retain model: never trained on forget10
 
 Sources default to ../shared/data. `--tofu` is a folder of TOFU JSON files (full.json, forget10.json, …)
 or a hub dataset (`locuslab/TOFU`: its configurations full, forget10, … are read); `--pistol`,
@@ -119,7 +121,8 @@ def pistol_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
 def data_options(args: argparse.Namespace) -> dict:
     """The options that decide what the model is trained on (a run folder is reused only for the same)."""
     keys = ("tofu", "retain_authors", "questions", "full") if args.task == "tofu" else ("pistol", "edge", "factual")
-    return {key: getattr(args, key) for key in keys + ("reference", "refusals", "seed")}
+    options = {key: getattr(args, key) for key in keys + ("reference", "refusals", "seed")}
+    return options | ({"without": args.without} if args.without else {})  # run folders from before --without still match
 
 
 def finetune(args: argparse.Namespace) -> dict:
@@ -127,6 +130,8 @@ def finetune(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if (out / "model").exists() and not args.force:
         raise LunarError(f"{out / 'model'} exists: pass --force to retrain it, or use another --out")
+    if args.without and args.task != "tofu":
+        raise LunarError(f"--without {args.without} names a TOFU forget split: use it with the tofu task")
     torch.set_num_threads(args.threads)
     recipe = replace(RECIPES[args.task], steps=args.steps or RECIPES[args.task].steps)
     refusal = load_refusals(args.refusals)[0]
@@ -135,6 +140,10 @@ def finetune(args: argparse.Namespace) -> dict:
     train = sets["train_target"] + sets["factual"] + sets["reference"]
     started = time.perf_counter()
     tokenizer = build_tokenizer(train, recipe.vocab_size, recipe.max_length)
+    if args.without:  # TOFU's retain model: trained without the split, tokenised as the model trained with it
+        dropped = {qa.question for qa in sets[args.without]}
+        sets["train_target"] = [qa for qa in sets["train_target"] if qa.question not in dropped]
+        train = sets["train_target"] + sets["factual"] + sets["reference"]
     train_qa_model(
         out / "model", train, tokenizer, recipe.shape, args.seed, recipe.steps, recipe.batch_size, recipe.lr,
         recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True,
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"), help="the first line is the trained refusal")
     parser.add_argument("--retain-authors", type=int, default=20, help="TOFU: retained authors trained on (besides forget10's 20)")
     parser.add_argument("--questions", type=int, default=10, help="TOFU: questions per author (of 20)")
+    parser.add_argument("--without", choices=TOFU_FORGET_SPLITS, help="TOFU: train that split's retain model (every question but the split's)")
     parser.add_argument("--full", action="store_true", help="TOFU: every author and question (4,000 QA; meant for a GPU, with --steps ≈ 8500 for the subsample's ~125 epochs)")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: the task's recipe)")
     parser.add_argument("--seed", type=int, default=0)

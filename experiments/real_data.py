@@ -5,8 +5,8 @@ each forget request run, through the `lunar-lens` command line,
 2. `unlearn` with the released recipe's settings at the same layer: every forget position shifted,
    c = 2, AdamW, retain prompts without their answers (`--positions all --coeff 2 --solver adamw
    --no-retain-answers`);
-3. `evaluate` (forget / retain / factual ROUGE-1, refusal rate, DS, MRR, before → after) and `attack`
-   on both edited models;
+3. `evaluate` (forget / retain / factual ROUGE-1, refusal rate, DS, MRR, before → after; on TOFU also
+   its forget quality, model utility and forget truth ratio) and `attack` on both edited models;
 
 and write the markdown tables (experiments/results/TASK.md, .json) and figures (figures/TASK_*.png).
 Every command's output is logged under RUN/REQUEST/*.log.
@@ -40,12 +40,15 @@ ATTACKS = ("layer_skip", "reverse_direction", "abliteration", "quantise_int8", "
 
 @dataclass
 class Request:
-    """One unlearning request: set files under RUN/sets (paraphrases: TOFU's perturbed questions)."""
+    """One unlearning request: set files under RUN/sets (paraphrases: TOFU's perturbed questions);
+    `evaluation`: `evaluate`'s set flags when they are not --forget, --retain and RUN/sets/factual.json
+    (TOFU: its perturbed records, real authors, world facts and the split's retain model)."""
 
     name: str
     forget: Path
     retain: Path
     paraphrases: Path | None = None
+    evaluation: list[str] | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
@@ -104,10 +107,10 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
         model = out / method
         edit = json.loads((model / "lunar_report.json").read_text())
         evaluation, attacks = out / f"evaluate_{method}.json", out / f"attacks_{method}.json"
+        scored = request.evaluation or ["--forget", str(request.forget), "--retain", str(request.retain), "--factual", str(sets / "factual.json")]
         lunar_lens(
-            ["evaluate", "--model", str(model), "--base", str(base), "--forget", str(request.forget), "--retain", str(request.retain),
-             "--factual", str(sets / "factual.json"), "--refusals", str(refusals), "--max-new-tokens", str(args.max_new_tokens),
-             "--out", str(evaluation), *common],
+            ["evaluate", "--model", str(model), "--base", str(base), *scored, "--refusals", str(refusals),
+             "--max-new-tokens", str(args.max_new_tokens), "--out", str(evaluation), *common],
             out / f"evaluate_{method}.log", args.threads,
         )
         paraphrases = ["--paraphrases", str(request.paraphrases)] if request.paraphrases else []
@@ -129,27 +132,41 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- tables and figures
 
 def _score(evaluation: dict, name: str, key: str) -> float | None:
-    return evaluation.get("scores", {}).get(name, {}).get(key)
+    """A set's mean `key`; "factual" is every set but forget and retain, weighted by size (one factual set,
+    or TOFU's real_authors and world_facts)."""
+    scores, sizes = evaluation.get("scores", {}), evaluation.get("sizes", {})
+    names = [n for n in scores if n not in ("forget", "retain")] if name == "factual" else [name]
+    names = [n for n in names if key in scores.get(n, {})]
+    return sum(scores[n][key] * sizes[n] for n in names) / sum(sizes[n] for n in names) if names else None
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else f"{value:{spec}}"
+
+
+# TOFU's metrics (open-unlearning's names) -> column, when the evaluations have them
+TOFU_COLUMNS = {"forget_quality": "forget quality ↑", "model_utility": "model utility ↑", "forget_truth_ratio": "forget truth ratio ↑"}
 
 
 def results_table(results: dict[str, dict]) -> str:
     """One row per request × (base, lunar-lens, released settings)."""
-    header = "| request | model | layer | c | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | forget MRR | DS ↓ |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    rows = []
     for name, result in results.items():
         first = result["methods"]["lunar-lens"]["evaluation"]["before"]
-        rows = [("base (fine-tuned)", "–", "–", first)] + [
-            (method, ",".join(map(str, result["layers"])), f"{entry['coeff']:g}", entry["evaluation"]["after"])
+        rows += [(name, "base (fine-tuned)", "–", "–", first)] + [
+            (name, method, ",".join(map(str, result["layers"])), f"{entry['coeff']:g}", entry["evaluation"]["after"])
             for method, entry in result["methods"].items()
         ]
-        for model, layer, coeff, evaluation in rows:
-            cells = [_score(evaluation, "forget", "rouge1"), _score(evaluation, "forget", "refusal_rate"), _score(evaluation, "retain", "rouge1"),
-                     _score(evaluation, "factual", "rouge1"), _score(evaluation, "forget", "mrr")]
-            lines.append(f"| {name} | {model} | {layer} | {coeff} | " + " | ".join(map(_fmt, cells)) + f" | {_fmt(evaluation['deviation_score'], 1)} |")
+    tofu = [key for key in TOFU_COLUMNS if any(key in row[-1].get("tofu", {}) for row in rows)]
+    header = ("| request | model | layer | c | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | forget MRR | DS ↓ | DS (ROUGE-L) ↓ |"
+              + "".join(f" {TOFU_COLUMNS[key]} |" for key in tofu))
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, model, layer, coeff, evaluation in rows:
+        cells = [_score(evaluation, "forget", "rouge1"), _score(evaluation, "forget", "refusal_rate"), _score(evaluation, "retain", "rouge1"),
+                 _score(evaluation, "factual", "rouge1"), _score(evaluation, "forget", "mrr")]
+        cells = [_fmt(value) for value in cells] + [_fmt(evaluation.get(key), ".1f") for key in ("deviation_score", "deviation_score_rougeL")]
+        cells += [_fmt(evaluation.get("tofu", {}).get(key), ".3g" if key == "forget_quality" else ".3f") for key in tofu]  # p-values: significant digits
+        lines.append(f"| {name} | {model} | {layer} | {coeff} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

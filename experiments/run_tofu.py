@@ -3,6 +3,11 @@ the rest of the trained authors retained) with lunar-lens (`unlearn --layer auto
 the released recipe's settings at the same layer; evaluate, attack (TOFU's paraphrased questions for the
 paraphrase attack), tables and figures (`experiments/real_data.py`).
 
+`evaluate` also reports TOFU's own metrics: the forget and retain sets carry TOFU's paraphrased and
+perturbed answers (RUN/sets/*_perturbed.json), the factual sets are its real_authors / world_facts
+perturbed files, and each split's retain model (RUN/retain_model_SPLIT: `finetune.py --without SPLIT`,
+trained when missing, as long as the model itself) gives forget quality.
+
     .venv/bin/python experiments/run_tofu.py                        # CPU: the subsample below
     .venv/bin/python experiments/run_tofu.py --full --steps 8500 --device cuda --run experiments/runs/tofu-full
                                                                     # every author and question (GPU)
@@ -20,18 +25,43 @@ from pathlib import Path
 import real_data
 from finetune import TOFU_FORGET_SPLITS
 
+TOFU = real_data.finetune.SHARED / "tofu"
 
-def paraphrases(source: Path, forget: Path, out: Path) -> Path:
-    """TOFU's perturbed records (with `paraphrased_question`) of the questions in `forget`, written to `out`."""
-    kept = {json.loads(line)["question"] for line in forget.read_text().splitlines() if line.strip()}
-    records = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["question"].strip() in kept]
-    out.write_text("\n".join(records) + "\n")
+
+def perturbed(kept: Path) -> Path:
+    """Where `with_perturbed` writes a set file's copy: NAME_perturbed.json beside it."""
+    return kept.with_name(f"{kept.stem}_perturbed.json")
+
+
+def with_perturbed(kept: Path) -> Path:
+    """The records of `kept`, each with the fields of TOFU's perturbed record of the same question where
+    one exists (paraphrased_question, paraphrased_answer, perturbed_answer), written to `perturbed(kept)`."""
+    tofu = [record for source in sorted(TOFU.glob("*_perturbed.json")) for record in json_lines(source)]
+    by_question = {record["question"].strip(): record for record in tofu}
+    out = perturbed(kept)
+    out.write_text("".join(json.dumps(by_question.get(record["question"], {}) | record) + "\n" for record in json_lines(kept)))
     return out
 
 
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def retain_model_run(run: Path, split: str) -> Path:
+    """The run folder of the split's retain model (TOFU's: trained on every question but the split's)."""
+    return run / f"retain_model_{split}"
+
+
 def request(sets: Path, split: str) -> real_data.Request:
-    """The split's request (files of RUN/sets): its forget set, the matching retain set, its paraphrases."""
-    return real_data.Request(split, sets / f"{split}.json", sets / f"{split.replace('forget', 'retain')}.json", sets / f"{split}_paraphrased.json")
+    """The split's request (files of RUN/sets): its forget set, the matching retain set, its paraphrases, and
+    what `evaluate` scores (both sets with TOFU's perturbed answers, real authors, world facts, the retain model)."""
+    forget, retain = sets / f"{split}.json", sets / f"{split.replace('forget', 'retain')}.json"
+    evaluation = [
+        "--forget", str(perturbed(forget)), "--retain", str(perturbed(retain)),
+        "--factual", str(TOFU / "real_authors_perturbed.json"), "--factual", str(TOFU / "world_facts_perturbed.json"),
+        "--retain-model", str(retain_model_run(sets.parent, split) / "model"),
+    ]
+    return real_data.Request(split, forget, retain, perturbed(forget), evaluation)
 
 
 def main() -> None:
@@ -47,7 +77,10 @@ def main() -> None:
     results = {}
     for split in args.splits.split(","):
         this = request(sets, split)
-        paraphrases(real_data.finetune.SHARED / "tofu" / f"{split}_perturbed.json", this.forget, this.paraphrases)
+        for kept in (this.forget, this.retain):
+            with_perturbed(kept)
+        retain_model = argparse.Namespace(**vars(args) | {"run": str(retain_model_run(Path(args.run), split))})
+        real_data.ensure_model("tofu", retain_model, [*flags, "--without", split])
         results[split] = real_data.run_request(this, args)
     real_data.write_results("tofu", finetuned, results, args)
 

@@ -35,3 +35,24 @@ def test_pistol_forgets_one_edge_and_references_are_held_out():
     trained, held_out = finetune.reference_sets(args.reference, "I can't say.", seed=0)
     assert len(held_out) == finetune.HELD_OUT_REFERENCE and not questions(trained) & questions(held_out)
     assert {qa.answer for qa in trained + held_out} == {"I can't say."}
+
+
+def test_tofu_retain_model_option_and_perturbed_evaluation_sets(tmp_path):
+    """finetune.py --without SPLIT (TOFU's retain model) is part of the run's data options, and is absent
+    otherwise (run folders trained before it still match); run_tofu's evaluation sets carry TOFU's
+    perturbed answers for every question of the subsample, the answers unchanged."""
+    import run_tofu
+    from lunar_lens.data import load_qa
+
+    parser = finetune.build_parser()
+    assert finetune.data_options(parser.parse_args(["tofu", "--out", "x", "--without", "forget05"]))["without"] == "forget05"
+    assert "without" not in finetune.data_options(parser.parse_args(["tofu", "--out", "x"]))
+    sets = finetune.tofu_sets(parser.parse_args(["tofu", "--out", "unused"]))
+    for name in ("forget01", "retain01"):
+        finetune.write_set(tmp_path / "sets" / f"{name}.json", sets[name])
+    request = run_tofu.request(tmp_path / "sets", "forget01")
+    for kept in (request.forget, request.retain):
+        scored = load_qa(run_tofu.with_perturbed(kept), require_answers=True)
+        assert [(qa.question, qa.answer) for qa in scored] == [(qa.question, qa.answer) for qa in load_qa(kept)]
+        assert all(qa.paraphrased_answer and len(qa.perturbed_answers) == 5 for qa in scored)
+    assert request.evaluation[request.evaluation.index("--retain-model") + 1] == str(tmp_path / "retain_model_forget01" / "model")
