@@ -244,7 +244,8 @@ def truth_ratios(options: Sequence[Float[torch.Tensor, " _options"]]) -> Float[t
     """TOFU's truth ratio per question, from the probabilities of [true answer, false answers…]: the
     false answers' geometric mean over the true answer's, R = (Π_k p_false_k)^(1/K) / p_true
     (open-unlearning: exp(−mean_k loss_k) / exp(−loss_true)). Below 1 when the model prefers the truth."""
-    return torch.stack([p[1:].log().mean().exp() / p[0] for p in options])
+    padded = _padded(options)
+    return padded[:, 1:].log().nanmean(dim=1).exp() / padded[:, 0]
 
 
 def truth_ratio_score(ratios: Float[torch.Tensor, " n"], forget: bool) -> float:
@@ -257,18 +258,24 @@ def truth_ratio_score(ratios: Float[torch.Tensor, " n"], forget: bool) -> float:
 def normalised_probability(options: Sequence[Float[torch.Tensor, " _options"]]) -> Float[torch.Tensor, " n"]:
     """Per question, p_true / (p_true + Σ_k p_false_k) over its [true, false…] option probabilities
     (open-unlearning's `probability_w_options`: TOFU's probability on real authors and world facts)."""
-    return torch.stack([p[0] / p.sum() for p in options])
+    padded = _padded(options)
+    return padded[:, 0] / padded.nansum(dim=1)
 
 
-def forget_quality(truth_ratios: Sequence[float], retain_model_truth_ratios: Sequence[float]) -> float:
+def _padded(options: Sequence[Float[torch.Tensor, " _options"]]) -> Float[torch.Tensor, "n max_options"]:
+    """Ragged option probabilities as one matrix, NaN where a question has fewer options."""
+    return torch.nn.utils.rnn.pad_sequence(list(options), batch_first=True, padding_value=float("nan"))
+
+
+def forget_quality(ratios: Sequence[float], retain_model_ratios: Sequence[float]) -> float:
     """TOFU's forget quality: the p-value of the two-sample Kolmogorov–Smirnov test between the forget
     set's truth ratios under the evaluated model and under a retain model (never trained on the forget
     set). Near 1 when the two are indistinguishable; tiny when the model still knows the forget set."""
     from scipy.stats import ks_2samp
 
-    if not len(truth_ratios) or not len(retain_model_truth_ratios):
+    if not len(ratios) or not len(retain_model_ratios):
         raise LunarError("forget_quality needs truth ratios from both models: pass at least one of each")
-    return float(ks_2samp(truth_ratios, retain_model_truth_ratios).pvalue)
+    return float(ks_2samp(ratios, retain_model_ratios).pvalue)
 
 
 def model_utility(values: Sequence[float]) -> float:
