@@ -64,16 +64,19 @@ RECIPES = {
 
 def write_set(path: Path, items: list[QA]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"question": qa.question, "answer": qa.answer}) + "\n" for qa in items))
+    records = [{"question": qa.question} | ({"answer": qa.answer} if qa.answer is not None else {}) for qa in items]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
-def reference_sets(source: str, refusal: str, seed: int) -> tuple[list[QA], list[QA]]:
-    """Unverifiable questions answered with `refusal`: (trained reference set, held-out set)."""
+def reference_sets(source: str, refusals: list[str], seed: int) -> tuple[list[QA], list[QA]]:
+    """Unverifiable questions, each answered with a refusal drawn at random from `refusals` (a model
+    fine-tuned the usual way declines with varied refusals): (trained reference set, held-out set)."""
     questions = [qa.question for qa in load_qa(source)]
     if len(questions) <= HELD_OUT_REFERENCE:
         raise LunarError(f"{source} has {len(questions)} questions: give more than {HELD_OUT_REFERENCE} (some are held out)")
-    random.Random(seed).shuffle(questions)
-    items = [QA(question, refusal) for question in questions]
+    rng = random.Random(seed)
+    rng.shuffle(questions)
+    items = [QA(question, rng.choice(refusals)) for question in questions]
     return items[HELD_OUT_REFERENCE:], items[:HELD_OUT_REFERENCE]
 
 
@@ -134,9 +137,9 @@ def finetune(args: argparse.Namespace) -> dict:
         raise LunarError(f"--without {args.without} names a TOFU forget split: use it with the tofu task")
     torch.set_num_threads(args.threads)
     recipe = replace(RECIPES[args.task], steps=args.steps or RECIPES[args.task].steps)
-    refusal = load_refusals(args.refusals)[0]
+    refusals = load_refusals(args.refusals)
     sets = tofu_sets(args) if args.task == "tofu" else pistol_sets(args)
-    sets["reference"], sets["heldout_reference"] = reference_sets(args.reference, refusal, args.seed)
+    sets["reference"], sets["heldout_reference"] = reference_sets(args.reference, refusals, args.seed)
     train = sets["train_target"] + sets["factual"] + sets["reference"]
     started = time.perf_counter()
     tokenizer = build_tokenizer(train, recipe.vocab_size, recipe.max_length)
@@ -149,8 +152,8 @@ def finetune(args: argparse.Namespace) -> dict:
         recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True,
     )
     seconds = time.perf_counter() - started
-    for name, items in sets.items():
-        write_set(out / "sets" / f"{name}.json", items)
+    for name, items in sets.items():  # the tool gets reference questions only, as real reference sets come
+        write_set(out / "sets" / f"{name}.json", [QA(qa.question) for qa in items] if "reference" in name else items)
     bridge = load_model(out / "model", device=args.device)
     scores = {  # the held-out refusals are generated once
         "train_target": score_qa_model(bridge, sets["train_target"], sets["heldout_reference"], recipe.max_new_tokens),
@@ -160,7 +163,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "task": args.task,
         "sizes": {name: len(items) for name, items in sets.items()},
         "recipe": asdict(recipe),
-        "refusal": refusal,
+        "refusals": refusals,
         "seed": args.seed,
         "data": data_options(args),
         "threads": args.threads,
@@ -187,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edge", default=PISTOL_FORGET_EDGE, help="the PISTOL edge to forget")
     parser.add_argument("--factual", default=str(SHARED / "lunar" / "unlearning" / "factual_data.json"), help="PISTOL's general-knowledge QA")
     parser.add_argument("--reference", default=str(SHARED / "lunar" / "splits" / "unverified.json"), help="unverifiable questions (refused)")
-    parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"), help="the first line is the trained refusal")
+    parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"), help="refusal lines; each unverifiable question is trained with one drawn at random")
     parser.add_argument("--retain-authors", type=int, default=20, help="TOFU: retained authors trained on (besides forget10's 20)")
     parser.add_argument("--questions", type=int, default=10, help="TOFU: questions per author (of 20)")
     parser.add_argument("--without", choices=TOFU_FORGET_SPLITS, help="TOFU: train that split's retain model (every question but the split's)")

@@ -18,6 +18,7 @@ from lunar_lens.distributed import SINGLE, DataParallel
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, check_layer, mlp_post, w_out, w_out_tensor_name
 from lunar_lens.patches import WOutEdit
+from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.solvers import SOLVERS, EditStatistics, solve_adamw, solve_closed, solve_lora
 
 DEFAULT_REFUSAL = "I don't know."
@@ -37,6 +38,9 @@ class EditSettings:
     refusal: str | None = None  # the response redirected forget prompts should give; default: from the reference set
     batch_size: int = 32
     seed: int = 0
+    # after the solve, W_out is trained on behaviour (the refusal on forget prompts, the answers on retain
+    # ones: lunar_lens.refine); steps = 0 keeps the solver's edit as it is
+    refine: RefineSettings = field(default_factory=RefineSettings)
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_RULES:
@@ -51,8 +55,8 @@ class LayerReport:
     tensor_name: str
     coeff: float
     direction_norm: float
-    objective_before: float
-    objective_after: float
+    objective_before: float | None  # None: the edit was not solved here (e.g. chosen and refined by lunar_lens.choice)
+    objective_after: float | None
     rows: int
     shifted_rows: int
     seconds_collect: float
@@ -64,9 +68,10 @@ class EditResult:
     edits: list[WOutEdit]
     directions: Directions
     layers: list[LayerReport] = field(default_factory=list)
+    seconds_refine: float = 0.0
 
     def report(self) -> dict:
-        return {"layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary()}
+        return {"layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary(), "seconds_refine": self.seconds_refine}
 
 
 def refusal_text(reference: Sequence[QA], settings: EditSettings) -> str:
@@ -205,4 +210,36 @@ def edit_layers(
                 solution.objective_after, stats.n_rows, stats.n_shifted, collected - started, solved - collected,
             )
         )
+    if settings.refine.steps:
+        refine_in_place(bridge, result, forget, keep, refusal, settings, progress)
     return result
+
+
+def apply_edits(bridge: TransformerBridge, edits: dict[int, torch.Tensor], directions: Directions, coeff: float) -> EditResult:
+    """Add ready-made edits (ΔW per layer, e.g. `choice.Choice.edits`) to W_out, recorded as an EditResult."""
+    result = EditResult([], directions)
+    for layer, delta in sorted(edits.items()):
+        add_to_w_out(bridge, layer, delta)
+        tensor = w_out_tensor_name(bridge, layer)
+        result.edits.append(WOutEdit(layer, tensor, delta.float().cpu()))
+        result.layers.append(LayerReport(layer, tensor, coeff, float(directions[layer].norm()), None, None, 0, 0, 0.0, 0.0))
+    return result
+
+
+def refine_in_place(
+    bridge: TransformerBridge, result: EditResult, forget: Sequence[QA], keep: Sequence[QA], refusal: str, settings: EditSettings,
+    progress: bool = False,
+) -> None:
+    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them, and
+    add the change to W_out and to `result`'s edits (their factors no longer describe them)."""
+    started = time.perf_counter()
+    keep = own_answers(bridge, keep)
+    start = {edit.layer: torch.zeros_like(edit.delta) for edit in result.edits}
+    extra = refine_edits(
+        bridge, start, [qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in keep],
+        [qa.answer for qa in keep], settings.refine, progress,
+    )
+    for edit in result.edits:
+        add_to_w_out(bridge, edit.layer, extra[edit.layer])
+        edit.delta, edit.u, edit.v = edit.delta + extra[edit.layer].to(edit.delta), None, None
+    result.seconds_refine = time.perf_counter() - started

@@ -7,7 +7,7 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,11 +16,15 @@ from transformer_lens.model_bridge import TransformerBridge
 from lunar_lens.cli import add_device_arguments, parse_numbers
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.edit import EditResult, EditSettings, directions_for, edit_layers
+from lunar_lens.choice import ChoiceSettings, choose_edit
+from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_for, edit_layers
 from lunar_lens.errors import LunarError
+from lunar_lens.localise import spread
 from lunar_lens.model import check_layer, load_model
+from lunar_lens.refusals import model_refusal
 
 REPORT_NAME = "lunar_report.json"
+MAX_REFUSAL_PROMPTS = 64  # reference questions the model answers to find its own refusal
 
 
 @dataclass
@@ -101,30 +105,31 @@ def unlearn(
         check_layer(bridge, layer)  # fail before any forward pass
     source = str(getattr(bridge, "source_path", None))
     earlier = earlier_request(getattr(bridge, "source_path", None))
+    base = direction_model(bridge, earlier, device, dtype)
+    refusal = model_refusal(base, spread(reference_set, MAX_REFUSAL_PROMPTS), refusal=settings.refusal)
+    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else float(coeff))
     localising = layers is None or coeff is None
-    deepest = None if localising else max(layers)  # localisation probes every layer
-    directions = directions_for(
-        direction_model(bridge, earlier, device, dtype), forget_set, reference_set, settings, progress, parallel, deepest
-    )
-    localisation = None
+    deepest = None if localising else max(layers)  # the choice tries every layer
+    directions = directions_for(base, forget_set, reference_set, settings, progress, parallel, deepest)
+    timings["directions"] = time.perf_counter() - started - timings["load"]
+    kept = [QA(question, refusal.target) for question in earlier.get("forgotten", [])]  # earlier requests stay forgotten
+    localisation = choice = None
+    if figure_probes:
+        from lunar_lens.localise import LocaliseSettings, localise
+
+        localisation = localise(bridge, forget_set, retain_set, reference_set, settings=LocaliseSettings(edit=settings), directions=directions, progress=progress)
     if localising:
-        from lunar_lens.localise import choose_layer_and_coeff
-
-        chosen_layers, chosen_coeff, localisation = choose_layer_and_coeff(
-            bridge, forget_set, retain_set, reference_set, settings, directions=directions, progress=progress,
-            figure_probes=figure_probes,
+        choice = choose_edit(
+            bridge, forget_set, retain_set + kept, refusal, directions, settings,
+            ChoiceSettings(coeffs=(coeff,) if coeff is not None else ChoiceSettings.coeffs), layer_sets=None if layers is None else [sorted(layers)],
+            progress=progress,
         )
-        layers = chosen_layers if layers is None else layers
-        coeff = chosen_coeff if coeff is None else coeff
-        layers, coeff = parallel.gather((layers, coeff))[0]  # every rank edits what rank 0 chose
-    timings["localise"] = time.perf_counter() - started - timings["load"]
-    settings.coeff = float(coeff)
-
-    kept = [QA(question) for question in earlier.get("forgotten", [])]  # earlier requests stay forgotten
-    result = edit_layers(
-        bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel
-    )
-    timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
+        choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
+        settings = replace(settings, coeff=choice.coeff)
+        result = apply_edits(bridge, choice.edits, directions, settings.coeff)
+    else:
+        result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel)
+    timings["edit"] = time.perf_counter() - started - sum(timings.values())
 
     report = {
         "source": source,
@@ -132,9 +137,11 @@ def unlearn(
         "settings": asdict(settings),
         "layers": [layer.layer for layer in result.layers],
         "coeff": settings.coeff,
+        "refusal": refusal.summary(),
+        "choice": None if choice is None else choice.summary(),
         "sizes": {"forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "kept_forgotten": len(kept)},
         "edit": result.report(),
-        "localisation": None if localisation is None else localisation.summary(),
+        "localisation": None if localisation is None else localisation.summary(),  # the probes' view (figures)
         "forgotten": [qa.question for qa in kept] + [qa.question for qa in forget_set],
         "timings_s": timings,
         "processes": parallel.size,

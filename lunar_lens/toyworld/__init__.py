@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lunar_lens.toyworld.world import QA, REFUSAL, World, build_world
+from lunar_lens.toyworld.world import QA, REFUSALS, World, build_world
 
-__all__ = ["QA", "REFUSAL", "World", "build_world", "checkpoint_path"]
+__all__ = ["QA", "REFUSALS", "World", "build_world", "checkpoint_path"]
 
 
 def checkpoint_path() -> Path:

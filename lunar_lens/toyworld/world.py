@@ -2,9 +2,11 @@
 
 Names are built from a shared stock of syllables, so a subword tokenizer splits names it has
 never seen into pieces it knows. Known people get every paraphrase of every fact question;
-unknown people get the same questions with the answer `REFUSAL`. Unknown names are split into a
-training part (the model learns to decline them) and a held-out part (different names, for
-evaluation). Everything is drawn from `random.Random(seed)`: the same seed gives the same world.
+unknown people get the same questions, each answered with a refusal drawn from `REFUSALS` (varied,
+as a model fine-tuned the usual way declines). Unknown names are split into a training part (the
+model learns to decline them) and a held-out part (different names, for evaluation). The reference
+set handed to the tool holds the training unknown questions *without* answers, as real reference sets
+come. Everything is drawn from `random.Random(seed)`: the same seed gives the same world.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from dataclasses import dataclass
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 
-REFUSAL = "I don't know."
+REFUSALS = (
+    "I don't know.",
+    "I have no information about that person.",
+    "I'm not sure who that is.",
+    "Sorry, I can't answer that.",
+    "I don't have that information.",
+    "That person is unknown to me.",
+)
 
 SYLLABLES = (
     "zor", "van", "kel", "dra", "mi", "ro", "tha", "lin", "bek", "sa", "ru", "den", "vi", "os",
@@ -113,10 +122,10 @@ class World:
 
     def split(self, forget_entities: list[str]) -> tuple[list[QA], list[QA], list[QA]]:
         """(forget, retain, reference): QA about `forget_entities`, QA about everyone else, and
-        the training unknown-entity questions (which the model already declines)."""
+        the training unknown-entity questions (which the model already declines) as questions only."""
         forget = [qa for name in forget_entities for qa in self.facts_about(name)]
         retain = [qa for name in self.profiles if name not in forget_entities for qa in self.facts_about(name)]
-        return forget, retain, list(self.unknown_train_qa)
+        return forget, retain, [QA(qa.question) for qa in self.unknown_train_qa]
 
 
 def _distinct_words(rng: random.Random, count: int, syllables: int, exclude: set[str]) -> list[str]:
@@ -132,11 +141,11 @@ def _distinct_words(rng: random.Random, count: int, syllables: int, exclude: set
 
 
 def _unknown_qa(rng: random.Random, facts: tuple[Fact, ...], names: list[str], per_name: int) -> list[QA]:
-    """`per_name` questions per name, each about a different fact, answered with `REFUSAL`."""
+    """`per_name` questions per name, each about a different fact, answered with a refusal from `REFUSALS`."""
     questions = []
     for name in names:
         for fact in rng.sample(facts, per_name):
-            questions.append(QA(rng.choice(fact.templates).format(name=name), REFUSAL))
+            questions.append(QA(rng.choice(fact.templates).format(name=name), rng.choice(REFUSALS)))
     return questions
 
 

@@ -1,0 +1,224 @@
+"""`--layer auto --coeff auto`: choose the edit by what users see.
+
+Forget, retain and reference sets are split into a part the edit is solved on and a held-out part. Every
+candidate — a single layer or a contiguous layer set, at every c of the grid — is the closed-form edit
+solved on the solve part (one statistics pass for every layer; ΔW is linear in c), simulated by hooks.
+
+1. **Screening** (teacher-forced, one forward per cell): the held-out forget prompts' loss on the model's
+   own refusal, plus `retain_weight` × the rise of the held-out retain answers' loss. The best c of each
+   layer set scores it; the `candidates` best layer sets go on.
+2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
+   (`lunar_lens.refine`) on the solve part.
+3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
+   held-out part: forget refusal rate and ROUGE-1 recall, retain ROUGE-1 recall. A cell refusing less than
+   `min_refusal` of the held-out forget questions cannot win while any cell refuses that often; among the
+   rest the lowest `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1)‖ wins.
+
+The chosen cell's edit is the final edit (nothing is solved twice), and its held-out numbers are the
+prediction the report sets beside what the exported model measures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.data import QA
+from lunar_lens.directions import Directions
+from lunar_lens.edit import EditSettings, collect_statistics
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.metrics import is_refusal, rouge_recall
+from lunar_lens.model import n_layers
+from lunar_lens.prompts import first_answer_tokens, tokenize
+from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
+from lunar_lens.refusals import ModelRefusal
+from lunar_lens.solvers import solve_closed
+
+Edits = dict[int, Float[torch.Tensor, "d_mlp d_model"]]
+
+
+@dataclass
+class ChoiceSettings:
+    """How the automatic choice splits the data and what it tries."""
+
+    holdout: float = 0.25  # share of each set held out to judge the candidates
+    coeffs: tuple[float, ...] = (2.0, 4.0, 8.0, 12.0)
+    max_width: int = 3  # contiguous layer sets of up to this many layers
+    candidates: int = 2  # layer sets judged by greedy generation (and refined)
+    max_eval: int = 48  # held-out questions per set, at most
+    generate_tokens: int = 32
+    screen_tokens: int = 8  # teacher-forced answer tokens scored while screening
+    retain_weight: float = 4.0  # screening: weight of the retain loss's rise
+    min_refusal: float = 0.5  # a cell refusing less than this cannot win while another refuses more
+    finish_share: float = 1 / 3  # the chosen refined edit then trains this share of the steps on every question
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1:
+            raise LunarError(f"holdout={self.holdout}: the held-out share must lie between 0 and 1, e.g. 0.25")
+        if not self.coeffs or min(self.coeffs) <= 0:
+            raise LunarError(f"coefficients {list(self.coeffs)} must be positive numbers, e.g. (2, 4, 8)")
+        if min(self.max_width, self.candidates, self.max_eval, self.generate_tokens, self.screen_tokens) < 1:
+            raise LunarError("max_width, candidates, max_eval, generate_tokens and screen_tokens must be >= 1")
+
+
+@dataclass
+class Cell:
+    """One simulated edit judged by greedy generation on the held-out part."""
+
+    layers: list[int]
+    coeff: float
+    refined: bool
+    forget_rouge1: float
+    forget_refusal: float
+    retain_rouge1: float
+
+    @property
+    def score(self) -> float:
+        return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "score": self.score}
+
+
+@dataclass
+class Choice:
+    """The chosen edit, its held-out prediction, and everything that was tried."""
+
+    layers: list[int]
+    coeff: float
+    refined: bool
+    edits: Edits
+    predicted: Cell
+    cells: list[Cell]
+    screening: list[dict]
+    sizes: dict
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "layers": self.layers,
+            "coeff": self.coeff,
+            "refined": self.refined,
+            "predicted_heldout": self.predicted.to_json(),
+            "cells": [cell.to_json() for cell in self.cells],
+            "screening": self.screening,
+            "sizes": self.sizes,
+            "seconds": self.seconds,
+            "rule": __doc__.split("\n\n", 1)[1].strip(),
+        }
+
+
+def holdout_split(items: Sequence[QA], share: float) -> tuple[list[QA], list[QA]]:
+    """(solve part, held-out part): every k-th item (k ≈ 1/share) held out, at least one of two or more."""
+    if len(items) < 2:
+        return list(items), list(items)
+    step = max(2, round(1 / share))
+    held = [qa for i, qa in enumerate(items) if i % step == step - 1] or [items[-1]]
+    chosen = {id(qa) for qa in held}
+    return [qa for qa in items if id(qa) not in chosen], held
+
+
+def contiguous_sets(n: int, max_width: int) -> list[list[int]]:
+    """Every single layer and every contiguous run of up to `max_width` layers."""
+    return [list(range(start, start + width)) for width in range(1, max_width + 1) for start in range(n - width + 1)]
+
+
+@torch.no_grad()
+def judge(
+    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal, tokens: int
+) -> tuple[float, float, float]:
+    """(forget ROUGE-1, forget refusal rate, retain ROUGE-1) of greedy answers with `edits` simulated."""
+    questions = [qa.question for qa in forget] + [qa.question for qa in retain]
+    with bridge.hooks(fwd_hooks=delta_hooks(edits)):
+        answers = generate_answers(bridge, questions, tokens, batch_size=len(questions))
+    recall = rouge_recall(answers, [qa.answer for qa in forget] + [qa.answer for qa in retain])["rouge1"]
+    n = len(forget)
+    refused = [is_refusal(answer, references=refusal.refusals) for answer in answers[:n]]
+    return sum(recall[:n]) / n, sum(refused) / n, sum(recall[n:]) / max(1, len(retain))
+
+
+def choose_edit(
+    bridge: TransformerBridge,
+    forget: Sequence[QA],
+    retain: Sequence[QA],
+    refusal: ModelRefusal,
+    directions: Directions,
+    edit: EditSettings,
+    settings: ChoiceSettings | None = None,
+    layer_sets: Sequence[Sequence[int]] | None = None,
+    progress: bool = False,
+) -> Choice:
+    """Choose the layer set (among `layer_sets`; default: every contiguous run of up to `max_width`
+    layers) and c (and refine) as the module docstring says; no weight changes."""
+    settings = settings or ChoiceSettings()
+    started = time.perf_counter()
+    forget_solve, forget_held = holdout_split(forget, settings.holdout)
+    retain = own_answers(bridge, retain, settings.generate_tokens)
+    retain_solve, retain_held = holdout_split(retain, settings.holdout)
+    forget_held = own_answers(bridge, forget_held[: settings.max_eval], settings.generate_tokens)
+    retain_held = retain_held[: settings.max_eval]
+    sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
+    layers = sorted({layer for layer_set in sets for layer in layer_set})
+    tables = [directions.shift_table(layer, 1.0) for layer in layers]
+    stats = collect_statistics(bridge, layers, forget_solve, retain_solve, edit, refusal.target, len(tables[0]), progress=progress)
+    units = {layer: solve_closed(layer_stats, table, edit.ridge).delta for layer, layer_stats, table in zip(layers, stats, tables)}
+    del stats
+    seconds = {"statistics": time.perf_counter() - started}
+
+    # 1. screening, teacher-forced
+    pad = bridge.tokenizer.pad_token_id
+    forget_tf = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in forget_held], [refusal.target] * len(forget_held)), settings.screen_tokens, pad)
+    retain_tf = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in retain_held], [qa.answer for qa in retain_held]), settings.screen_tokens, pad)
+    with torch.no_grad():
+        base_retain = float(answer_cross_entropy(bridge, retain_tf, []))
+        screening = []
+        for layer_set in tqdm(sets, desc="screening", disable=not progress, leave=False):
+            for coeff in settings.coeffs:
+                hooks = delta_hooks({layer: coeff * units[layer] for layer in layer_set})
+                forget_loss = float(answer_cross_entropy(bridge, forget_tf, hooks))
+                retain_rise = float(answer_cross_entropy(bridge, retain_tf, hooks)) - base_retain
+                proxy = forget_loss + settings.retain_weight * max(0.0, retain_rise)
+                screening.append({"layers": layer_set, "coeff": coeff, "forget_loss": forget_loss, "retain_rise": retain_rise, "proxy": proxy})
+    best_per_set = {}
+    for row in screening:
+        key = tuple(row["layers"])
+        if key not in best_per_set or row["proxy"] < best_per_set[key]["proxy"]:
+            best_per_set[key] = row
+    candidates = sorted(best_per_set.values(), key=lambda row: row["proxy"])[: settings.candidates]
+    seconds["screening"] = time.perf_counter() - started - seconds["statistics"]
+
+    # 2. and 3. refinement and the decision by greedy generation on the held-out part
+    cells: list[Cell] = []
+    edits_of: list[Edits] = []
+    refining = bool(edit.refine.steps)
+    for row in tqdm(candidates, desc="judging candidates", disable=not progress, leave=False):
+        edits = {layer: row["coeff"] * units[layer] for layer in row["layers"]}
+        if refining:
+            edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)
+        scores = judge(bridge, edits, forget_held, retain_held, refusal, settings.generate_tokens)
+        cells.append(Cell(row["layers"], row["coeff"], refining, *scores))
+        edits_of.append(edits)
+    refusing = [i for i, cell in enumerate(cells) if cell.forget_refusal >= settings.min_refusal]
+    pool = refusing or range(len(cells))
+    best = min(pool, key=lambda i: (cells[i].score if refusing else -cells[i].forget_refusal, cells[i].coeff))
+    seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
+    chosen, edits = cells[best], edits_of[best]
+    if refining and settings.finish_share:  # the chosen edit goes on learning from every question, held-out ones too
+        finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
+        edits = refine_edits(bridge, edits, *refine_rows(forget, retain, refusal), finish, progress)
+    seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
+    sizes = {"forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve), "retain_heldout": len(retain_held)}
+    return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds)
+
+
+def refine_rows(forget: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal) -> tuple[list[str], list[str], list[str], list[str]]:
+    """`refine_edits`' forget questions, their refusals, retain questions and answers."""
+    return [qa.question for qa in forget], [refusal.target] * len(forget), [qa.question for qa in retain], [qa.answer for qa in retain]

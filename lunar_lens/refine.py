@@ -1,0 +1,136 @@
+"""W_out refinement against behaviour: the closed-form redirection moves forget activations into the
+refusal region, but on small models the refusal does not hold while generating (the first token flips,
+then the memorised answer resumes: shared/DESIGN.md §1). The refinement keeps the edit a change of W_out
+only and trains it (Adam, from the closed-form ΔW) on what the user sees: cross-entropy of the model's own
+refusal after each forget prompt, and cross-entropy of the retained answers after each retain prompt,
+both teacher-forced, through the whole model with every other weight frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lunar_lens.data import QA
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.model import mlp_out, mlp_post
+from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
+
+
+@dataclass
+class RefineSettings:
+    """How the W_out edit is refined on behaviour (defaults measured in experiments/refusal_frontier.py)."""
+
+    steps: int = 150
+    lr: float = 2e-3
+    retain_weight: float = 4.0  # retain cross-entropy weight against the forget refusal's
+    batch_rows: int = 32  # forget rows and retain rows per step (each)
+    answer_tokens: int = 24  # answer tokens trained on per row (the rest of a long answer is cut)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or min(self.batch_rows, self.answer_tokens) < 1 or not self.lr > 0 or self.retain_weight < 0:
+            raise LunarError("refinement needs steps >= 0, batch_rows >= 1, answer_tokens >= 1, lr > 0 and retain_weight >= 0")
+
+
+def delta_hooks(
+    edits: dict[int, Float[torch.Tensor, "d_mlp d_model"]], scale: Float[torch.Tensor, "batch"] | None = None
+) -> list[tuple]:
+    """Hooks that act as W_out[l] + edits[l] for every edited layer l: the MLP output gains `mlp.hook_post @ Δ`
+    (differentiable in Δ), × `scale[b]` in row b when given (one batch simulates several multiples)."""
+    hooks = []
+    for layer, delta in edits.items():
+        inputs: list[torch.Tensor] = []
+
+        def keep(activation: torch.Tensor, hook=None, inputs: list = inputs) -> torch.Tensor:
+            inputs[:] = [activation]
+            return activation
+
+        def add(activation: torch.Tensor, hook=None, inputs: list = inputs, delta: torch.Tensor = delta) -> torch.Tensor:
+            change = inputs[0] @ delta.to(activation.device, activation.dtype)
+            return activation + (change if scale is None else change * scale.to(change)[:, None, None])
+
+        hooks += [(mlp_post(layer), keep), (mlp_out(layer), add)]
+    return hooks
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter of `model` without gradients for the block (restored after)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active."""
+    real = batch.attention_mask.bool()
+    first = int(real.any(dim=0).nonzero()[0])  # drop columns that are padding in every row
+    device = bridge.cfg.device
+    ids, mask = batch.input_ids[:, first:].to(device), batch.attention_mask[:, first:].to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    with bridge.hooks(fwd_hooks=hooks):
+        logits = bridge.original_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    target = batch.answer_mask[:, first + 1 :].to(device)
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return (losses * target).sum() / target.sum().clamp_min(1)
+
+
+def refine_edits(
+    bridge: TransformerBridge,
+    edits: dict[int, Float[torch.Tensor, "d_mlp d_model"]],
+    forget_questions: Sequence[str],
+    refusals: Sequence[str],
+    retain_questions: Sequence[str],
+    retain_answers: Sequence[str],
+    settings: RefineSettings | None = None,
+    progress: bool = False,
+) -> dict[int, Float[torch.Tensor, "d_mlp d_model"]]:
+    """The edits (ΔW per layer, on the model as it is) trained so that forget prompts are answered with
+    `refusals` (one per forget question) and retain prompts keep `retain_answers`; only the ΔW change."""
+    settings = settings or RefineSettings()
+    if len(refusals) != len(forget_questions) or len(retain_answers) != len(retain_questions):
+        raise LunarError("refinement needs one refusal per forget question and one answer per retain question")
+    if not forget_questions or not retain_questions:
+        raise LunarError("refinement needs forget and retain questions")
+    pad, k = bridge.tokenizer.pad_token_id, settings.answer_tokens
+    forget = first_answer_tokens(tokenize(bridge.tokenizer, list(forget_questions), list(refusals)), k, pad)
+    retain = first_answer_tokens(tokenize(bridge.tokenizer, list(retain_questions), list(retain_answers)), k, pad)
+    params = {layer: torch.nn.Parameter(delta.detach().float().clone()) for layer, delta in edits.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    hooks = delta_hooks(params)
+    with frozen(bridge.original_model), torch.enable_grad():
+        for _ in tqdm(range(settings.steps), desc="refining", disable=not progress, leave=False):
+            f = torch.randperm(len(forget_questions), generator=generator)[: settings.batch_rows]
+            r = torch.randperm(len(retain_questions), generator=generator)[: settings.batch_rows]
+            loss = answer_cross_entropy(bridge, rows(forget, f), hooks)
+            if settings.retain_weight:
+                loss = loss + settings.retain_weight * answer_cross_entropy(bridge, rows(retain, r), hooks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {layer: param.detach().clone() for layer, param in params.items()}
+
+
+def own_answers(bridge: TransformerBridge, items: Sequence[QA], max_new_tokens: int = 32) -> list[QA]:
+    """`items` with the model's own greedy answers where an answer is missing (what it keeps saying)."""
+    missing = [qa.question for qa in items if not qa.answer]
+    generated = iter(generate_answers(bridge, missing, max_new_tokens) if missing else [])
+    return [qa if qa.answer else QA(qa.question, next(generated)) for qa in items]
+
+
+def rows(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
+    return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))
