@@ -18,6 +18,7 @@ from lunar_lens.cli import add_device_arguments
 from lunar_lens.data import QA, load_qa, load_refusals
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
+from lunar_lens.progress import Stages
 
 # metric key -> column header, in table order
 COLUMNS = {
@@ -90,7 +91,8 @@ def evaluate_sets(
         if not items:
             raise LunarError(f"the {name} set is empty: give at least one question or leave the set out")
         questions = [qa.question for qa in items]
-        answers = generate_answers(bridge, questions, max_new_tokens, batch_size, progress)
+        with Stages(progress)("generate", f"answered the {name} set ({len(items)} questions)"):
+            answers = generate_answers(bridge, questions, max_new_tokens, batch_size, progress)
         refused = [metrics.is_refusal(a, references=refusals) for a in answers]
         scores[name] = {"refusal_rate": fmean(refused)}
         samples[name] = [{"question": q, "answer": a, "refusal": r} for q, a, r in zip(questions, answers, refused)]
@@ -184,8 +186,8 @@ def run_cli(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
         model_metrics=not args.no_model_metrics, refusals=refusals,
     )
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    base = load_model(args.base, device=args.device, dtype=args.dtype) if args.base else None
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True) if args.base else None
     after = evaluate_sets(model, sets, base=base, **options)
     report: dict = {"model": args.model, "base": args.base, "settings": options | {"refusals": args.refusals}}
     if base is None:
