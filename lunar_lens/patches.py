@@ -429,8 +429,8 @@ def patch_state(checkpoint: Checkpoint, patch: Patch) -> tuple[list[tuple[dict, 
     """The patches already applied to `checkpoint` and the base tensors once `patch` goes on top: the
     recorded originals, plus the current bytes of tensors `patch` is the first to touch."""
     applied, base = _applied(checkpoint), _base_tensors(checkpoint)
-    for key in {entry.tensor for entry in patch.entries} - base.keys():
-        base[key] = checkpoint.read(key)
+    for key in ({entry.tensor for entry in patch.entries} - base.keys()) & checkpoint.weight_map.keys():
+        base[key] = checkpoint.read(key)  # (a tensor the checkpoint lacks is refused by check_base)
     return applied, base
 
 
