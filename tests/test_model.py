@@ -8,6 +8,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
+import lunar_lens.model as model_module
 from lunar_lens.cli import main
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
@@ -188,7 +189,7 @@ def test_the_declared_transformers_range_is_checked_at_load(monkeypatch, tmp_pat
         with pytest.raises(LunarError, match=rf"transformers {re.escape(unsupported)} is installed.*pip install 'transformers>=5\.9,<5\.24'"):
             check_transformers(unsupported)
     # an unsupported install stops the CLI with one line, before any model is built
-    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    monkeypatch.setattr(model_module.transformers, "__version__", "5.24.0")  # the module object lunar-lens reads
     questions = tmp_path / "q.json"
     questions.write_text('[{"question": "Who?", "answer": "Nobody."}]')
     args = ["evaluate", "--model", str(checkpoint_path()), "--forget", str(questions), "--retain", str(questions), "--out", str(tmp_path / "r.json")]
