@@ -122,7 +122,7 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
         results["methods"][method] = {
             "coeff": edit["coeff"],
             "seconds_edit": edit["timings_s"].get("edit"),
-            "seconds_localise": edit["timings_s"].get("localise"),
+            "seconds_localise": edit["timings_s"].get("directions", 0) + edit["timings_s"].get("localise", 0),  # as before: both
             "evaluation": json.loads(evaluation.read_text()),
             "attacks": json.loads(attacks.read_text())["attacks"],
         }

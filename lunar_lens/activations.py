@@ -7,10 +7,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.errors import LunarError
+from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, tokenize
 
 POSITION_RULES = ("all", "suffix", "question", "last", "last+answer", "question+answer")
@@ -41,7 +41,7 @@ def token_batches(
     if by_length:
         order.sort(key=lambda i: len(questions[i]) + (0 if answers is None else len(answers[i])))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    for start in bar(starts, desc):
         picked = order[start : start + batch_size]
         yield tokenize(tokenizer, [questions[i] for i in picked], None if answers is None else [answers[i] for i in picked])
 

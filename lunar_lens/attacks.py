@@ -273,8 +273,8 @@ def run_cli(args: argparse.Namespace) -> None:
     retain = load_qa(args.retain, require_answers=True) if args.retain else ()
     paraphrases = load_paraphrases(args.paraphrases) if args.paraphrases else None
     refusals = load_refusals(args.refusals) if args.refusals else ()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    base = load_model(args.base, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True)
     for layer in layers:
         check_layer(model, layer)
     directions = compute_directions(

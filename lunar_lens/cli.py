@@ -4,10 +4,12 @@ that command runs, so `lunar-lens --help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
 from lunar_lens.errors import LunarError
+from lunar_lens.progress import quiet
 
 # command -> (module, help); each module defines `add_cli(subparsers)` registering that command.
 COMMANDS = {
@@ -42,6 +44,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         if name == command:
             importlib.import_module(module).add_cli(subparsers)
+            subparsers.choices[name].add_argument(
+                "--quiet", action="store_true", help="no progress bars: one line per stage with its time (as TQDM_DISABLE=1)"
+            )
         else:
             subparsers.add_parser(name, help=help_text, description=help_text)
     return parser
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with quiet() if args.quiet else contextlib.nullcontext():
+            args.func(args)
     except LunarError as error:
         print(f"lunar-lens {args.command}: error: {error}", file=sys.stderr)
         return 2

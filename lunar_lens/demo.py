@@ -13,7 +13,7 @@ import torch
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
 from lunar_lens.model import load_model
-from lunar_lens.pipeline import unlearn
+from lunar_lens.pipeline import check_sidecar, export_outcome, unlearn
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 
@@ -38,14 +38,17 @@ def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, 
     forget, retain, reference = world.split(entities)
     sets = {"forget": forget, "retain": retain, "unknown (held out)": world.unknown_heldout_qa}
     print(f"toy world: forgetting {', '.join(entities)} — {len(forget)} forget, {len(retain)} retain, {len(reference)} reference questions")
+    check_sidecar(out / "model", force)
 
-    bridge = load_model(checkpoint_path())
+    bridge = load_model(checkpoint_path(), progress=True)
     before = evaluate_sets(bridge, sets, progress=True)
-    outcome = unlearn(bridge, forget, retain, reference, out=out / "model", force=force, figure_probes=True)
+    outcome = unlearn(bridge, forget, retain, reference, figure_probes=True)
     after = evaluate_sets(outcome.bridge, sets, progress=True)
+    after_table = before.markdown_table(after)
+    outcome.out_dir = export_outcome(outcome, out / "model", force=force, results_table=after_table)
 
     print(f"\nedited W_out of layer(s) {outcome.report['layers']} with c = {outcome.report['coeff']:g}\n")
-    print(after_table := before.markdown_table(after))
+    print(after_table)
     print("\nforget-set answers:")
     print("\n".join(sample_lines(before, after, "forget", 4)))
     print("retain-set answers:")

@@ -4,6 +4,7 @@ the mean on forget prompts, for every layer in one batched pass per set, accumul
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,21 @@ class Directions:
             "cosine_between_layers": self.cosine_between_layers().tolist(),
             **self.metadata,
         }
+
+    def hooks(self, coeff: float = 1.0, layers: Sequence[int] | None = None) -> list[tuple[str, Callable]]:
+        """TransformerLens forward hooks adding coeff·r_l to `blocks.{l}.hook_resid_post` at every position,
+        for `layers` (default: all): `bridge.hooks(fwd_hooks=...)`, `bridge.run_with_hooks(..., fwd_hooks=...)`."""
+        layers = range(len(self.vectors)) if layers is None else layers
+
+        def steer(layer: int) -> Callable:
+            shift = coeff * self[layer]
+
+            def hook(activation: Float[torch.Tensor, "batch seq d_model"], hook=None) -> Float[torch.Tensor, "batch seq d_model"]:
+                return activation + shift.to(activation.device, activation.dtype)
+
+            return hook
+
+        return [(resid_post(layer), steer(layer)) for layer in layers]
 
     def save(self, path: str | Path) -> None:
         """`path`.safetensors (the vectors) and `path`.json (metadata)."""

@@ -22,6 +22,7 @@ from lunar_lens.cli import add_device_arguments
 from lunar_lens.data import QA, load_qa, load_refusals
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
+from lunar_lens.progress import Stages
 
 # metric key -> column header, in table order
 COLUMNS = {
@@ -140,7 +141,8 @@ def evaluate_sets(
         if not items:
             raise LunarError(f"the {name} set is empty: give at least one question or leave the set out")
         questions = [qa.question for qa in items]
-        answers = generate_answers(bridge, questions, max_new_tokens, batch_size, progress)
+        with Stages(progress)("generate", f"answered the {name} set ({len(items)} questions)"):
+            answers = generate_answers(bridge, questions, max_new_tokens, batch_size, progress)
         refused = [metrics.is_refusal(a, references=refusals) for a in answers]
         scores[name] = {"refusal_rate": fmean(refused)}
         samples[name] = [{"question": q, "answer": a, "refusal": r} for q, a, r in zip(questions, answers, refused)]
@@ -322,11 +324,11 @@ def run_cli(args: argparse.Namespace) -> None:
     )
     retain_ratios = None
     if args.retain_model:
-        retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype)
+        retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype, progress=True)
         retain_ratios = truth_ratios(retain_model, sets["forget"], args.batch_size)
         del retain_model
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    base = load_model(args.base, device=args.device, dtype=args.dtype) if args.base else None
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True) if args.base else None
     after = evaluate_sets(model, sets, base=base, retain_model_truth_ratios=retain_ratios, **options)
     settings = options | {"refusals": args.refusals, "factual": args.factual, "retain_model": args.retain_model, "limit": args.limit}
     report: dict = {"model": args.model, "base": args.base, "settings": settings}

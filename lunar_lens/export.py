@@ -2,13 +2,16 @@
 transformers. Every tensor but the edited W_out keeps the source's bytes (only the shards holding an
 edited tensor are rewritten, in place in a copy), the source dtype is kept, tokenizer, chat template
 and config files are carried over, and `lunar_manifest.json` records the source hashes, the edit and
-the verification. The folder appears atomically, or not at all."""
+the verification. Beside the weights: the edit as a patch (`lunar_patch.safetensors`, registered as
+applied to the source, so `lunar-lens patch revert` gives the source back), the directions when given
+(`lunar_directions.*`) and a model card (`README.md`). The folder appears atomically, or not at all."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,22 +21,38 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM
 
 from lunar_lens.cli import add_device_arguments
+from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model, w_out_parameter, w_out_tensor_name
+from lunar_lens.model import load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 from lunar_lens.patches import (
+    ARTEFACTS,
+    CARD_FILE,
+    DIRECTIONS_FILE,
+    MANIFEST,
+    PATCH_FILE,
     ST_NAMES,
     Checkpoint,
+    WOutEdit,
     apply_to_model,
     atomic_output,
     copy_checkpoint,
+    file_sha256,
+    load_patch,
+    patch_record,
+    patch_state,
     read_manifest,
+    save_patch,
     show_patch,
+    stash_dir,
     tensor_sha256,
     write_manifest,
+    write_patch_state,
 )
+from lunar_lens.progress import library_bars
 from lunar_lens.prompts import tokenize
 
 DEFAULT_PROMPTS = (
@@ -96,16 +115,10 @@ def _edit_record(edited: EditedTensor, checkpoint: Checkpoint) -> dict:
 def _weights_as_written(bridge: TransformerBridge, edited: list[EditedTensor]) -> Iterator[None]:
     """Temporarily give the in-memory W_out the exported values (rounded to the source dtype)."""
     params = [w_out_parameter(bridge, e.layer) for e in edited]
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for param, e in zip(params, edited):
-                param.copy_(e.value)
+    with weights_restored(params), torch.no_grad():
+        for param, e in zip(params, edited):
+            param.copy_(e.value)
         yield
-    finally:
-        with torch.no_grad():
-            for param, old in zip(params, saved):
-                param.copy_(old)
 
 
 @torch.no_grad()
@@ -130,9 +143,10 @@ def verify_export(
     rounded = any(not torch.equal(w_out_parameter(bridge, e.layer), e.value.to(model.device, model.dtype)) for e in edited)
     with _weights_as_written(bridge, edited if rounded else []):
         expected = logits(model) if rounded else live
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=model.dtype, attn_implementation=model.config._attn_implementation, trust_remote_code=trust_remote_code
-    ).to(model.device).eval()
+    with library_bars():
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=model.dtype, attn_implementation=model.config._attn_implementation, trust_remote_code=trust_remote_code
+        ).to(model.device).eval()
     diff = float((logits(reloaded) - expected).abs().max())
     exact = all(torch.equal(reloaded.get_parameter(e.name), e.value.to(model.device, model.dtype)) for e in edited)
     tolerance = TOLERANCE[model.dtype]
@@ -159,6 +173,86 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def _full_edits(bridge: TransformerBridge, edited: list[EditedTensor]) -> list[WOutEdit]:
+    """Each edited W_out's whole change from the source, as edits (when no factors are known)."""
+    edits = []
+    for e in edited:
+        change = e.live - e.source.float()
+        edits.append(WOutEdit(e.layer, e.name, change.T if w_out_is_transposed(bridge, e.layer) else change))
+    return edits
+
+
+def _table(rows: Sequence[tuple[str, object]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))])
+
+
+def model_card(record: dict, source_card: Path | None = None, results_table: str | None = None) -> ModelCard:
+    """The Hugging Face model card of an export, from its manifest `record`: front matter (base_model,
+    library_name, tags, and the source card's license) and what was done, measured and how to undo it."""
+    from huggingface_hub.repocard import metadata_load
+
+    run, patch = record["run"], record["patches"][-1]
+    settings = run.get("settings") or patch["info"].get("settings") or {}
+    base = run.get("base_model") or record["source"]["path"]
+    licence = (metadata_load(source_card) or {}).get("license") if source_card else None
+    data = ModelCardData(base_model=base, library_name="transformers", tags=["lunar-lens", "unlearning", "lunar"], license=licence)
+    sizes = run.get("sizes") or {}
+    facts = _table([
+        ("base model", f"`{base}`"),
+        ("edited", ", ".join(f"`{t['tensor']}` (layer {t['layer']}, ‖ΔW‖ = {t['edit_norm']:.4g})" for t in record["edited_tensors"])),
+        ("coefficient c", run.get("coeff")),
+        ("solver", settings.get("solver")),
+        ("redirected positions", settings.get("positions")),
+        ("layer and c chosen by", "localisation (`--layer auto`)" if run.get("localisation") else None),
+        ("forget / retain / reference questions", " / ".join(str(sizes[k]) for k in ("forget", "retain", "reference")) if sizes else None),
+        ("kept forgotten from earlier requests", sizes.get("kept_forgotten") or None),
+        ("patch scale", patch["scale"] if patch["scale"] != 1 else None),
+    ])
+    versions = ", ".join(f"{name} {number}" for name, number in record["versions"].items() if number)
+    check = record["verification"]
+    verified = (
+        f"Reloaded with plain `transformers` and compared with the in-memory edit: max |Δ logit| {check['max_abs_logit_diff']:.2g} "
+        f"on {check['prompts']} prompts ({check['dtype']})." if check else "Not verified by reloading."
+    )
+    results = f"\n## Before and after\n\n{results_table}\n" if results_table else ""
+    body = f"""
+# Unlearned with lunar-lens
+
+This is `{base}` with one matrix per edited layer changed: the MLP down-projection `W_out`, edited by
+lunar-lens with LUNAR (*LLM Unlearning via Neural Activation Redirection*, Shen et al.,
+NeurIPS 2025, [arXiv 2502.07218](https://arxiv.org/abs/2502.07218)). Forget-set prompts have their MLP output
+redirected along the layer's unanswerability direction (mean residual on questions the model already declines
+minus the mean on the forget set), so the model declines them; retain-set outputs are kept where they were.
+Every other tensor is byte-identical to the base. Load it with `AutoModelForCausalLM.from_pretrained`.
+
+{facts}
+{results}
+## What this folder holds
+
+- the checkpoint (weights, config, tokenizer) as `transformers` reads it;
+- `{PATCH_FILE}`: the edit as a patch (ΔW factors, base tensor hashes);
+- `{DIRECTIONS_FILE}.safetensors` / `.json` (when present): the directions `r_l`, one row per layer, read at
+  `blocks.{{l}}.hook_resid_post` (`lunar_lens.Directions.load`, `Directions.hooks` for TransformerLens);
+- `lunar_report.json` (when present): settings, objective, localisation scores. The forgotten questions are
+  not in this folder, only their count and SHA-256 hashes (unless the run chose to embed them);
+- `{MANIFEST}`: source file hashes, edited tensors, versions, verification; `lunar_patches/`: what revert needs.
+
+{verified}
+
+## How to revert, or scale the edit
+
+```bash
+lunar-lens patch revert THIS_FOLDER THIS_FOLDER/{PATCH_FILE} --out base-again      # the base, bit for bit
+lunar-lens patch apply BASE_FOLDER THIS_FOLDER/{PATCH_FILE} --scale 0.5 --out half  # half the edit
+```
+
+## Versions
+
+{versions}.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
 def export_checkpoint(
     bridge: TransformerBridge,
     out_dir: str | Path,
@@ -170,13 +264,22 @@ def export_checkpoint(
     sample_prompts: Sequence[str] | None = None,
     extra_files: dict[str, dict] | None = None,
     trust_remote_code: bool = False,
+    patch: Sequence[WOutEdit] | str | Path | None = None,
+    patch_info: dict | None = None,
+    scale: float = 1.0,
+    directions: Directions | None = None,
+    results_table: str | None = None,
 ) -> ExportResult:
     """Write the in-memory model, whose W_out of `edited_layers` was edited, as a checkpoint folder.
 
     The source is `bridge.source_path` (a local folder of safetensors, or a hub id found in the local
     cache). `manifest`: the run's record (coefficient, direction norms, solver, seed, metrics…), stored
-    under "run"; `extra_files`: more JSON files to write into the folder. Refuses an existing non-empty
-    `out_dir` unless `force`, and any `out_dir` overlapping the source.
+    under "run"; `extra_files`: more JSON files to write into the folder. `patch`: the edit as written
+    to `lunar_patch.safetensors` — the edits themselves (their factors are stored, with `patch_info`), the
+    patch file the model was edited with (applied at `scale`), or None (each edited tensor's whole
+    change). `directions` are saved as `lunar_directions.*`; `results_table` (markdown) goes into the
+    model card. Refuses an existing non-empty `out_dir` unless `force`, and any `out_dir` overlapping
+    the source.
     """
     if getattr(bridge, "source_path", None) is None:
         raise LunarError(
@@ -187,6 +290,25 @@ def export_checkpoint(
     with atomic_output(out_dir, checkpoint.root, force) as tmp:
         hashes, skipped = copy_checkpoint(checkpoint, tmp, {e.key: e.value for e in edited})
         verification = verify_export(bridge, tmp, edited, sample_prompts or DEFAULT_PROMPTS, trust_remote_code) if verify else None
+        ours = list(dict.fromkeys([*ARTEFACTS, *(extra_files or {})]))
+        for name in ours:  # the source's versions are kept in the stash below, for revert
+            (tmp / name).unlink(missing_ok=True)
+        if isinstance(patch, (str, Path)):
+            shutil.copyfile(patch, tmp / PATCH_FILE)
+        else:
+            save_patch(list(patch) if patch is not None else _full_edits(bridge, edited), checkpoint.root, tmp / PATCH_FILE, patch_info)
+        this = load_patch(tmp / PATCH_FILE)
+        applied, base = patch_state(checkpoint, this)
+        entry = patch_record(this, scale)
+        entry["replaced"] = [name for name in [*ours, MANIFEST] if (checkpoint.root / name).is_file()]
+        for name in entry["replaced"]:
+            (tmp / stash_dir(entry)).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint.root / name, tmp / stash_dir(entry) / name)
+        write_patch_state(tmp, checkpoint, applied + [(entry, this)], base)
+        if directions is not None:
+            directions.save(tmp / DIRECTIONS_FILE)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         record = {
             "format": "lunar-lens export 1",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -199,10 +321,12 @@ def export_checkpoint(
             "run": manifest or {},
             "versions": package_versions(),
             "verification": verification,
+            "patches": [*(record for record, _ in applied), entry],
         }
+        source_card = checkpoint.root / CARD_FILE
+        model_card(record, source_card if source_card.is_file() else None, results_table).save(tmp / CARD_FILE)
+        entry["files"] = {name: file_sha256(tmp / name) for name in ours if (tmp / name).is_file()}
         write_manifest(tmp, record)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     rewritten = sorted({checkpoint.weight_map[e.key] for e in edited})
     return ExportResult(Path(out_dir), [e.key for e in edited], rewritten, verification, record)
 
@@ -214,6 +338,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="the patch's base: HF model folder or cached hub id")
     parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
     parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
+    parser.add_argument("--scale", type=float, default=1.0, help="apply S·ΔW (0: the base, 1: the whole edit)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
@@ -222,11 +347,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    patch = apply_to_model(bridge, args.edit)
+    bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=True)
+    patch = apply_to_model(bridge, args.edit, args.scale)
     result = export_checkpoint(
         bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=args.force,
-        verify=not args.no_verify, trust_remote_code=args.trust_remote_code,
+        verify=not args.no_verify, trust_remote_code=args.trust_remote_code, patch=args.edit, scale=args.scale,
     )
     check = result.verification
     verified = "not verified"

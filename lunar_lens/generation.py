@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.progress import bar
 from lunar_lens.prompts import tokenize
 
 
@@ -28,7 +28,7 @@ def generate_answers(
     device = next(model.parameters()).device
     answers: list[str] = []
     starts = range(0, len(questions), batch_size)
-    for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+    for start in bar(starts, "generating" if progress else None):
         batch = tokenize(tokenizer, questions[start : start + batch_size]).to(device)
         output = model.generate(
             input_ids=batch.input_ids,

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, shared_prefix_length, shift_index
@@ -47,6 +46,8 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
 from lunar_lens.model import check_layer, mlp_out, mlp_post, n_layers, resid_post
+from lunar_lens.progress import Stages
+from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
 from lunar_lens.solvers import solve_closed
 
@@ -281,7 +282,7 @@ def each_intervention(
     model, device = bridge.original_model, bridge.cfg.device
     outputs: list[list[torch.Tensor]] = [[] for _ in interventions]
     starts = range(0, len(batch.input_ids), size)
-    bar = tqdm(total=len(starts) * len(interventions), desc=desc, disable=desc is None, leave=False)
+    bar = progress_bar(total=len(starts) * len(interventions), desc=desc)
     for start in starts:
         chunk = slice(start, start + size)
         rows = rows_of(batch, chunk)
@@ -494,7 +495,7 @@ def steering_scores(
     desc = "steering retain KL" if progress else None
     scores["retain_kl"].view(-1)[list(kl_cells)] = torch.tensor(retain_kl(bridge, sets, settings, interventions, shared, desc))
     if settings.figure_probes:
-        for row, layer in enumerate(tqdm(layers, desc="steered generation", disable=not progress, leave=False)):
+        for row, layer in enumerate(progress_bar(layers, "steered generation" if progress else None)):
             tables = [table for _, table in cells[row * len(coeffs) : (row + 1) * len(coeffs)]]
 
             def hooks_for(indices: list[int], name: str = resid_post(layer), tables: list = tables) -> list[Hook]:
@@ -577,7 +578,7 @@ def patching_map(
     reference_columns = reference.input_ids.shape[1] - n_positions + offset
     patched_rows = rows_of(forget, pair)
     recovered = torch.full((len(layers), n_positions), float("nan"))
-    for index, name in enumerate(tqdm(names, desc="patching", disable=not progress, leave=False)):
+    for index, name in enumerate(progress_bar(names, "patching" if progress else None)):
         values = cache[name][pair, reference_columns].cpu()
         hooks_for = lambda chunk, name=name, values=values: [(name, patch_hook(forget_columns[chunk], values[chunk]))]  # noqa: E731
         patched = in_chunks(bridge, patched_rows, hooks_for, lambda logits, rows, chunk: difference(logits, rows, pair[chunk]), size)
@@ -706,7 +707,7 @@ def localise(
 
     steering = steering_scores(bridge, sets, settings, layers, directions, coeffs, progress)
     ablation = torch.zeros(2, len(layers))
-    for index, layer in enumerate(tqdm(layers, desc="ablation", disable=not progress)):
+    for index, layer in enumerate(progress_bar(layers, "ablation" if progress else None)):
         ablation[:, index] = torch.tensor(ablation_scores(bridge, sets, settings, layer, directions[layer].float()))
     patching, labels = patching_map(bridge, sets, settings, layers, progress)
     probe_ranking, probe_why = rank_layers(
@@ -716,7 +717,7 @@ def localise(
     checked = probe_ranking[: settings.calibrate_layers]
     edit = {key: torch.zeros(len(checked), len(coeffs)) for key in ("forget_rouge1", "refusal_rate", "retain_kl")}
     deltas = unit_edits(bridge, checked, forget, retain, sets.refusal, directions, settings.edit)
-    for index, (layer, delta) in enumerate(zip(tqdm(checked, desc="edit check", disable=not progress), deltas)):
+    for index, (layer, delta) in enumerate(zip(progress_bar(checked, "edit check" if progress else None), deltas)):
         for key, values in edit_scores(bridge, sets, settings, layer, delta, coeffs).items():
             edit[key][index] = torch.tensor(values)
     best_layer, best_coeff, checked_order, edit_why = choose_edit(
@@ -810,12 +811,13 @@ def run_cli(args: argparse.Namespace) -> None:
     from lunar_lens.data import check_disjoint, load_qa
     from lunar_lens.model import load_model
 
-    bridge = load_model(args.model, args.device, args.dtype)
+    bridge = load_model(args.model, args.device, args.dtype, progress=True)
     forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
     retain = check_disjoint(forget, retain)
     layers = None if args.layers is None else parse_numbers(args.layers, int, "--layers")
     coeffs = parse_numbers(args.coeffs, float, "--coeffs")
-    loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
+    with Stages()("localise", "localisation (steering, ablation, patching, edit check)"):
+        loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
     paths = save_localisation(loc, args.out)
     print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")
     print("\n".join(f"wrote {path}" for path in paths.values()))

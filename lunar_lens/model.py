@@ -3,15 +3,26 @@ parts LUNAR needs: hook names per layer and the MLP down-projection W_out."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import transformers
 from jaxtyping import Float
+from packaging.specifiers import SpecifierSet
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.errors import LunarError
+from lunar_lens.progress import Stages, library_bars
+
+# The transformers versions the bridge is verified with (pyproject.toml declares the same range; both ends
+# pass tests/test_model.py's bridge-vs-HF generation tests). 5.24 renamed the attention argument
+# `past_key_values` to `cache`, which TransformerLens 4.3's AttentionBridge does not read: its KV cache is
+# skipped and generation silently diverges from HF.
+SUPPORTED_TRANSFORMERS = ">=5.9,<5.24"
 
 DTYPES = {
     "float32": torch.float32,
@@ -29,6 +40,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise LunarError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
     return DTYPES[dtype]
+
+
+def check_transformers(installed: str | None = None) -> None:
+    """Refuse a transformers outside `SUPPORTED_TRANSFORMERS` before any model is built."""
+    installed = installed or transformers.__version__
+    if not SpecifierSet(SUPPORTED_TRANSFORMERS).contains(installed, prereleases=True):
+        raise LunarError(
+            f"transformers {installed} is installed, but lunar-lens supports transformers{SUPPORTED_TRANSFORMERS} "
+            "(with 5.24 and later, TransformerLens 4.3's bridge generates wrongly): "
+            f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
 
 
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
@@ -51,13 +73,16 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    progress: bool = False,
 ) -> TransformerBridge:
     """Load a causal LM (local folder, offline; or a hub id) as a TransformerBridge.
 
     Weights are the raw HF weights (no folding), so an edit of W_out maps 1:1 onto the checkpoint.
     `device_map` ("auto", "balanced" or a dict of module → device) spreads the layers over devices
-    through accelerate; `max_memory` ({gpu index: bytes}) limits which devices it may use.
+    through accelerate; `max_memory` ({gpu index: bytes}) limits which devices it may use. With
+    `progress`, one line on stderr says what was loaded and how long it took.
     """
+    check_transformers()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     path = Path(path_or_id)
@@ -69,15 +94,16 @@ def load_model(
         raise LunarError(f"model folder {path} does not exist: check the path")
     config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path_or_id)
-    bridge = TransformerBridge.boot_transformers(
-        str(path_or_id),
-        device=None if device_map else device,
-        dtype=parse_dtype(dtype),
-        tokenizer=tokenizer,
-        trust_remote_code=trust_remote_code,
-        device_map=device_map,
-        max_memory=max_memory,
-    )
+    with Stages(progress)("load", f"loaded {path_or_id} ({dtype})"), library_bars():
+        bridge = TransformerBridge.boot_transformers(
+            str(path_or_id),
+            device=None if device_map else device,
+            dtype=parse_dtype(dtype),
+            tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            max_memory=max_memory,
+        )
     bridge.eval()
     bridge.source_path = str(path_or_id)  # remembered for export and reports
     bridge.hf_config = config
@@ -87,6 +113,7 @@ def load_model(
 
 def wrap_hf_model(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source_path: str | None = None) -> TransformerBridge:
     """Bridge an already-built HF model (tests build tiny random ones from configs)."""
+    check_transformers()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -182,13 +209,36 @@ def w_out_tensor_name(bridge: TransformerBridge, layer: int) -> str:
     raise LunarError(f"could not find W_out of layer {layer} among the model's parameters")
 
 
+def added(base: Float[torch.Tensor, "*shape"], deltas: Sequence[Float[torch.Tensor, "*shape"]]) -> Float[torch.Tensor, "*shape"]:
+    """cast(base + Σ deltas) to base's dtype, summed in order in float32 (float64 for a float64 base): the one
+    rule by which an edit changes a weight, in memory and in a patched checkpoint alike, so both agree bit for bit."""
+    if not deltas:
+        return base
+    total = base.to(torch.promote_types(base.dtype, torch.float32))
+    for delta in deltas:
+        total = total + delta.to(total.device, total.dtype)
+    return total.to(base.dtype)
+
+
 @torch.no_grad()
 def add_to_w_out(bridge: TransformerBridge, layer: int, delta: Float[torch.Tensor, "d_mlp d_model"]) -> None:
-    """W_out[layer] += delta, in place, in the parameter's own dtype."""
+    """W_out[layer] = added(W_out[layer], [delta]), in place, in the parameter's own dtype."""
     view = w_out(bridge, layer)
     if view.is_meta:
         raise LunarError(
             f"W_out of layer {layer} is offloaded to disk by the device map, so it cannot be edited in place: "
             "map that layer to a GPU or the CPU (or use --device-map auto with enough GPU/CPU memory)"
         )
-    view.add_(delta.to(device=view.device, dtype=view.dtype))
+    view.copy_(added(view, [delta]))
+
+
+@contextlib.contextmanager
+def weights_restored(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Whatever the block does to `params`, they hold their current values again, bit for bit, on exit."""
+    saved = [param.detach().clone() for param in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, old in zip(params, saved):
+                param.copy_(old)

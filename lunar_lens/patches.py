@@ -9,8 +9,14 @@ and the SHA-256 of the base tensor's bytes the edit was solved against.
 
 A patched checkpoint remembers its base: `lunar_patches/base_tensors.safetensors` keeps the original
 bytes of every touched tensor, `lunar_patches/<sha>.safetensors` a copy of every applied patch, and
-`lunar_manifest.json` their order. A touched tensor is always `cast(base_float32 + Σ deltas, dtype)`,
-so any patch reverts while the others stay, and reverting the last one restores the base bit for bit.
+`lunar_manifest.json` their order and scales. A touched tensor is always
+`cast(base_float32 + Σ scale·delta, dtype)` (`model.added`, the rule in-memory edits follow too), so any
+patch reverts while the others stay, and reverting the last one restores the base bit for bit.
+
+An exported checkpoint (`lunar_lens.export`) is its source with the export's patch applied, plus the
+files that export brought (`ARTEFACTS`: model card, directions, report, the patch itself); the source's
+own versions of those files, and its manifest, are kept in `lunar_patches/<sha>/`, so reverting that
+patch gives the source folder back file for file.
 Only safetensors are read; nothing is ever unpickled.
 """
 
@@ -20,10 +26,11 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +42,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, w_out_is_transposed, w_out_tensor_name
+from lunar_lens.directions import Directions
+from lunar_lens.model import add_to_w_out, added, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 
 MANIFEST = "lunar_manifest.json"
 PATCH_DIR = "lunar_patches"
@@ -46,6 +54,12 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+PATCH_FILE = "lunar_patch.safetensors"
+DIRECTIONS_FILE = "lunar_directions"  # .safetensors (vectors) and .json (metadata): `Directions.save`
+REPORT_FILE = "lunar_report.json"
+CARD_FILE = "README.md"
+# What an export writes beside the weights. A source's own versions are replaced (and kept for revert).
+ARTEFACTS = (CARD_FILE, PATCH_FILE, f"{DIRECTIONS_FILE}.safetensors", f"{DIRECTIONS_FILE}.json", REPORT_FILE)
 
 
 @dataclass
@@ -195,7 +209,8 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
             rel = src.relative_to(checkpoint.root).as_posix()
             if _is_lunar(rel):
                 continue
-            if rel not in checkpoint.weight_files and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
+            stale = rel not in checkpoint.weight_files and rel not in ARTEFACTS
+            if stale and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
                 skipped.append(rel)
                 continue
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -332,8 +347,10 @@ def load_patch(path: str | Path) -> Patch:
     entries = []
     for i, entry in enumerate(record["tensors"]):
         factored = f"{i}.a" in tensors
-        delta = tensors[f"{i}.a"] @ tensors[f"{i}.b"].T if factored else tensors[f"{i}.delta"]
-        rank = tensors[f"{i}.a"].shape[1] if factored else None
+        delta, rank = tensors.get(f"{i}.delta"), None
+        if factored:  # formed as u @ vᵀ in W_out's [d_mlp, d_model] layout, as the in-memory edit was
+            u, v = (tensors[f"{i}.b"], tensors[f"{i}.a"]) if entry["hf_is_transposed"] else (tensors[f"{i}.a"], tensors[f"{i}.b"])
+            delta, rank = (u @ v.T).T if entry["hf_is_transposed"] else u @ v.T, u.shape[1]
         entries.append(PatchEntry(**entry, rank=rank, delta=delta))
     return Patch(path, file_sha256(path), entries, record.get("info", {}))
 
@@ -378,14 +395,12 @@ def check_base(patch: Patch, checkpoint: Checkpoint, base: dict[str, Tensor] | N
             )
 
 
-def _combine(base: Tensor, deltas: list[Tensor]) -> Tensor:
-    """cast(base + Σ deltas) accumulated in float32 (float64 for float64 bases), in order."""
-    if not deltas:
-        return base
-    total = base.to(torch.promote_types(base.dtype, torch.float32))
-    for delta in deltas:
-        total = total + delta.to(total.dtype)
-    return total.to(base.dtype)
+def _deltas(applied: list[tuple[dict, Patch]], key: str) -> list[Tensor]:
+    """What the `applied` patches add to tensor `key`, each at the scale it was applied with (0: nothing)."""
+    return [
+        record.get("scale", 1.0) * entry.delta
+        for record, patch in applied for entry in patch.entries if entry.tensor == key and record.get("scale", 1.0) != 0
+    ]
 
 
 def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
@@ -410,43 +425,96 @@ def _base_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
         return {key: file.get_tensor(key) for key in file.keys()}
 
 
+def patch_state(checkpoint: Checkpoint, patch: Patch) -> tuple[list[tuple[dict, Patch]], dict[str, Tensor]]:
+    """The patches already applied to `checkpoint` and the base tensors once `patch` goes on top: the
+    recorded originals, plus the current bytes of tensors `patch` is the first to touch."""
+    applied, base = _applied(checkpoint), _base_tensors(checkpoint)
+    for key in ({entry.tensor for entry in patch.entries} - base.keys()) & checkpoint.weight_map.keys():
+        base[key] = checkpoint.read(key)  # (a tensor the checkpoint lacks is refused by check_base)
+    return applied, base
+
+
+def patch_record(patch: Patch, scale: float = 1.0) -> dict:
+    """The manifest entry of an applied patch (an export adds the files it brought: `files`, `replaced`)."""
+    return {
+        "sha256": patch.sha256, "file": f"{PATCH_DIR}/{patch.sha256[:16]}.safetensors", "source": str(patch.path),
+        "tensors": sorted({entry.tensor for entry in patch.entries}), "layers": patch.layers, "scale": scale, "info": patch.info,
+    }
+
+
+def stash_dir(record: dict) -> str:
+    """Where the source's versions of the files an export replaced are kept: lunar_patches/<sha16>/."""
+    return f"{PATCH_DIR}/{record['sha256'][:16]}"
+
+
+def write_patch_state(folder: Path, checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor]) -> None:
+    """`folder/lunar_patches/`: the base bytes of every tensor the `applied` patches touch, a copy of each
+    patch, and the files earlier exports replaced (kept in `checkpoint`)."""
+    if not applied:
+        return
+    (folder / PATCH_DIR).mkdir(exist_ok=True)
+    touched = {entry.tensor for _, patch in applied for entry in patch.entries}
+    save_file({key: base[key].contiguous() for key in sorted(touched)}, str(folder / BASE_TENSORS))
+    for record, patch in applied:
+        shutil.copyfile(patch.path, folder / record["file"])
+        if (checkpoint.root / stash_dir(record)).is_dir():
+            shutil.copytree(checkpoint.root / stash_dir(record), folder / stash_dir(record))
+
+
+def _restore_files(checkpoint: Checkpoint, folder: Path, record: dict) -> None:
+    """Take off the files an export brought: each goes back to the source's version, or away, unless
+    something changed it since."""
+    for name, sha in record["files"].items():
+        if (folder / name).is_file() and file_sha256(folder / name) == sha:
+            (folder / name).unlink()
+    for name in record["replaced"]:
+        if name != MANIFEST and not (folder / name).exists():
+            shutil.copyfile(checkpoint.root / stash_dir(record) / name, folder / name)
+
+
 def _write_patched(
-    checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path, force: bool
+    checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path,
+    force: bool, reverted: dict | None = None,
 ) -> Path:
-    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors."""
-    new = {key: _combine(base[key], [e.delta for _, p in applied for e in p.entries if e.tensor == key]) for key in touched}
-    still_touched = {e.tensor for _, p in applied for e in p.entries}
+    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors.
+    `reverted`: the manifest entry of the patch taken off; an export's files go back to its source's, and
+    when it was the last patch, so does the manifest."""
+    new = {key: added(base[key], _deltas(applied, key)) for key in touched}
     record = read_manifest(checkpoint.root)
     record.pop("patches", None)
+    exported = reverted is not None and "files" in reverted
     with atomic_output(out_dir, checkpoint.root, force) as tmp:
         copy_checkpoint(checkpoint, tmp, new)
+        write_patch_state(tmp, checkpoint, applied, base)
+        if exported:
+            _restore_files(checkpoint, tmp, reverted)
         if applied:
-            (tmp / PATCH_DIR).mkdir()
-            save_file({key: base[key].contiguous() for key in sorted(still_touched)}, str(tmp / BASE_TENSORS))
-            for entry, patch in applied:
-                shutil.copyfile(patch.path, tmp / entry["file"])
             record["patches"] = [entry for entry, _ in applied]
-        if record:
+        if exported and record.get("patches") == read_manifest(checkpoint.root / stash_dir(reverted)).get("patches"):
+            if MANIFEST in reverted["replaced"]:  # the export's source state, byte for byte
+                shutil.copyfile(checkpoint.root / stash_dir(reverted) / MANIFEST, tmp / MANIFEST)
+        elif record:
             write_manifest(tmp, record)
     return Path(out_dir)
 
 
-def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `checkpoint_dir` + the patch to `out_dir` (the patch stacks on any already applied)."""
+def _check_scale(scale: float) -> float:
+    if not math.isfinite(scale):
+        raise LunarError(f"--scale {scale} is not a finite number: pass e.g. --scale 0.5 (0: the base, 1: the whole edit)")
+    return float(scale)
+
+
+def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False, scale: float = 1.0) -> Path:
+    """Write `checkpoint_dir` + `scale`·the patch to `out_dir` (the patch stacks on any already applied;
+    scale 0 leaves every tensor as it is, 1 is the whole edit)."""
+    scale = _check_scale(scale)
     checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
-    applied = _applied(checkpoint)
+    applied, base = patch_state(checkpoint, patch)
     if any(p.sha256 == patch.sha256 for _, p in applied):
         raise LunarError(f"{patch.path} is already applied to {checkpoint.root}: nothing to do")
-    base = _base_tensors(checkpoint)
     check_base(patch, checkpoint, base)
     touched = {entry.tensor for entry in patch.entries}
-    for key in touched - base.keys():
-        base[key] = checkpoint.read(key)
-    record = {
-        "sha256": patch.sha256, "file": f"{PATCH_DIR}/{patch.sha256[:16]}.safetensors", "source": str(patch.path),
-        "tensors": sorted(touched), "layers": patch.layers, "info": patch.info,
-    }
-    return _write_patched(checkpoint, applied + [(record, patch)], base, touched, out_dir, force)
+    return _write_patched(checkpoint, applied + [(patch_record(patch, scale), patch)], base, touched, out_dir, force)
 
 
 def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
@@ -459,12 +527,16 @@ def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: st
             f"{patch.path} is not applied to {checkpoint.root} (applied: {names}): `lunar-lens patch show {checkpoint.root}` lists them"
         )
     remaining = [(entry, p) for entry, p in applied if p.sha256 != patch.sha256]
-    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint), {e.tensor for e in patch.entries}, out_dir, force)
+    reverted = next(entry for entry, p in applied if p.sha256 == patch.sha256)
+    touched = {e.tensor for e in patch.entries}
+    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint), touched, out_dir, force, reverted)
 
 
-def apply_to_model(bridge: TransformerBridge, patch_path: str | Path) -> Patch:
-    """Add a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
-    checkpoint, patch = Checkpoint.open(bridge.source_path), load_patch(patch_path)
+def apply_to_model(bridge: TransformerBridge, patch_path: str | Path | Patch, scale: float = 1.0) -> Patch:
+    """Add `scale`·a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
+    scale = _check_scale(scale)
+    checkpoint = Checkpoint.open(bridge.source_path)
+    patch = patch_path if isinstance(patch_path, Patch) else load_patch(patch_path)
     check_base(patch, checkpoint)
     for entry in patch.entries:
         if checkpoint.key(w_out_tensor_name(bridge, entry.layer)) != entry.tensor:
@@ -472,8 +544,39 @@ def apply_to_model(bridge: TransformerBridge, patch_path: str | Path) -> Patch:
                 f"{patch.path} edits {entry.tensor}, which is not W_out of layer {entry.layer} of this model: "
                 "pass the model the patch was saved for"
             )
-        add_to_w_out(bridge, entry.layer, entry.delta.T if w_out_is_transposed(bridge, entry.layer) else entry.delta)
+        if scale != 0:
+            delta = scale * entry.delta
+            add_to_w_out(bridge, entry.layer, delta.T if w_out_is_transposed(bridge, entry.layer) else delta)
     return patch
+
+
+@contextlib.contextmanager
+def applied(
+    bridge: TransformerBridge,
+    change: str | Path | Patch | Sequence[WOutEdit] | Directions,
+    scale: float = 1.0,
+    layers: Sequence[int] | None = None,
+) -> Iterator[TransformerBridge]:
+    """`change` applied to the live `bridge` inside a `with` block; on exit every weight is back, bit for bit.
+
+    A patch (file or `Patch`, checked against the bridge's source) or a list of `WOutEdit` (e.g.
+    `EditResult.edits`) adds `scale`·ΔW to W_out; `Directions` steer instead: `scale`·r_l is added to
+    `blocks.{l}.hook_resid_post` at every position, for `layers` (default: all), as hooks removed on exit.
+    """
+    if isinstance(change, Directions):
+        with bridge.hooks(fwd_hooks=change.hooks(scale, layers)):
+            yield bridge
+        return
+    scale = _check_scale(scale)
+    change = load_patch(change) if isinstance(change, (str, Path)) else change
+    touched = change.layers if isinstance(change, Patch) else sorted({edit.layer for edit in change})
+    with weights_restored([w_out_parameter(bridge, layer) for layer in touched]):
+        if isinstance(change, Patch):
+            apply_to_model(bridge, change, scale)
+        elif scale != 0:
+            for edit in change:
+                add_to_w_out(bridge, edit.layer, scale * edit.delta)
+        yield bridge
 
 
 # ---------------------------------------------------------------- CLI
@@ -488,6 +591,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
         sub.set_defaults(func=run_cli)
+    actions.choices["apply"].add_argument(
+        "--scale", type=float, default=1.0, help="apply S·ΔW: 0 leaves the base as it is, 1 is the whole edit (recorded; revert stays exact)"
+    )
     show = actions.add_parser("show", help="print a patch file, or the patches applied to a checkpoint folder")
     show.add_argument("path")
     show.set_defaults(func=run_cli)
@@ -497,6 +603,8 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.action == "show":
         print(json.dumps(show_patch(args.path), indent=2))
         return
-    write = apply_patch if args.action == "apply" else revert_patch
-    out = write(args.checkpoint, args.patch, args.out, force=args.force)
+    if args.action == "apply":
+        out = apply_patch(args.checkpoint, args.patch, args.out, force=args.force, scale=args.scale)
+    else:
+        out = revert_patch(args.checkpoint, args.patch, args.out, force=args.force)
     print(f"{args.action}: wrote {out}")

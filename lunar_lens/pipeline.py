@@ -1,13 +1,19 @@
-"""`unlearn`: load → directions → localise → edit → export, as one call (Python API and CLI)."""
+"""`unlearn`: load → directions → localise → edit → export, as one call (Python API and CLI).
+
+What was forgotten stays out of the exported folder: `lunar_report.json` holds the forgotten questions'
+count and SHA-256 hashes, and their text goes to a sidecar file *beside* the folder (`DIR.forgotten.json`),
+where a later request on DIR finds it (or pass the earlier forget sets again: `keep_forgotten`);
+`embed_forgotten` puts the text into the report instead."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import time
+import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,9 +27,12 @@ from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_fo
 from lunar_lens.errors import LunarError
 from lunar_lens.localise import spread
 from lunar_lens.model import check_layer, load_model
+from lunar_lens.patches import REPORT_FILE as REPORT_NAME
+from lunar_lens.progress import Stages
 from lunar_lens.refusals import model_refusal
 
-REPORT_NAME = "lunar_report.json"
+SIDECAR_SUFFIX = ".forgotten.json"
+SIDECAR_FORMAT = "lunar-lens forgotten questions 1"
 MAX_REFUSAL_PROMPTS = 64  # reference questions the model answers to find its own refusal
 
 
@@ -34,12 +43,54 @@ class UnlearnOutcome:
     report: dict
     out_dir: Path | None
     localisation: object | None = None  # lunar_lens.localise.Localisation when the layer or c was chosen automatically
+    forgotten: list[str] = field(default_factory=list)  # every question the model now declines (earlier requests' too)
 
 
 def earlier_request(model_dir: str | Path | None) -> dict:
     """The `lunar_report.json` of an earlier lunar-lens request that produced this checkpoint ({} if none)."""
     report = Path(model_dir) / REPORT_NAME if model_dir else None
     return json.loads(report.read_text()) if report is not None and report.is_file() else {}
+
+
+def question_sha256(question: str) -> str:
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()
+
+
+def sidecar_path(checkpoint_dir: str | Path) -> Path:
+    """Where the forgotten questions of the export `checkpoint_dir` are kept: beside it, not inside."""
+    folder = Path(checkpoint_dir).expanduser()
+    return folder.with_name(folder.name + SIDECAR_SUFFIX)
+
+
+def _read_sidecar(path: Path) -> list[str] | None:
+    """The questions of a sidecar lunar-lens wrote, or None for any other file."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record["questions"] if isinstance(record, dict) and record.get("format") == SIDECAR_FORMAT else None
+
+
+def check_sidecar(out: str | Path, force: bool) -> None:
+    """Refuse, before any work, to overwrite a sidecar without `force`, or a file lunar-lens did not write."""
+    path = sidecar_path(out)
+    if not path.exists():
+        return
+    if _read_sidecar(path) is None:
+        raise LunarError(f"{path} exists and was not written by lunar-lens: move it away, or choose another --out")
+    if not force:
+        raise LunarError(f"{path} (an earlier export's forgotten questions) exists: pass --force to replace it, or choose another --out")
+
+
+def earlier_forgotten(model_dir: str | Path | None, earlier: dict, given: Sequence[QA] = ()) -> tuple[list[QA], list[str]]:
+    """The questions earlier requests made `model_dir` forget, as text — from its report (when embedded),
+    its sidecar, or `given` (the earlier forget sets passed again) — and the hashes of those with no text."""
+    record = earlier.get("forgotten") or {}
+    beside = (_read_sidecar(sidecar_path(model_dir)) if model_dir else None) or []
+    texts = [*record.get("questions", []), *beside, *(qa.question for qa in given)]
+    by_hash = {question_sha256(text): text for text in texts}
+    hashes = record.get("sha256", [])
+    return [QA(by_hash[h]) for h in hashes if h in by_hash], [h for h in hashes if h not in by_hash]
 
 
 def direction_model(bridge: TransformerBridge, earlier: dict, device: str, dtype: str) -> TransformerBridge:
@@ -77,60 +128,82 @@ def unlearn(
     device_map: str | dict | None = None,
     parallel: DataParallel | None = None,
     figure_probes: bool = False,
+    keep_forgotten: Sequence[QA] = (),
+    embed_forgotten: bool = False,
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
     `layers=None` / `coeff=None` choose them by localisation (`lunar_lens.localise`). With `out`, the
-    edited model is exported as a verified Hugging Face checkpoint plus `lunar_report.json`.
-    `device_map` spreads the model over devices (`load_model`). Under `torchrun`, each process
-    collects its shard of the prompts, all make the same edit, and only rank 0 exports
-    (`parallel=None`: from the environment, `lunar_lens.distributed.init_from_env`). `figure_probes`
-    runs the localisation probes that only feed its figures (`lunar_lens.localise.save_localisation`).
+    edited model is exported (`export_outcome`). `device_map` spreads the model over devices
+    (`load_model`). Under `torchrun`, each process collects its shard of the prompts, all make the same
+    edit, and only rank 0 exports (`parallel=None`: from the environment,
+    `lunar_lens.distributed.init_from_env`). `figure_probes` runs the localisation probes that only feed
+    its figures (`lunar_lens.localise.save_localisation`). When the model is an earlier export, the
+    questions it forgot stay forgotten: their text comes from its sidecar or `keep_forgotten`.
+    `embed_forgotten` stores the forgotten questions' text in the report (and the exported folder).
+    With `progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
     """
-    started = time.perf_counter()
     settings = settings or EditSettings()
     parallel = init_from_env() if parallel is None else parallel
     progress = progress and parallel.is_main
+    stages = Stages(progress)
+    if out is not None and parallel.is_main and not embed_forgotten:
+        check_sidecar(out, force)
     torch.manual_seed(settings.seed)
-    bridge = model if isinstance(model, TransformerBridge) else load_model(
-        model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
-    )
-    forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
-    retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
-    reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
-    retain_set = check_disjoint(forget_set, retain_set)
-    timings = {"load": time.perf_counter() - started}
+    with stages("load", "loaded the model and the sets"):
+        bridge = model if isinstance(model, TransformerBridge) else load_model(
+            model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
+        )
+        forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
+        retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
+        reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
+        retain_set = check_disjoint(forget_set, retain_set)
 
     for layer in layers or ():
         check_layer(bridge, layer)  # fail before any forward pass
     source = str(getattr(bridge, "source_path", None))
     earlier = earlier_request(getattr(bridge, "source_path", None))
-    base = direction_model(bridge, earlier, device, dtype)
-    refusal = model_refusal(base, spread(reference_set, MAX_REFUSAL_PROMPTS), refusal=settings.refusal)
-    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else float(coeff))
+    kept, unkept = earlier_forgotten(getattr(bridge, "source_path", None), earlier, keep_forgotten)
+    if unkept:
+        warnings.warn(
+            f"{len(unkept)} of {len(kept) + len(unkept)} questions forgotten by earlier requests of {source} have no text here "
+            f"(no {sidecar_path(source).name} beside it): pass the earlier forget sets with --keep-forgotten FILE, "
+            "or they may be answered again"
+        )
     localising = layers is None or coeff is None
     deepest = None if localising else max(layers)  # the choice tries every layer
-    directions = directions_for(base, forget_set, reference_set, settings, progress, parallel, deepest)
-    timings["directions"] = time.perf_counter() - started - timings["load"]
-    kept = [QA(question, refusal.target) for question in earlier.get("forgotten", [])]  # earlier requests stay forgotten
+    read_from = direction_model(bridge, earlier, device, dtype)
+    with stages("refusal", "the model's own refusal (its answers to the reference questions)"):
+        refusal = model_refusal(read_from, spread(reference_set, MAX_REFUSAL_PROMPTS), refusal=settings.refusal)
+    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else float(coeff))
+    kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
+    with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
+        directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
+    directions.metadata["model"] = str(getattr(read_from, "source_path", None))
     localisation = choice = None
     if figure_probes:
         from lunar_lens.localise import LocaliseSettings, localise
 
-        localisation = localise(bridge, forget_set, retain_set, reference_set, settings=LocaliseSettings(edit=settings), directions=directions, progress=progress)
+        with stages("localise", "localisation probes (steering, ablation, patching) for the figures"):
+            localisation = localise(
+                bridge, forget_set, retain_set, reference_set, settings=LocaliseSettings(edit=settings), directions=directions, progress=progress
+            )
     if localising:
-        choice = choose_edit(
-            bridge, forget_set, retain_set + kept, refusal, directions, settings,
-            ChoiceSettings(coeffs=(coeff,) if coeff is not None else ChoiceSettings.coeffs), layer_sets=None if layers is None else [sorted(layers)],
-            progress=progress,
-        )
+        with stages("choice", "choosing the layer(s) and c on held-out generations"):
+            choice = choose_edit(
+                bridge, forget_set, retain_set + kept, refusal, directions, settings,
+                ChoiceSettings(coeffs=(coeff,) if coeff is not None else ChoiceSettings.coeffs),
+                layer_sets=None if layers is None else [sorted(layers)], progress=progress,
+            )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
         settings = replace(settings, coeff=choice.coeff)
         result = apply_edits(bridge, choice.edits, directions, settings.coeff)
     else:
-        result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel)
-    timings["edit"] = time.perf_counter() - started - sum(timings.values())
+        with stages("edit", f"edit of W_out, layer(s) {', '.join(map(str, sorted(layers)))}, c = {settings.coeff:g}"):
+            result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel)
 
+    forgotten = list(dict.fromkeys(qa.question for qa in [*kept, *forget_set]))
+    hashes = list(dict.fromkeys([*(question_sha256(qa.question) for qa in kept), *unkept, *(question_sha256(qa.question) for qa in forget_set)]))
     report = {
         "source": source,
         "base_model": earlier.get("base_model", source),
@@ -142,19 +215,42 @@ def unlearn(
         "sizes": {"forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "kept_forgotten": len(kept)},
         "edit": result.report(),
         "localisation": None if localisation is None else localisation.summary(),  # the probes' view (figures)
-        "forgotten": [qa.question for qa in kept] + [qa.question for qa in forget_set],
-        "timings_s": timings,
+        "forgotten": {"count": len(hashes), "sha256": hashes, **({"questions": forgotten} if embed_forgotten else {})},
+        "timings_s": stages.seconds,
         "processes": parallel.size,
     }
-    out_dir = None
+    outcome = UnlearnOutcome(bridge, result, report, None, localisation, forgotten)
     if out is not None and parallel.is_main:
-        from lunar_lens.export import export_checkpoint
+        outcome.out_dir = export_outcome(outcome, out, force=force, progress=progress)
+    return outcome
 
-        export_started = time.perf_counter()
-        export = export_checkpoint(bridge, out, [edit.layer for edit in result.edits], manifest=report, force=force, extra_files={REPORT_NAME: report})
-        timings["export"] = time.perf_counter() - export_started
-        out_dir = Path(export.out_dir)
-    return UnlearnOutcome(bridge, result, report, out_dir, localisation)
+
+def export_outcome(outcome: UnlearnOutcome, out: str | Path, force: bool = False, results_table: str | None = None, progress: bool = True) -> Path:
+    """Export the edited model of `outcome` as a verified checkpoint folder with its report, directions,
+    patch and model card (`results_table`: a before/after table for the card), and write the forgotten
+    questions' sidecar beside it (unless the report embeds them)."""
+    embedded = "questions" in outcome.report["forgotten"]
+    if not embedded:
+        check_sidecar(out, force)
+    from lunar_lens.export import export_checkpoint
+
+    report = outcome.report
+    stages = Stages(progress)
+    with stages("export", f"export to {out}, verified by reloading"):
+        info = {key: report[key] for key in ("layers", "coeff", "settings", "base_model")}
+        export = export_checkpoint(
+            outcome.bridge, out, [edit.layer for edit in outcome.result.edits], manifest=report, force=force,
+            extra_files={REPORT_NAME: report}, patch=outcome.result.edits, patch_info=info,
+            directions=outcome.result.directions, results_table=results_table,
+        )
+        if not embedded:
+            path = sidecar_path(out)
+            partial = path.with_name(f".{path.name}.partial")
+            partial.touch(mode=0o600)  # the private text: readable by its owner only
+            partial.write_text(json.dumps({"format": SIDECAR_FORMAT, "checkpoint": str(export.out_dir), "questions": outcome.forgotten}, indent=2) + "\n")
+            os.replace(partial, path)
+    report["timings_s"]["export"] = stages.seconds["export"]
+    return Path(export.out_dir)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -183,6 +279,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--localisation", metavar="DIR",
         help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
     )
+    parser.add_argument(
+        "--keep-forgotten", metavar="FILE", action="append", default=[],
+        help="when --model is an earlier export without its OUT.forgotten.json beside it: that request's forget set (repeatable)",
+    )
+    parser.add_argument(
+        "--embed-forgotten", action="store_true",
+        help="store the forgotten questions' text in OUT/lunar_report.json (default: only hashes inside; the text in OUT.forgotten.json beside it)",
+    )
     parser.set_defaults(func=run_cli)
 
 
@@ -197,7 +301,8 @@ def run_cli(args: argparse.Namespace) -> None:
     outcome = unlearn(
         args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
         device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
-        figure_probes=bool(args.localisation),
+        figure_probes=bool(args.localisation), keep_forgotten=[qa for path in args.keep_forgotten for qa in load_qa(path)],
+        embed_forgotten=args.embed_forgotten,
     )
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
@@ -206,7 +311,8 @@ def run_cli(args: argparse.Namespace) -> None:
 
         print("\n".join(f"wrote {path}" for path in save_localisation(outcome.localisation, args.localisation).values()))
     layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
-    print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}")
+    beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
+    print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
 
 
 def parse_device_map(text: str | None) -> str | dict | None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -23,6 +22,7 @@ from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import tokenize
 
 USER, ASSISTANT = "User: ", "Assistant:\n"
@@ -132,7 +132,7 @@ def train_qa_model(
         generator = torch.Generator().manual_seed(seed)
         order = torch.empty(0, dtype=torch.long)
         model.train()
-        bar = tqdm(range(steps), desc=desc, disable=not progress)
+        bar = progress_bar(range(steps), desc if progress else None, leave=True)
         for _ in bar:
             if len(order) < batch_size:
                 epoch = torch.randperm(len(examples), generator=generator)

@@ -91,10 +91,10 @@ def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_
     used = stats.shifted_counts > 0
     lam = ridge * float(stats.gram.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(len(stats.gram), dtype=torch.float64)
-    u = torch.linalg.solve(stats.gram + lam * eye, stats.shifted_sums[used].T)
-    v = shifts.double()[used].T
-    delta = (u @ v.T).float()
-    return Solution(delta, u.float(), v.float(), stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+    u = torch.linalg.solve(stats.gram + lam * eye, stats.shifted_sums[used].T).float()
+    v = shifts.float()[used].T
+    delta = u @ v.T  # from the float32 factors, as a patch file rebuilds it: the two agree bit for bit
+    return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
 
 
 def solve_adamw(

@@ -15,7 +15,9 @@ import lunar_lens.patches as patches_module
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import MANIFEST, Checkpoint, tensor_bytes
+from lunar_lens.patches import (
+    BASE_TENSORS, CARD_FILE, MANIFEST, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, revert_patch, tensor_bytes,
+)
 from lunar_lens.prompts import tokenize
 
 PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]
@@ -64,7 +66,8 @@ def test_round_trip(tmp_path, tokenizer_dir, family, sharded, source_dtype, dtyp
 
     assert folder_hashes(src) == before
     after = folder_hashes(out)
-    assert CARRIED <= set(before) and set(after) == set(before) | {MANIFEST}
+    patch_copy = f"{PATCH_DIR}/{file_sha256(out / PATCH_FILE)[:16]}.safetensors"
+    assert CARRIED <= set(before) and set(after) == set(before) | {MANIFEST, CARD_FILE, PATCH_FILE, BASE_TENSORS, patch_copy}
     source, exported = Checkpoint.open(src), Checkpoint.open(out)
     edited = {source.key(w_out_tensor_name(bridge, layer)): layer for layer in layers}
     assert result.rewritten_files == sorted({source.weight_map[key] for key in edited})
@@ -96,6 +99,10 @@ def test_round_trip(tmp_path, tokenizer_dir, family, sharded, source_dtype, dtyp
     else:
         assert check["rounding_max_abs_logit_change"] == 0
         assert diff <= (1e-4 if dtype == "float32" else 2e-2)
+
+    # the export is its source with the export's patch applied: reverting it gives the source back, file for file
+    assert [p["sha256"] for p in record["patches"]] == [file_sha256(out / PATCH_FILE)] and record["patches"][0]["replaced"] == []
+    assert folder_hashes(revert_patch(out, out / PATCH_FILE, tmp_path / "base-again")) == before
 
 
 @pytest.fixture

@@ -1,17 +1,23 @@
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
+import lunar_lens.model as model_module
+from lunar_lens.cli import main
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import (
-    add_to_w_out, b_out, load_model, mlp_out, mlp_post, parse_dtype, resid_mid, resid_post, resid_pre,
-    w_out, w_out_tensor_name, wrap_hf_model,
+    SUPPORTED_TRANSFORMERS, add_to_w_out, b_out, check_transformers, load_model, mlp_out, mlp_post, parse_dtype, resid_mid,
+    resid_post, resid_pre, w_out, w_out_tensor_name, wrap_hf_model,
 )
 from lunar_lens.prompts import add_special_tokens, first_answer_tokens, format_answer, format_prompt, tokenize
+from lunar_lens.toyworld import checkpoint_path
 
 QUESTIONS = ["Where does Zorvan Kelt live?", "What is the favourite colour of the tall baker from the valley?", "Who?"]
 
@@ -172,3 +178,23 @@ def test_tinystories_continuation_matches_plain_transformers():
     assert torch.equal(ours, theirs)
     with torch.no_grad():
         assert (bridge(ids) - reference(ids).logits).abs().max() <= 1e-5
+
+
+def test_the_declared_transformers_range_is_checked_at_load(monkeypatch, tmp_path, capsys):
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'"transformers{SUPPORTED_TRANSFORMERS}"' in pyproject  # one range, declared and checked
+    for supported in ("5.9.0", "5.23.0", transformers.__version__):
+        check_transformers(supported)
+    for unsupported in ("5.8.1", "5.24.0", "5.24.0.dev0", "6.0.0"):
+        with pytest.raises(LunarError, match=rf"transformers {re.escape(unsupported)} is installed.*pip install 'transformers>=5\.9,<5\.24'"):
+            check_transformers(unsupported)
+    # an unsupported install stops the CLI with one line, before any model is built
+    monkeypatch.setattr(model_module.transformers, "__version__", "5.24.0")  # the module object lunar-lens reads
+    questions = tmp_path / "q.json"
+    questions.write_text('[{"question": "Who?", "answer": "Nobody."}]')
+    args = ["evaluate", "--model", str(checkpoint_path()), "--forget", str(questions), "--retain", str(questions), "--out", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lunar-lens evaluate: error: transformers 5.24.0 is installed, but lunar-lens supports transformers>=5.9,<5.24 "
+        "(with 5.24 and later, TransformerLens 4.3's bridge generates wrongly): pip install 'transformers>=5.9,<5.24'"
+    ]

@@ -11,19 +11,22 @@ import torch
 from conftest import folder_hashes, make_checkpoint
 
 from lunar_lens import cli
+from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
+from lunar_lens.model import add_to_w_out, load_model, resid_post, w_out, w_out_parameter, w_out_tensor_name
 from lunar_lens.patches import (
     BASE_TENSORS,
     MANIFEST,
     Checkpoint,
     WOutEdit,
+    applied,
     apply_patch,
     revert_patch,
     save_patch,
     show_patch,
     tensor_bytes,
 )
+from lunar_lens.prompts import tokenize
 
 
 def random_edit(bridge, layer: int, seed: int, factored: bool = True) -> WOutEdit:
@@ -149,3 +152,54 @@ def test_show_patch_describes_each_tensor(tmp_path, tokenizer_dir):  # noqa: F81
     ]
     assert [t["delta_norm"] for t in shown["tensors"]] == pytest.approx([float(e.delta.norm()) for e in edits])
     assert shown["info"] == {"solver": "closed"}
+
+
+def test_apply_scale_goes_from_the_base_to_the_edit_and_reverts_exactly(tmp_path, tokenizer_dir):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, sharded=False)
+    before = folder_hashes(src)
+    bridge = load_model(src)
+    edit = random_edit(bridge, 1, seed=1)
+    patch = save_patch([edit], src, tmp_path / "p.safetensors")
+    key = Checkpoint.open(src).key(edit.tensor_name)
+    base = Checkpoint.open(src).read(key)
+    written = {}
+    for scale in (0.0, 0.5, 1.0):
+        out = tmp_path / f"scale-{scale}"
+        assert cli.main(["patch", "apply", str(src), str(patch), "--scale", str(scale), "--out", str(out)]) == 0
+        assert [p["scale"] for p in show_patch(out)["patches"]] == [scale]
+        written[scale] = Checkpoint.open(out).read(key)
+        assert folder_hashes(revert_patch(out, patch, tmp_path / f"reverted-{scale}")) == before  # revert stays exact
+    assert tensor_bytes(written[0.0]) == tensor_bytes(base)  # scale 0: the base, bit for bit
+    assert folder_hashes(tmp_path / "scale-0.0")["model.safetensors"] == before["model.safetensors"]
+    assert torch.equal(written[1.0], Checkpoint.open(apply_patch(src, patch, tmp_path / "plain")).read(key))
+    assert torch.equal(written[0.5], base + 0.5 * hf_delta(bridge, edit))  # halfway: ΔW·0.5
+    assert (written[0.5] - base).abs().max() == pytest.approx(0.5 * float((written[1.0] - base).abs().max()), rel=1e-5)
+    with pytest.raises(LunarError, match="not a finite number"):
+        apply_patch(src, patch, tmp_path / "nan", scale=float("nan"))
+
+
+def test_applied_edits_and_steering_leave_the_live_model_as_it_was(tmp_path, tokenizer_dir):  # noqa: F811
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, sharded=False)
+    bridge = load_model(src)
+    params = {name: p.detach().clone() for name, p in bridge.original_model.named_parameters()}
+    ids = tokenize(bridge.tokenizer, ["What is the capital of France?"]).input_ids
+    with torch.no_grad():
+        clean = bridge(ids)
+    edit = random_edit(bridge, 1, seed=1)
+    patch = save_patch([edit], src, tmp_path / "p.safetensors")
+    with applied(bridge, patch, scale=0.5), torch.no_grad():
+        key = Checkpoint.open(src).key(edit.tensor_name)
+        assert torch.equal(w_out_parameter(bridge, 1), Checkpoint.open(src).read(key) + 0.5 * hf_delta(bridge, edit))
+        assert (bridge(ids) - clean).abs().max() > 1e-3
+    with pytest.raises(KeyboardInterrupt), applied(bridge, [edit]):  # restored even when the block fails
+        raise KeyboardInterrupt
+    directions = Directions(torch.randn(3, 32))
+    seen = []
+    with applied(bridge, directions, scale=2.0, layers=[1]), torch.no_grad():
+        steered = bridge.run_with_hooks(ids, fwd_hooks=[(resid_post(1), lambda act, hook: seen.append(act))])
+    with torch.no_grad():
+        _, unsteered = bridge.run_with_cache(ids, names_filter=[resid_post(1)])
+        assert torch.allclose(seen[0], unsteered[resid_post(1)] + 2.0 * directions[1], atol=1e-5)
+        assert (steered - clean).abs().max() > 1e-3
+        assert torch.equal(bridge(ids), clean)
+    assert all(torch.equal(p, params[name]) for name, p in bridge.original_model.named_parameters())

@@ -1,14 +1,22 @@
 """`unlearn` end to end: CLI contract, determinism, sequential requests, one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import folder_hashes
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lunar_lens.cli import main
+from lunar_lens.data import QA
+from lunar_lens.directions import Directions
+from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model
+from lunar_lens.patches import PATCH_FILE, revert_patch
+from lunar_lens.pipeline import SIDECAR_FORMAT, question_sha256, sidecar_path
 from lunar_lens.toyworld import checkpoint_path
 
 
@@ -47,6 +55,63 @@ def test_cli_writes_a_checkpoint_transformers_loads_and_is_deterministic(tmp_pat
     assert list(edited) == ["model.layers.0.mlp.down_proj.weight"]
 
 
+def texts_inside(folder, texts: list[str]) -> list[tuple[str, str]]:
+    """(file, text) for every text found, as bytes, in a file of `folder`."""
+    return [(p.name, t) for p in folder.rglob("*") if p.is_file() for t in texts if t.encode() in p.read_bytes()]
+
+
+def test_the_export_carries_card_directions_and_patch_but_not_the_forgotten_questions(tmp_path, files):
+    out = tmp_path / "out"
+    assert main(unlearn_args(files, checkpoint_path(), out, "--layer", "0", "--coeff", "6")) == 0
+    forget = [record["question"] for record in json.loads(Path(files["forget"]).read_text())]
+    assert len(forget) == 24  # PISTOL-sized (20 QA per edge)
+    report = json.loads((out / "lunar_report.json").read_text())
+
+    # privacy: hashes and a count inside, the text in the sidecar beside the folder
+    assert not texts_inside(out, forget) and texts_inside(out, [str(checkpoint_path())])  # the search finds what is there
+    assert report["forgotten"] == {"count": 24, "sha256": [question_sha256(q) for q in forget]}
+    assert json.loads(sidecar_path(out).read_text())["questions"] == forget
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(checkpoint_path()) and card.data.library_name == "transformers"
+    assert {"lunar-lens", "unlearning"} <= set(card.data.tags)
+    for fact in ("| coefficient c | 6.0 |", "(layer 0,", "| solver | closed |", "| 24 / ", "patch revert", "transformers 5."):
+        assert fact in card.text
+
+    directions = Directions.load(out / "lunar_directions")
+    assert directions.norms == pytest.approx(report["edit"]["directions"]["norms"])
+    assert directions.metadata["model"] == str(checkpoint_path()) and directions.answer_vectors is not None
+
+    # the patch: revert gives the source back bit for bit, apply gives the export's weights bit for bit
+    assert main(["patch", "revert", str(out), str(out / PATCH_FILE), "--out", str(tmp_path / "base")]) == 0
+    assert folder_hashes(tmp_path / "base") == folder_hashes(checkpoint_path())
+    assert main(["patch", "apply", str(checkpoint_path()), str(out / PATCH_FILE), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_forgotten_text_embedded_on_request_and_found_for_later_requests(tmp_path, world, capsys):
+    from lunar_lens.pipeline import check_sidecar, earlier_forgotten, unlearn
+
+    forget, retain, reference = world.split(world.entities[:1])
+    outcome = unlearn(checkpoint_path(), forget[::4], retain[::40], reference[::40], out=tmp_path / "out", layers=[0], coeff=6.0,
+                      progress=False, embed_forgotten=True)
+    questions = [qa.question for qa in forget[::4]]
+    assert outcome.report["forgotten"]["questions"] == questions and not sidecar_path(tmp_path / "out").exists()
+    assert earlier_forgotten(tmp_path / "out", outcome.report) == ([QA(q) for q in questions], [])
+
+    hashed = {"forgotten": {"count": 6, "sha256": [question_sha256(q) for q in questions]}}
+    kept, unkept = earlier_forgotten(tmp_path / "elsewhere", hashed, [QA(q) for q in questions[:2]])
+    assert kept == [QA(q) for q in questions[:2]] and unkept == hashed["forgotten"]["sha256"][2:]
+    (tmp_path / "elsewhere.forgotten.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "questions": questions[::-1]}))
+    assert earlier_forgotten(tmp_path / "elsewhere", hashed) == ([QA(q) for q in questions], [])
+    with pytest.raises(LunarError, match="pass --force to replace it"):
+        check_sidecar(tmp_path / "elsewhere", force=False)
+    check_sidecar(tmp_path / "elsewhere", force=True)
+    (tmp_path / "mine.forgotten.json").write_text("my notes")
+    with pytest.raises(LunarError, match="not written by lunar-lens"):
+        check_sidecar(tmp_path / "mine", force=True)
+
+
 def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
     first, second = world.entities[:2]
     retain = [qa for name in world.entities[2:] for qa in world.facts_about(name)][::4]
@@ -62,7 +127,7 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
     assert main(unlearn_args(files_second, tmp_path / "one", tmp_path / "two", "--layer", "1", "--coeff", "6")) == 0
     report = json.loads((tmp_path / "two" / "lunar_report.json").read_text())
     assert report["sizes"]["kept_forgotten"] == len(world.facts_about(first))
-    assert len(report["forgotten"]) == len(world.facts_about(first)) + len(world.facts_about(second))
+    assert report["forgotten"]["count"] == len(world.facts_about(first)) + len(world.facts_about(second))
     bridge = load_model(tmp_path / "two")
     scores = evaluate_sets(
         bridge, {"first": world.facts_about(first), "second": world.facts_about(second), "retain": retain[::3]},
@@ -72,6 +137,9 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
     assert scores["second"]["refusal_rate"] >= 0.8 and scores["second"]["rouge1"] <= 0.1
     assert report["base_model"] == str(checkpoint_path())  # directions of request 2 come from the unedited model
     assert scores["retain"]["rouge1"] >= 0.95
+    # neither request's questions are inside the folder; reverting request 2 gives request 1's folder back
+    assert not texts_inside(tmp_path / "two", [qa.question for qa in world.facts_about(first) + world.facts_about(second)])
+    assert folder_hashes(revert_patch(tmp_path / "two", tmp_path / "two" / PATCH_FILE, tmp_path / "one-again")) == folder_hashes(tmp_path / "one")
 
 
 @pytest.mark.parametrize(
