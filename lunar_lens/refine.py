@@ -28,8 +28,8 @@ from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
 class RefineSettings:
     """How the W_out edit is refined on behaviour (defaults measured in experiments/refusal_frontier.py)."""
 
-    steps: int = 150
-    lr: float = 2e-3
+    steps: int = 50
+    lr: float = 5e-3
     retain_weight: float = 4.0  # retain cross-entropy weight against the forget refusal's
     batch_rows: int = 32  # forget rows and retain rows per step (each)
     answer_tokens: int = 24  # answer tokens trained on per row (the rest of a long answer is cut)
