@@ -206,9 +206,7 @@ def choose_edit(
         scores = judge(bridge, edits, forget_held, retain_held, refusal, settings.generate_tokens)
         cells.append(Cell(row["layers"], row["coeff"], refining, *scores))
         edits_of.append(edits)
-    refusing = [i for i, cell in enumerate(cells) if cell.forget_refusal >= settings.min_refusal]
-    pool = refusing or range(len(cells))
-    best = min(pool, key=lambda i: (cells[i].score if refusing else -cells[i].forget_refusal, cells[i].coeff))
+    best = pick_cell(cells, settings.min_refusal)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
     chosen, edits = cells[best], edits_of[best]
     if refining and settings.finish_share:  # the chosen edit goes on learning from every question, held-out ones too
@@ -217,6 +215,18 @@ def choose_edit(
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
     sizes = {"forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve), "retain_heldout": len(retain_held)}
     return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds)
+
+
+def pick_cell(cells: Sequence[Cell], min_refusal: float) -> int:
+    """Step 3's decision: among cells refusing at least `min_refusal` of the held-out forget questions, the
+    lowest score (then the smaller c); when none does, the most refusing one. A cell that leaves the
+    forget set answered cannot win against one that refuses."""
+    if not cells:
+        raise LunarError("no candidate edit was judged: give at least one layer set and one coefficient")
+    refusing = [i for i, cell in enumerate(cells) if cell.forget_refusal >= min_refusal]
+    if refusing:
+        return min(refusing, key=lambda i: (cells[i].score, cells[i].coeff))
+    return min(range(len(cells)), key=lambda i: (-cells[i].forget_refusal, cells[i].score, cells[i].coeff))
 
 
 def refine_rows(forget: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal) -> tuple[list[str], list[str], list[str], list[str]]:

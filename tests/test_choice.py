@@ -1,0 +1,59 @@
+"""The automatic choice: held-out split, candidate layer sets, the decision rule, and the whole choice on
+the toy world (reference as questions only, varied refusals)."""
+
+from __future__ import annotations
+
+import torch
+
+from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, pick_cell
+from lunar_lens.data import QA
+from lunar_lens.edit import EditSettings, directions_for
+from lunar_lens.localise import choose_edit as probe_rule_choice
+from lunar_lens.refine import RefineSettings
+from lunar_lens.refusals import model_refusal
+
+
+def test_holdout_split_is_disjoint_deterministic_and_never_empty():
+    items = [QA(f"q{i}?", "a") for i in range(10)]
+    solve, held = holdout_split(items, 0.25)
+    assert [qa.question for qa in held] == ["q3?", "q7?"] and len(solve) == 8
+    assert not {qa.question for qa in solve} & {qa.question for qa in held}
+    assert holdout_split(items[:2], 0.25)[1] == [items[1]]
+    assert holdout_split(items[:1], 0.25) == ([items[0]], [items[0]])  # one question: judged on itself
+
+
+def test_candidate_layer_sets_are_single_layers_and_contiguous_runs():
+    assert contiguous_sets(4, 2) == [[0], [1], [2], [3], [0, 1], [1, 2], [2, 3]]
+
+
+def test_a_cell_that_does_not_refuse_cannot_win_where_the_old_rule_picked_it():
+    # measured shape (issue 14): the only cell within the old retain-KL budget changes nothing (refusal 0),
+    # every cell that moves the answers costs more KL
+    inert = Cell([5], 4.0, False, forget_rouge1=0.60, forget_refusal=0.0, retain_rouge1=1.0)
+    refusing = Cell([2, 3], 4.0, True, forget_rouge1=0.05, forget_refusal=0.90, retain_rouge1=0.93)
+    broken = Cell([0], 12.0, False, forget_rouge1=0.0, forget_refusal=0.30, retain_rouge1=0.40)
+    kl = torch.tensor([[0.01, 0.20, 0.30]])
+    old_layer, old_coeff, _, _ = probe_rule_choice(
+        [5], [1.0, 2.0, 3.0], torch.tensor([[0.60, 0.05, 0.0]]), torch.tensor([[0.0, 0.9, 0.3]]), kl, kl_budget=0.05
+    )
+    assert (old_layer, old_coeff) == (5, 1.0)  # the old rule: the inert cell
+    cells = [inert, refusing, broken]
+    assert pick_cell(cells, min_refusal=0.5) == 1
+    assert pick_cell([inert, broken], min_refusal=0.5) == 1  # nobody refuses enough: the most refusing one
+    assert inert.score > refusing.score
+
+
+def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge, world):
+    bridge = fresh_toy_bridge
+    forget, retain, reference = world.split(world.entities[:1])
+    retain = retain[::8]
+    refusal = model_refusal(bridge, reference[:32])
+    settings = EditSettings(refusal=refusal.target, refine=RefineSettings(steps=30))
+    directions = directions_for(bridge, forget, reference[:64], settings)
+    choice = choose_edit(
+        bridge, forget, retain, refusal, directions, settings, ChoiceSettings(coeffs=(4.0, 8.0), candidates=1), layer_sets=[[1], [2, 3]]
+    )
+    assert choice.layers in ([1], [2, 3]) and set(choice.edits) == set(choice.layers)
+    assert choice.refined and choice.predicted.forget_refusal >= 0.8 and choice.predicted.retain_rouge1 >= 0.9
+    assert len(choice.screening) == 4 and len(choice.cells) == 1
+    assert choice.sizes["forget_heldout"] == 6 and choice.sizes["forget_solve"] == 18

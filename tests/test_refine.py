@@ -1,0 +1,50 @@
+"""W_out refinement on behaviour: only the edits change, the loss falls, the refusal holds while generating."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lunar_lens.errors import LunarError
+from lunar_lens.generation import generate_answers
+from lunar_lens.model import w_out
+from lunar_lens.prompts import tokenize
+from lunar_lens.refine import RefineSettings, answer_cross_entropy, delta_hooks, refine_edits
+
+
+def test_delta_hooks_act_as_the_edited_weight(fresh_toy_bridge, world):
+    bridge = fresh_toy_bridge
+    batch = tokenize(bridge.tokenizer, [qa.question for qa in world.known_qa[:4]], [qa.answer for qa in world.known_qa[:4]])
+    delta = torch.randn_like(w_out(bridge, 2)) * 0.01
+    with torch.no_grad():
+        hooked = answer_cross_entropy(bridge, batch, delta_hooks({2: delta}))
+        bridge.blocks[2].mlp.W_out.data += delta  # a live view of the HF parameter
+        edited = answer_cross_entropy(bridge, batch, [])
+    assert torch.allclose(hooked, edited, atol=1e-5)
+
+
+def test_refinement_teaches_the_refusal_and_keeps_the_rest(fresh_toy_bridge, world):
+    bridge = fresh_toy_bridge
+    weights = {name: p.detach().clone() for name, p in bridge.original_model.named_parameters()}
+    forget, retain = world.facts_about(world.entities[0])[:12], world.known_qa[200:260]
+    refusal = "Sorry, I can't answer that."
+    start = {2: torch.zeros_like(w_out(bridge, 2))}
+    edits = refine_edits(
+        bridge, start, [qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in retain],
+        [qa.answer for qa in retain], RefineSettings(steps=30),
+    )
+    assert set(edits) == {2} and edits[2].abs().max() > 0
+    assert all(torch.equal(p, weights[name]) for name, p in bridge.original_model.named_parameters())  # the model is untouched
+    assert all(p.requires_grad for p in bridge.original_model.parameters())  # and its flags restored
+    with bridge.hooks(fwd_hooks=delta_hooks(edits)):
+        forgotten = generate_answers(bridge, [qa.question for qa in forget])
+        kept = generate_answers(bridge, [qa.question for qa in retain[:20]])
+    assert sum(answer == refusal for answer in forgotten) >= 11
+    assert sum(answer == qa.answer for answer, qa in zip(kept, retain)) >= 19
+
+
+def test_refinement_inputs_are_checked(toy_bridge):
+    with pytest.raises(LunarError, match="one refusal per forget question"):
+        refine_edits(toy_bridge, {}, ["a?"], [], ["b?"], ["c"])
+    with pytest.raises(LunarError, match="steps >= 0"):
+        RefineSettings(steps=-1)
