@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import finetune  # noqa: E402
 
 METHODS = {"lunar-lens": "lunar-lens (auto layer, auto c)", "release": "released settings (all positions, c = 2, AdamW)"}
-RELEASE_FLAGS = ["--coeff", "2", "--positions", "all", "--solver", "adamw", "--no-retain-answers"]
+RELEASE_FLAGS = ["--coeff", "2", "--positions", "all", "--solver", "adamw", "--no-retain-answers", "--refine-steps", "0"]
 ATTACKS = ("layer_skip", "reverse_direction", "abliteration", "quantise_int8", "quantise_int4", "paraphrase", "prefix_injection")
 
 

@@ -29,6 +29,7 @@ from lunar_lens.localise import spread
 from lunar_lens.model import check_layer, load_model
 from lunar_lens.patches import REPORT_FILE as REPORT_NAME
 from lunar_lens.progress import Stages
+from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal
 
 SIDECAR_SUFFIX = ".forgotten.json"
@@ -269,6 +270,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="keep retain prompts only, not their teacher-forced answers (the released recipe's objective)",
     )
     parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
+    parser.add_argument(
+        "--refine-steps", type=int, default=RefineSettings.steps,
+        help="Adam steps training the edited W_out on behaviour (the refusal on forget prompts, the answers on retain ones); 0: the solver's edit alone",
+    )
+    parser.add_argument("--refusal", default=None, help="the response forget prompts should get (default: the model's own most common refusal to the reference questions)")
     parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
     add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
     parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
@@ -296,7 +302,8 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.localisation and layers is not None and coeff is not None:
         raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
     settings = EditSettings(
-        positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
+        positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge,
+        seed=args.seed, batch_size=args.batch_size, refusal=args.refusal, refine=RefineSettings(steps=args.refine_steps),
     )
     outcome = unlearn(
         args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
@@ -310,7 +317,16 @@ def run_cli(args: argparse.Namespace) -> None:
         from lunar_lens.localise import save_localisation
 
         print("\n".join(f"wrote {path}" for path in save_localisation(outcome.localisation, args.localisation).values()))
-    layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
+    layers = ", ".join(
+        str(l["layer"]) + ("" if l["objective_before"] is None else f" (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
+        for l in outcome.report["edit"]["layers"]
+    )
+    if outcome.report["choice"]:
+        held = outcome.report["choice"]["predicted_heldout"]
+        print(
+            f"chosen on held-out questions: forget refusal {held['forget_refusal']:.2f}, forget ROUGE-1 {held['forget_rouge1']:.3f}, "
+            f"retain ROUGE-1 {held['retain_rouge1']:.3f} (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
+        )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
 
