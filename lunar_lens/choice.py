@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA
@@ -37,6 +36,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import n_layers
+from lunar_lens.progress import bar
 from lunar_lens.prompts import first_answer_tokens, tokenize
 from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
 from lunar_lens.refusals import ModelRefusal
@@ -180,7 +180,7 @@ def choose_edit(
     with torch.no_grad():
         base_retain = float(answer_cross_entropy(bridge, retain_tf, []))
         screening = []
-        for layer_set in tqdm(sets, desc="screening", disable=not progress, leave=False):
+        for layer_set in bar(sets, "screening" if progress else None):
             for coeff in settings.coeffs:
                 hooks = delta_hooks({layer: coeff * units[layer] for layer in layer_set})
                 forget_loss = float(answer_cross_entropy(bridge, forget_tf, hooks))
@@ -199,7 +199,7 @@ def choose_edit(
     cells: list[Cell] = []
     edits_of: list[Edits] = []
     refining = bool(edit.refine.steps)
-    for row in tqdm(candidates, desc="judging candidates", disable=not progress, leave=False):
+    for row in bar(candidates, "judging candidates" if progress else None):
         edits = {layer: row["coeff"] * units[layer] for layer in row["layers"]}
         if refining:
             edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import mlp_out, mlp_post
+from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
 
 
@@ -113,7 +113,7 @@ def refine_edits(
     generator = torch.Generator().manual_seed(settings.seed)
     hooks = delta_hooks(params)
     with frozen(bridge.original_model), torch.enable_grad():
-        for _ in tqdm(range(settings.steps), desc="refining", disable=not progress, leave=False):
+        for _ in bar(range(settings.steps), "refining W_out" if progress else None):
             f = torch.randperm(len(forget_questions), generator=generator)[: settings.batch_rows]
             r = torch.randperm(len(retain_questions), generator=generator)[: settings.batch_rows]
             loss = answer_cross_entropy(bridge, rows(forget, f), hooks)
