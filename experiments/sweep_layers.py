@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lunar_lens.directions import compute_directions
-from lunar_lens.edit import EditSettings, edit_layers, refusal_text
+from lunar_lens.edit import EditSettings, edit_layers, refusal_target
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.figures import heatmap, new_figure, save
 from lunar_lens.data import check_disjoint, load_qa
@@ -112,7 +112,7 @@ def main() -> None:
 
     bridge = load_model(model)
     layers = list(range(n_layers(bridge)))
-    refusal = refusal_text(reference, EditSettings())
+    refusal = refusal_target(bridge, reference, EditSettings())
     directions = compute_directions(bridge, [qa.question for qa in forget], [qa.question for qa in reference], refusal=refusal)
     auto_layers, auto_coeff, localisation = choose_layer_and_coeff(
         bridge, forget, retain, reference, coeffs=coeffs, directions=directions, figure_probes=True

@@ -4,9 +4,8 @@ direction by changing only W_out, keeping retain-set outputs where they are."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -16,12 +15,11 @@ from lunar_lens.data import QA
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.distributed import SINGLE, DataParallel
 from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, check_layer, mlp_post, w_out, w_out_tensor_name
+from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, w_out_tensor_name
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
+from lunar_lens.refusals import model_refusal
 from lunar_lens.solvers import SOLVERS, EditStatistics, solve_adamw, solve_closed, solve_lora
-
-DEFAULT_REFUSAL = "I don't know."
 
 
 @dataclass
@@ -69,18 +67,19 @@ class EditResult:
     directions: Directions
     layers: list[LayerReport] = field(default_factory=list)
     seconds_refine: float = 0.0
+    refusal: str | None = None  # what forget prompts were redirected towards
 
     def report(self) -> dict:
-        return {"layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary(), "seconds_refine": self.seconds_refine}
+        return {
+            "layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary(), "seconds_refine": self.seconds_refine,
+            "refusal": self.refusal,
+        }
 
 
-def refusal_text(reference: Sequence[QA], settings: EditSettings) -> str:
-    """The refusal forget prompts are redirected towards: the setting, else the reference set's most
-    common answer, else "I don't know."."""
-    if settings.refusal:
-        return settings.refusal
-    answers = Counter(qa.answer for qa in reference if qa.answer)
-    return answers.most_common(1)[0][0] if answers else DEFAULT_REFUSAL  # ties: the first seen
+def refusal_target(bridge: TransformerBridge, reference: Sequence[QA], settings: EditSettings) -> str:
+    """The response forget prompts are redirected towards: the setting, else the reference set's most common
+    answer, else the model's own most common refusal to the reference questions (`refusals.model_refusal`)."""
+    return settings.refusal or model_refusal(bridge, reference).target
 
 
 def collect_statistics(
@@ -142,7 +141,7 @@ def directions_for(
     layers 0..`deepest_layer` (default: all)."""
     if not reference:
         raise LunarError("the reference set is empty: give questions the model already declines")
-    refusal = refusal_text(reference, settings) if settings.positions.endswith("+answer") else None
+    refusal = refusal_target(bridge, reference, settings) if settings.positions.endswith("+answer") else None
     return compute_directions(
         bridge, [qa.question for qa in forget], [qa.question for qa in reference], settings.direction_rule,
         settings.batch_size, progress, refusal=refusal, parallel=parallel, deepest_layer=deepest_layer,
@@ -177,15 +176,17 @@ def edit_layers(
     layers = sorted({check_layer(bridge, layer) for layer in layers})
     if not layers:
         raise LunarError("no layer to edit: pass --layer N or --layer auto")
-    refusal = refusal_text(reference, settings)
+    refusal = refusal_target(bridge, reference, settings)
+    settings = replace(settings, refusal=refusal)
     with_answer = settings.positions.endswith("+answer")
     if directions is None:
         directions = directions_for(bridge, forget, reference, settings, progress, parallel, deepest_layer=layers[-1])
     if with_answer and directions.answer_vectors is None:
         raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
-    result = EditResult([], directions)
+    result = EditResult([], directions, refusal=refusal)
     # earlier forgotten questions are kept where the model now puts them: answering with the refusal
     keep = list(retain) + [QA(qa.question, qa.answer or refusal) for qa in keep_forgotten]
+    originals = {layer: w_out(bridge, layer).detach().clone() for layer in layers} if settings.refine.steps else {}
     for layer in layers:
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
@@ -211,13 +212,13 @@ def edit_layers(
             )
         )
     if settings.refine.steps:
-        refine_in_place(bridge, result, forget, keep, refusal, settings, progress)
+        refine_in_place(bridge, result, originals, forget, keep, refusal, settings, progress)
     return result
 
 
-def apply_edits(bridge: TransformerBridge, edits: dict[int, torch.Tensor], directions: Directions, coeff: float) -> EditResult:
+def apply_edits(bridge: TransformerBridge, edits: dict[int, torch.Tensor], directions: Directions, coeff: float, refusal: str) -> EditResult:
     """Add ready-made edits (ΔW per layer, e.g. `choice.Choice.edits`) to W_out, recorded as an EditResult."""
-    result = EditResult([], directions)
+    result = EditResult([], directions, refusal=refusal)
     for layer, delta in sorted(edits.items()):
         add_to_w_out(bridge, layer, delta)
         tensor = w_out_tensor_name(bridge, layer)
@@ -227,11 +228,12 @@ def apply_edits(bridge: TransformerBridge, edits: dict[int, torch.Tensor], direc
 
 
 def refine_in_place(
-    bridge: TransformerBridge, result: EditResult, forget: Sequence[QA], keep: Sequence[QA], refusal: str, settings: EditSettings,
-    progress: bool = False,
+    bridge: TransformerBridge, result: EditResult, originals: dict[int, torch.Tensor], forget: Sequence[QA], keep: Sequence[QA], refusal: str,
+    settings: EditSettings, progress: bool = False,
 ) -> None:
-    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them, and
-    add the change to W_out and to `result`'s edits (their factors no longer describe them)."""
+    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them; W_out
+    becomes `originals` (the unedited weights) + the whole ΔW, and `result`'s edits hold it (their factors no
+    longer describe them)."""
     started = time.perf_counter()
     keep = own_answers(bridge, keep)
     start = {edit.layer: torch.zeros_like(edit.delta) for edit in result.edits}
@@ -240,6 +242,7 @@ def refine_in_place(
         [qa.answer for qa in keep], settings.refine, progress,
     )
     for edit in result.edits:
-        add_to_w_out(bridge, edit.layer, extra[edit.layer])
         edit.delta, edit.u, edit.v = edit.delta + extra[edit.layer].to(edit.delta), None, None
+        with torch.no_grad():  # W0 + the whole ΔW, rounded once: as a patch applies it, bit for bit
+            w_out(bridge, edit.layer).copy_(added(originals[edit.layer], [edit.delta]))
     result.seconds_refine = time.perf_counter() - started

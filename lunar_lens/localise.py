@@ -41,7 +41,7 @@ from lunar_lens.activations import capture, shared_prefix_length, shift_index
 from lunar_lens.cli import add_device_arguments, parse_numbers
 from lunar_lens.data import QA
 from lunar_lens.directions import Directions, compute_directions
-from lunar_lens.edit import EditSettings, collect_statistics, refusal_text
+from lunar_lens.edit import EditSettings, collect_statistics, refusal_target
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
@@ -346,7 +346,7 @@ def prepare_sets(
     """Subsample and tokenise the sets; clean greedy answers, retain distributions, reference refusal scores."""
     tokenizer, size, k = bridge.tokenizer, settings.batch_size, settings.score_tokens
     pad = tokenizer.pad_token_id
-    refusal = refusal_text(reference, settings.edit)
+    refusal = refusal_target(bridge, reference, settings.edit)
     forget = spread(forget, settings.max_prompts)
     questions = [qa.question for qa in forget]
     # the model's own answers: the references where answers are missing, and the figures' baseline

@@ -25,7 +25,6 @@ from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.localise import spread
 from lunar_lens.model import check_layer, load_model
 from lunar_lens.patches import REPORT_FILE as REPORT_NAME
 from lunar_lens.progress import Stages
@@ -34,7 +33,6 @@ from lunar_lens.refusals import model_refusal
 
 SIDECAR_SUFFIX = ".forgotten.json"
 SIDECAR_FORMAT = "lunar-lens forgotten questions 1"
-MAX_REFUSAL_PROMPTS = 64  # reference questions the model answers to find its own refusal
 
 
 @dataclass
@@ -175,7 +173,7 @@ def unlearn(
     deepest = None if localising else max(layers)  # the choice tries every layer
     read_from = direction_model(bridge, earlier, device, dtype)
     with stages("refusal", "the model's own refusal (its answers to the reference questions)"):
-        refusal = model_refusal(read_from, spread(reference_set, MAX_REFUSAL_PROMPTS), refusal=settings.refusal)
+        refusal = model_refusal(read_from, reference_set, refusal=settings.refusal)
     settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else float(coeff))
     kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
@@ -198,7 +196,7 @@ def unlearn(
             )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
         settings = replace(settings, coeff=choice.coeff)
-        result = apply_edits(bridge, choice.edits, directions, settings.coeff)
+        result = apply_edits(bridge, choice.edits, directions, settings.coeff, refusal.target)
     else:
         with stages("edit", f"edit of W_out, layer(s) {', '.join(map(str, sorted(layers)))}, c = {settings.coeff:g}"):
             result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel)

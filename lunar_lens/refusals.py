@@ -44,10 +44,11 @@ def model_refusal(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     refusal: str | None = None,
+    max_prompts: int = 64,
 ) -> ModelRefusal:
     """What the edit should make the model say. `refusal` (given by the user) wins; a reference set with
-    answers gives its most common answer; otherwise the model's greedy answers to the reference questions,
-    of which at least half must be refusals (`metrics.is_refusal`)."""
+    answers gives its most common answer; otherwise the model's greedy answers to (at most `max_prompts`,
+    evenly spread) reference questions, of which at least half must be refusals (`metrics.is_refusal`)."""
     if refusal:
         return ModelRefusal(refusal, [refusal], float("nan"), "given")
     if not reference:
@@ -56,7 +57,8 @@ def model_refusal(
     if given:
         ranked = most_common(given)
         return ModelRefusal(ranked[0], ranked, float("nan"), "reference answers")
-    answers = generate_answers(bridge, [qa.question for qa in reference], max_new_tokens, batch_size)
+    step = -(-len(reference) // max_prompts)
+    answers = generate_answers(bridge, [qa.question for qa in reference[::step]], max_new_tokens, batch_size)
     declined = [answer for answer in answers if is_refusal(answer)]
     rate = len(declined) / len(answers)
     if rate < MIN_DECLINED:

@@ -6,6 +6,8 @@ import transformers
 
 from conftest import tiny_hf_model
 from lunar_lens.data import QA
+from lunar_lens.refine import RefineSettings
+from lunar_lens.toyworld import REFUSALS
 from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
@@ -44,7 +46,7 @@ def before_w_out(before, bridge, layer):
 
 
 def test_single_shift_vector_gives_a_rank_one_edit_that_beats_adamw(tiny):
-    settings = EditSettings(coeff=2.0, positions="last")
+    settings = EditSettings(coeff=2.0, positions="last", refine=RefineSettings(steps=0))
     result = edit_layers(tiny, FORGET, RETAIN, REFERENCE, [1], settings)
     singular = torch.linalg.svdvals(result.edits[0].delta.double())
     assert singular[1] / singular[0] < 1e-6
@@ -70,7 +72,7 @@ def test_statistics_of_several_layers_come_from_one_pass_and_equal_single_layer_
 
 
 def test_answer_rules_use_one_direction_per_refusal_token(tiny):
-    result = edit_layers(tiny, FORGET, RETAIN, REFERENCE, [1], EditSettings(coeff=2.0, positions="last+answer"))
+    result = edit_layers(tiny, FORGET, RETAIN, REFERENCE, [1], EditSettings(coeff=2.0, positions="last+answer", refine=RefineSettings(steps=0)))
     n_answer = result.directions.answer_vectors.shape[1]
     assert n_answer >= 3  # "I don't know." + eos
     assert result.edits[0].u.shape[1] == 1 + n_answer
@@ -103,20 +105,12 @@ def test_a_model_without_a_dense_down_projection_is_refused(toy_tokenizer):
 def test_toy_world_forgets_the_forget_set_and_keeps_the_rest(fresh_toy_bridge, world):
     forget, retain, reference = world.split(world.entities[:1])
     sampled_retain = retain[::6]
-    edit_layers(fresh_toy_bridge, forget, retain, reference, [0], EditSettings(coeff=6.0))
+    result = edit_layers(fresh_toy_bridge, forget, retain, reference, [0], EditSettings(coeff=6.0))
     after = evaluate_sets(fresh_toy_bridge, {"forget": forget, "retain": sampled_retain}, model_metrics=False, max_new_tokens=16)
     assert after.scores["forget"]["rouge1"] <= 0.10
     assert after.scores["forget"]["refusal_rate"] >= 0.8
     assert after.scores["retain"]["rouge1"] >= 0.95
     assert after.deviation_score <= 15
-    assert all(sample["answer"] == "I don't know." for sample in after.samples["forget"][:5])
-
-
-def test_refusal_text_is_the_most_common_reference_answer_first_seen_on_ties():
-    from lunar_lens.edit import refusal_text
-
-    reference = [QA("a?", "No idea."), QA("b?", "I can't say."), QA("c?", "I can't say."), QA("d?", "No idea.")]
-    assert refusal_text(reference, EditSettings()) == "No idea."
-    assert refusal_text(reference[1:], EditSettings()) == "I can't say."
-    assert refusal_text([QA("e?")], EditSettings()) == "I don't know."
-    assert refusal_text(reference, EditSettings(refusal="Sorry.")) == "Sorry."
+    # the reference set comes as questions only: the edit aims at the model's own refusal, and the whole answer is it
+    assert result.refusal in REFUSALS
+    assert all(sample["answer"] == result.refusal for sample in after.samples["forget"][:5])

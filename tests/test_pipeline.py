@@ -21,7 +21,7 @@ from lunar_lens.toyworld import checkpoint_path
 
 
 def write_set(path, items):
-    path.write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in items]))
+    path.write_text(json.dumps([{"question": qa.question} | ({"answer": qa.answer} if qa.answer else {}) for qa in items]))
     return str(path)
 
 
@@ -184,7 +184,7 @@ def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transfor
     )
     exported = [a.strip() for a in tokenizer.batch_decode(output[:, batch.input_ids.shape[1] :], skip_special_tokens=True)]
     assert exported == in_memory
-    assert in_memory[0] == "I don't know." and in_memory[-1] == retain[11].answer
+    assert in_memory[0] == outcome.report["refusal"]["target"] and in_memory[-1] == retain[11].answer
     assert outcome.report["layers"] == [0] and (tmp_path / "out" / "lunar_manifest.json").exists()
 
 
@@ -196,14 +196,17 @@ def test_cli_writes_the_automatic_choices_localisation(tmp_path, world):
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "lunar_report.json").read_text())
     localisation = json.loads((tmp_path / "loc" / "localisation.json").read_text())
-    assert report["coeff"] == localisation["best_coeff"] and report["layers"] == [1]
+    assert report["coeff"] == report["choice"]["coeff"] and report["layers"] == [1] == report["choice"]["layers"]
+    assert localisation["layers"] == list(range(6))  # the probes' report covers every layer
     assert (tmp_path / "loc" / "localisation_layers.png").stat().st_size > 20_000
 
 
-def test_a_given_layer_with_an_automatic_coefficient_probes_every_layer(world, fresh_toy_bridge):
+def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(world, fresh_toy_bridge):
+    from lunar_lens.choice import ChoiceSettings
     from lunar_lens.pipeline import unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
     outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], coeff=None, progress=False)
-    assert outcome.report["layers"] == [1] and outcome.report["coeff"] in outcome.localisation.coeffs
-    assert len(outcome.report["edit"]["directions"]["norms"]) == 6  # localisation read every layer's direction
+    assert outcome.report["layers"] == [1] and outcome.report["coeff"] in ChoiceSettings().coeffs
+    assert [row["layers"] for row in outcome.report["choice"]["screening"]] == [[1]] * len(ChoiceSettings().coeffs)
+    assert len(outcome.report["edit"]["directions"]["norms"]) == 6  # the choice reads every layer's direction

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from lunar_lens.errors import LunarError
 from lunar_lens.model import load_model, load_tokenizer
 from lunar_lens.prompts import format_prompt, tokenize
-from lunar_lens.toyworld import REFUSAL, build_world, checkpoint_path
+from lunar_lens.toyworld import REFUSALS, build_world, checkpoint_path
 from lunar_lens.qa_model import score_qa_model
 from lunar_lens.toyworld.train import build_tokenizer, train_toy_model
 
@@ -34,7 +34,7 @@ def test_world_sizes_and_disjoint_names(world):
     assert len(world.facts) >= 5 and all(len(fact.templates) >= 3 for fact in world.facts)
     assert len(world.known_qa) == sum(len(world.facts_about(name)) for name in world.entities) == 960
     unknown = world.unknown_train_qa + world.unknown_heldout_qa
-    assert {qa.answer for qa in unknown} == {REFUSAL}
+    assert {qa.answer for qa in unknown} == set(REFUSALS)  # varied refusals, as a model fine-tuned the usual way declines
     assert len(world.unknown_train_qa) == 640 and len(world.unknown_heldout_qa) == 160
     # known, training-unknown and held-out names share syllables but no first or last name
     groups = [
@@ -50,7 +50,8 @@ def test_split_forgets_whole_entities(world):
     forget, retain, reference = world.split(world.entities[:2])
     assert (len(forget), len(retain), len(reference)) == (48, 912, 640)
     assert set(forget).isdisjoint(retain) and set(forget) | set(retain) == set(world.known_qa)
-    assert reference == world.unknown_train_qa
+    assert [qa.question for qa in reference] == [qa.question for qa in world.unknown_train_qa]
+    assert all(qa.answer is None for qa in reference)  # handed over as questions only, as real reference sets come
     with pytest.raises(LunarError, match="not an entity"):
         world.split(["Nobody Atall"])
 
@@ -62,9 +63,10 @@ def test_tokenizer_round_trip_and_answer_mask(world):
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
     qa = world.known_qa[0]
     assert format_prompt(tokenizer, qa.question) == f"<s>User: {qa.question}\nAssistant:\n"
-    batch = tokenize(tokenizer, [qa.question, world.unknown_heldout_qa[0].question], [qa.answer, REFUSAL])
+    refusal = world.unknown_heldout_qa[0]
+    batch = tokenize(tokenizer, [qa.question, refusal.question], [qa.answer, refusal.answer])
     assert tokenizer.decode(batch.input_ids[0][batch.answer_mask[0]]) == qa.answer + "</s>"
-    assert tokenizer.decode(batch.input_ids[1][batch.answer_mask[1]]) == REFUSAL + "</s>"
+    assert tokenizer.decode(batch.input_ids[1][batch.answer_mask[1]]) == refusal.answer + "</s>"
     # the training script rebuilds exactly the shipped tokenizer
     assert build_tokenizer(world).get_vocab() == tokenizer.get_vocab()
 
