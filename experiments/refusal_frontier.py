@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.data import QA, load_qa
+from lunar_lens.data import QA, load_qa, spread
 from lunar_lens.edit import EditSettings, directions_for
 from lunar_lens.generation import generate_answers
-from lunar_lens.localise import spread, unit_edits
+from lunar_lens.localise import unit_edits
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import load_model, n_layers
 from lunar_lens.refine import RefineSettings, delta_hooks, refine_edits

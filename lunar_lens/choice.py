@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.data import QA
+from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions
 from lunar_lens.edit import EditSettings, collect_statistics
 from lunar_lens.errors import LunarError
@@ -59,6 +59,9 @@ class ChoiceSettings:
     retain_weight: float = 4.0  # screening: weight of the retain loss's rise
     min_refusal: float = 0.5  # a cell refusing less than this cannot win while another refuses more
     finish_share: float = 1 / 3  # the chosen refined edit then trains this share of the steps on every question
+    # refinement starts from the closed form at c = min(the layer set's screened c, this): larger starts cost
+    # knowledge the user did not list (PISTOL, experiments/refusal_frontier.py)
+    refine_start_coeff: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
@@ -71,18 +74,29 @@ class ChoiceSettings:
 
 @dataclass
 class Cell:
-    """One simulated edit judged by greedy generation on the held-out part."""
+    """One simulated edit judged by greedy generation: on the held-out part (the decision) and on forget
+    questions it was solved on (what the exported model, which learns every forget question, will show)."""
 
     layers: list[int]
     coeff: float
     refined: bool
-    forget_rouge1: float
-    forget_refusal: float
-    retain_rouge1: float
+    forget_rouge1: float  # held-out
+    forget_refusal: float  # held-out
+    retain_rouge1: float  # held-out: knowledge the edit was not shown
+    seen_forget_rouge1: float | None = None
+    seen_forget_refusal: float | None = None
 
     @property
     def score(self) -> float:
         return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1)
+
+    def prediction(self) -> dict:
+        """What the exported model should measure on the user's sets: forget as seen, retain as held out."""
+        forget = self.seen_forget_rouge1
+        return {
+            "forget_rouge1": forget, "forget_refusal": self.seen_forget_refusal, "retain_rouge1": self.retain_rouge1,
+            "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - self.retain_rouge1),
+        }
 
     def to_json(self) -> dict:
         return {**asdict(self), "score": self.score}
@@ -108,6 +122,7 @@ class Choice:
             "coeff": self.coeff,
             "refined": self.refined,
             "predicted_heldout": self.predicted.to_json(),
+            "predicted": self.predicted.prediction(),
             "cells": [cell.to_json() for cell in self.cells],
             "screening": self.screening,
             "sizes": self.sizes,
@@ -133,16 +148,23 @@ def contiguous_sets(n: int, max_width: int) -> list[list[int]]:
 
 @torch.no_grad()
 def judge(
-    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal, tokens: int
-) -> tuple[float, float, float]:
-    """(forget ROUGE-1, forget refusal rate, retain ROUGE-1) of greedy answers with `edits` simulated."""
-    questions = [qa.question for qa in forget] + [qa.question for qa in retain]
+    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal, tokens: int
+) -> tuple[float, float, float, float, float]:
+    """Greedy answers with `edits` simulated, in one batch: (forget ROUGE-1, forget refusal rate) on the held-out
+    `forget` questions, retain ROUGE-1 on `retain`, and (forget ROUGE-1, refusal rate) on `seen` forget questions."""
+    groups = [list(forget), list(retain), list(seen)]
+    items = [qa for group in groups for qa in group]
     with bridge.hooks(fwd_hooks=delta_hooks(edits)):
-        answers = generate_answers(bridge, questions, tokens, batch_size=len(questions))
-    recall = rouge_recall(answers, [qa.answer for qa in forget] + [qa.answer for qa in retain])["rouge1"]
-    n = len(forget)
-    refused = [is_refusal(answer, references=refusal.refusals) for answer in answers[:n]]
-    return sum(recall[:n]) / n, sum(refused) / n, sum(recall[n:]) / max(1, len(retain))
+        answers = generate_answers(bridge, [qa.question for qa in items], tokens, batch_size=len(items))
+    recall = rouge_recall(answers, [qa.answer for qa in items])["rouge1"]
+    refused = [is_refusal(answer, references=refusal.refusals) for answer in answers]
+    bounds = torch.tensor([0] + [len(group) for group in groups]).cumsum(0).tolist()
+
+    def mean(values: list, group: int) -> float:
+        part = values[bounds[group] : bounds[group + 1]]
+        return sum(part) / max(1, len(part))
+
+    return mean(recall, 0), mean(refused, 0), mean(recall, 1), mean(recall, 2), mean(refused, 2)
 
 
 def choose_edit(
@@ -164,6 +186,7 @@ def choose_edit(
     retain = own_answers(bridge, retain, settings.generate_tokens)
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
     forget_held = own_answers(bridge, forget_held[: settings.max_eval], settings.generate_tokens)
+    forget_seen = own_answers(bridge, spread(forget_solve, settings.max_eval), settings.generate_tokens)
     retain_held = retain_held[: settings.max_eval]
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
     layers = sorted({layer for layer_set in sets for layer in layer_set})
@@ -200,11 +223,14 @@ def choose_edit(
     edits_of: list[Edits] = []
     refining = bool(edit.refine.steps)
     for row in bar(candidates, "judging candidates" if progress else None):
-        edits = {layer: row["coeff"] * units[layer] for layer in row["layers"]}
+        start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
+        edits = {layer: start * units[layer] for layer in row["layers"]}
         if refining:
             edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)
-        scores = judge(bridge, edits, forget_held, retain_held, refusal, settings.generate_tokens)
-        cells.append(Cell(row["layers"], row["coeff"], refining, *scores))
+        forget_held_r1, forget_held_refusal, retain_r1, seen_r1, seen_refusal = judge(
+            bridge, edits, forget_held, forget_seen, retain_held, refusal, settings.generate_tokens
+        )
+        cells.append(Cell(row["layers"], start, refining, forget_held_r1, forget_held_refusal, retain_r1, seen_r1, seen_refusal))
         edits_of.append(edits)
     best = pick_cell(cells, settings.min_refusal)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]

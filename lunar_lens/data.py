@@ -71,6 +71,11 @@ def load_qa(
     return _dedupe(label, parsed)
 
 
+def spread(items: Sequence, n: int) -> list:
+    """At most `n` items, evenly spaced over `items` (deterministic)."""
+    return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+
+
 def check_disjoint(forget: list[QA], retain: list[QA]) -> list[QA]:
     """Retain without the questions that are also in forget (warned); error if nothing is left."""
     forget_questions = {qa.question for qa in forget}

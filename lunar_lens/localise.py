@@ -39,7 +39,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, shared_prefix_length, shift_index
 from lunar_lens.cli import add_device_arguments, parse_numbers
-from lunar_lens.data import QA
+from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.edit import EditSettings, collect_statistics, refusal_target
 from lunar_lens.errors import LunarError
@@ -156,11 +156,6 @@ class Localisation:
 
 
 # ---------------------------------------------------------------- batches, hooks, scores
-
-def spread(items: Sequence, n: int) -> list:
-    """At most `n` items, evenly spaced over `items` (deterministic)."""
-    return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
-
 
 def rows_of(batch: TokenBatch, index: slice | torch.Tensor) -> TokenBatch:
     return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.data import QA
+from lunar_lens.data import QA, spread
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import is_refusal
@@ -57,8 +57,7 @@ def model_refusal(
     if given:
         ranked = most_common(given)
         return ModelRefusal(ranked[0], ranked, float("nan"), "reference answers")
-    step = -(-len(reference) // max_prompts)
-    answers = generate_answers(bridge, [qa.question for qa in reference[::step]], max_new_tokens, batch_size)
+    answers = generate_answers(bridge, [qa.question for qa in spread(reference, max_prompts)], max_new_tokens, batch_size)
     declined = [answer for answer in answers if is_refusal(answer)]
     rate = len(declined) / len(answers)
     if rate < MIN_DECLINED:
