@@ -102,7 +102,8 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
         ["unlearn", "--model", str(base), *data, "--out", str(out / "release"), "--layer", layer, *RELEASE_FLAGS, "--force", *common],
         out / "unlearn_release.log", args.threads,
     )
-    results = {"layers": report["layers"], "coeff": report["coeff"], "seconds_cli": seconds, "methods": {}}
+    results = {"layers": report["layers"], "coeff": report["coeff"], "seconds_cli": seconds, "methods": {}, "choice": report["choice"],
+               "refusal": report["refusal"]}
     for method in METHODS:
         model = out / method
         edit = json.loads((model / "lunar_report.json").read_text())
@@ -167,6 +168,21 @@ def results_table(results: dict[str, dict]) -> str:
         cells = [_fmt(value) for value in cells] + [_fmt(evaluation.get(key), ".1f") for key in ("deviation_score", "deviation_score_rougeL")]
         cells += [_fmt(evaluation.get("tofu", {}).get(key), ".3g" if key == "forget_quality" else ".3f") for key in tofu]  # p-values: significant digits
         lines.append(f"| {name} | {model} | {layer} | {coeff} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def prediction_table(results: dict[str, dict]) -> str:
+    """The automatic choice's prediction (forget as solved on, retain held out) beside what the exported model measures."""
+    lines = ["| request | chosen | own refusal aimed at (model declines the reference) | | forget ROUGE-1 | forget refusal | retain ROUGE-1 | DS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        predicted, after = result["choice"]["predicted"], result["methods"]["lunar-lens"]["evaluation"]["after"]
+        chosen = f"layers {','.join(map(str, result['layers']))}, c {result['coeff']:g}" + (", refined" if result["choice"]["refined"] else "")
+        refusal = f"{result['refusal']['target']!r} ({result['refusal']['declined_rate']:.2f})"
+        measured = [_score(after, "forget", "rouge1"), _score(after, "forget", "refusal_rate"), _score(after, "retain", "rouge1"), after.get("deviation_score")]
+        lines.append(f"| {name} | {chosen} | {refusal} | predicted | " + " | ".join(_fmt(predicted[k]) for k in ("forget_rouge1", "forget_refusal", "retain_rouge1"))
+                     + f" | {_fmt(predicted['deviation_score'], '.1f')} |")
+        lines.append(f"| | | | measured | " + " | ".join(_fmt(v) for v in measured[:3]) + f" | {_fmt(measured[3], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -259,6 +275,9 @@ def write_results(task: str, finetuned: dict, results: dict[str, dict], args: ar
         f"Model: {finetuned['recipe']['shape']} trained {finetuned['seconds_training']:.0f} s; sizes {finetuned['sizes']}; "
         f"greedy ROUGE-1 memorisation {memorised}; held-out unverifiable questions refused {finetuned['heldout_refusal_rate']:.3f}.",
         results_table(results),
+        "The automatic choice's prediction (forget numbers of the edit on forget questions it was solved on, retain on "
+        "held-out retain questions) beside what `evaluate` measures on the exported checkpoint:",
+        prediction_table(results),
         "Forget ROUGE-1 under attack (retain ROUGE-1 in brackets; for question attacks, what the base model "
         "answers to the same rephrased questions):",
         attacks_table(results),
