@@ -145,3 +145,31 @@ def plot_patching_map(loc: "Localisation", path: str | Path) -> Path:
             title="Activation patching: reference resid_post → forget run", xlabel="prompt position (from the end) and token",
             ylabel="layer", colorbar="recovered fraction of the refusal logit difference", cmap="RdBu_r", vmin=-1, vmax=1)
     return save(figure, path)
+
+
+def plot_choice(summary: dict, path: str | Path) -> Path:
+    """The automatic choice (`choice.Choice.summary()`): the screening proxy of every layer set × c (the
+    candidates outlined) and each judged candidate's held-out generations."""
+    sets = list(dict.fromkeys(tuple(row["layers"]) for row in summary["screening"]))
+    coeffs = sorted({row["coeff"] for row in summary["screening"]})
+    proxy = np.full((len(sets), len(coeffs)), np.nan)
+    for row in summary["screening"]:
+        proxy[sets.index(tuple(row["layers"])), coeffs.index(row["coeff"])] = row["proxy"]
+    labels = [",".join(map(str, layer_set)) for layer_set in sets]
+    judged = [(sets.index(tuple(cell["layers"])), int(np.nanargmin(proxy[sets.index(tuple(cell["layers"]))]))) for cell in summary["cells"]]
+    chosen = [cell for cell in judged if sets[cell[0]] == tuple(summary["layers"])][:1]
+    figure, axes = new_figure(1, 2, panel=(5.2, max(3.6, 0.28 * len(sets))))
+    heatmap(
+        axes[0, 0], proxy, labels, [f"{c:g}" for c in coeffs], title="screening (held-out, teacher-forced)", xlabel="c",
+        ylabel="layer set", colorbar="refusal loss + retain weight × retain rise", cmap="viridis_r", marks={"judged": judged, "chosen": chosen},
+    )
+    ax = axes[0, 1]
+    names = [f"{','.join(map(str, cell['layers']))} c{cell['coeff']:g}" + (" refined" if cell["refined"] else "") for cell in summary["cells"]]
+    width, x = 0.27, np.arange(len(names))
+    for offset, key, label in ((-1, "forget_refusal", "forget refusal ↑"), (0, "forget_rouge1", "forget ROUGE-1 ↓"), (1, "retain_rouge1", "retain ROUGE-1 ↑")):
+        ax.bar(x + offset * width, [cell[key] for cell in summary["cells"]], width, label=label)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("candidates, greedy answers to held-out questions")
+    ax.legend(fontsize=7, loc="lower right")
+    return save(figure, path)
