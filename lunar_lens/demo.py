@@ -13,7 +13,7 @@ import torch
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
 from lunar_lens.model import load_model
-from lunar_lens.pipeline import check_sidecar, export_outcome, unlearn
+from lunar_lens.pipeline import check_sidecar, export_outcome, save_figures, unlearn
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 
@@ -24,8 +24,11 @@ def sample_lines(before: Evaluation, after: Evaluation, set_name: str, count: in
     return lines
 
 
-def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, n_forget: int = 2, force: bool = False) -> dict:
-    """Forget `entities` (default: the first `n_forget`) from the toy-world model; returns the summary."""
+def run_demo(
+    out: str | Path = "lunar-demo", entities: list[str] | None = None, n_forget: int = 2, force: bool = False, probes: bool = False
+) -> dict:
+    """Forget `entities` (default: the first `n_forget`) from the toy-world model; returns the summary. With
+    `probes`, the localisation probes' figures (steering, ablation, patching) too."""
     started = time.perf_counter()
     # The toy model is tiny: intra-op threads only add synchronisation (and stall badly on a busy machine).
     torch.set_num_threads(1)
@@ -42,7 +45,7 @@ def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, 
 
     bridge = load_model(checkpoint_path(), progress=True)
     before = evaluate_sets(bridge, sets, progress=True)
-    outcome = unlearn(bridge, forget, retain, reference, figure_probes=True)
+    outcome = unlearn(bridge, forget, retain, reference, figure_probes=probes)
     after = evaluate_sets(outcome.bridge, sets, progress=True)
     after_table = before.markdown_table(after)
     outcome.out_dir = export_outcome(outcome, out / "model", force=force, results_table=after_table)
@@ -55,11 +58,7 @@ def run_demo(out: str | Path = "lunar-demo", entities: list[str] | None = None, 
     print("\n".join(sample_lines(before, after, "retain", 3)))
 
     figures = [plot_before_after(before, after, out / "before_after.png")]
-    if outcome.localisation is not None:
-        from lunar_lens.localise import save_localisation
-
-        written = save_localisation(outcome.localisation, out / "localisation")
-        figures += [path for kind, path in written.items() if kind != "json"]
+    figures += [path for path in save_figures(outcome, out / "localisation") if path.suffix == ".png"]
     summary = {
         "entities": entities,
         "layers": outcome.report["layers"],
@@ -82,4 +81,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--entities", nargs="*", help="toy-world entities to forget (default: the first two)")
     parser.add_argument("--n-forget", type=int, default=2, help="how many entities to forget when --entities is not given")
     parser.add_argument("--force", action="store_true", help="replace an earlier demo output in --out")
-    parser.set_defaults(func=lambda args: run_demo(args.out, args.entities, args.n_forget, args.force))
+    parser.add_argument("--probes", action="store_true", help="also run the localisation probes (steering, ablation, patching) for their figures")
+    parser.set_defaults(func=lambda args: run_demo(args.out, args.entities, args.n_forget, args.force, args.probes))

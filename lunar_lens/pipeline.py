@@ -312,9 +312,7 @@ def run_cli(args: argparse.Namespace) -> None:
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
     if args.localisation:
-        from lunar_lens.localise import save_localisation
-
-        print("\n".join(f"wrote {path}" for path in save_localisation(outcome.localisation, args.localisation).values()))
+        print("\n".join(f"wrote {path}" for path in save_figures(outcome, args.localisation)))
     layers = ", ".join(
         str(l["layer"]) + ("" if l["objective_before"] is None else f" (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
         for l in outcome.report["edit"]["layers"]
@@ -327,6 +325,17 @@ def run_cli(args: argparse.Namespace) -> None:
         )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
+
+
+def save_figures(outcome: UnlearnOutcome, out_dir: str | Path) -> list[Path]:
+    """The localisation probes' scores and figures (when they ran) and the automatic choice's figure, in `out_dir`."""
+    from lunar_lens.figures import plot_choice
+    from lunar_lens.localise import save_localisation
+
+    written = list(save_localisation(outcome.localisation, out_dir).values()) if outcome.localisation is not None else []
+    if outcome.report["choice"]:
+        written.append(plot_choice(outcome.report["choice"], Path(out_dir) / "choice.png"))
+    return written
 
 
 def parse_device_map(text: str | None) -> str | dict | None:
