@@ -38,7 +38,7 @@ from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import n_layers
 from lunar_lens.progress import bar
 from lunar_lens.prompts import first_answer_tokens, tokenize
-from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
+from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits, rows
 from lunar_lens.refusals import ModelRefusal
 from lunar_lens.solvers import solve_closed
 
@@ -196,18 +196,21 @@ def choose_edit(
     del stats
     seconds = {"statistics": time.perf_counter() - started}
 
-    # 1. screening, teacher-forced
-    pad = bridge.tokenizer.pad_token_id
-    forget_tf = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in forget_held], [refusal.target] * len(forget_held)), settings.screen_tokens, pad)
-    retain_tf = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in retain_held], [qa.answer for qa in retain_held]), settings.screen_tokens, pad)
+    # 1. screening, teacher-forced: one forward per layer set, every c in it (rows repeated, scaled per row)
+    questions = [qa.question for qa in forget_held] + [qa.question for qa in retain_held]
+    answers = [refusal.target] * len(forget_held) + [qa.answer for qa in retain_held]
+    rows_tf = first_answer_tokens(tokenize(bridge.tokenizer, questions, answers), settings.screen_tokens, bridge.tokenizer.pad_token_id)
+    n_forget, n_rows = len(forget_held), len(questions)
+    coeffs = torch.tensor(settings.coeffs, dtype=torch.float32)
+    repeated = rows(rows_tf, torch.arange(n_rows).repeat(len(coeffs)))
+    scale = coeffs.repeat_interleave(n_rows)
+    screening = []
     with torch.no_grad():
-        base_retain = float(answer_cross_entropy(bridge, retain_tf, []))
-        screening = []
+        base_retain = float(answer_cross_entropy(bridge, rows_tf, [], per_row=True)[n_forget:].mean())
         for layer_set in bar(sets, "screening" if progress else None):
-            for coeff in settings.coeffs:
-                hooks = delta_hooks({layer: coeff * units[layer] for layer in layer_set})
-                forget_loss = float(answer_cross_entropy(bridge, forget_tf, hooks))
-                retain_rise = float(answer_cross_entropy(bridge, retain_tf, hooks)) - base_retain
+            losses = answer_cross_entropy(bridge, repeated, delta_hooks({layer: units[layer] for layer in layer_set}, scale), per_row=True)
+            for coeff, per_row in zip(settings.coeffs, losses.view(len(coeffs), n_rows)):
+                forget_loss, retain_rise = float(per_row[:n_forget].mean()), float(per_row[n_forget:].mean()) - base_retain
                 proxy = forget_loss + settings.retain_weight * max(0.0, retain_rise)
                 screening.append({"layers": layer_set, "coeff": coeff, "forget_loss": forget_loss, "retain_rise": retain_rise, "proxy": proxy})
     best_per_set = {}

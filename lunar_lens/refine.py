@@ -74,8 +74,9 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active."""
+def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple], per_row: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active; with
+    `per_row`, each row's own mean ([batch])."""
     real = batch.attention_mask.bool()
     first = int(real.any(dim=0).nonzero()[0])  # drop columns that are padding in every row
     device = bridge.cfg.device
@@ -84,8 +85,10 @@ def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: li
     with bridge.hooks(fwd_hooks=hooks):
         logits = bridge.original_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     target = batch.answer_mask[:, first + 1 :].to(device)
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return (losses * target).sum() / target.sum().clamp_min(1)
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none") * target
+    if per_row:
+        return losses.sum(dim=1) / target.sum(dim=1).clamp_min(1)
+    return losses.sum() / target.sum().clamp_min(1)
 
 
 def refine_edits(
