@@ -39,6 +39,20 @@ def scores(bridge, sets: dict[str, list[QA]], edits: dict, max_new_tokens: int) 
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """One line per setting: forget refusal against retain and factual ROUGE-1 (the frontier), and DS."""
+    lines = ["| edit | layers | c / start | steps | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | DS ↓ | a forget answer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        start = row.get("coeff") if row["setting"] != "refined" else row.get("init", "")
+        lines.append(
+            f"| {row['setting']} | {','.join(map(str, row.get('layers', []))) or '–'} | {start or '–'} | {row.get('steps', '–')} | "
+            f"{row['forget']['rouge1']:.3f} | {row['forget']['refusal']:.2f} | {row['retain']['rouge1']:.3f} | {row['factual']['rouge1']:.3f} | "
+            f"{row['ds']:.1f} | {row['forget']['sample'][0][:48]!r} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a finetune.py run folder (model/, sets/)")
@@ -53,7 +67,12 @@ def main() -> None:
     parser.add_argument("--retain-weights", default="4")
     parser.add_argument("--lr", type=float, default=RefineSettings.lr)
     parser.add_argument("--inits", default="zero,closed4", help="refinement starts: zero, or closedC (the closed form at c = C)")
+    parser.add_argument("--table-only", action="store_true", help="print the markdown table of results/refusal_frontier_NAME.json and stop")
     args = parser.parse_args()
+    out = HERE / "results" / f"refusal_frontier_{args.name}.json"
+    if args.table_only:
+        print(markdown(json.loads(out.read_text())["rows"]))
+        return
     torch.set_num_threads(1)
     run = Path(args.run)
     bridge = load_model(run / "model")
@@ -89,8 +108,8 @@ def main() -> None:
                     rows.append({"setting": "refined", "init": init, "layers": layers, "steps": steps, "retain_weight": weight,
                                  "seconds": time.perf_counter() - t0, **scores(bridge, evaluation, refined, args.max_new_tokens)})
                     print(json.dumps(rows[-1])[:400], flush=True)
-    out = HERE / "results" / f"refusal_frontier_{args.name}.json"
     out.write_text(json.dumps({"refusal": target.summary(), "seconds": time.perf_counter() - started, "rows": rows}, indent=1))
+    print(markdown(rows))
     print("wrote", out)
 
 
