@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from lunar_lens.data import QA, load_qa, spread
-from lunar_lens.edit import EditSettings, directions_for
+from lunar_lens.edit import EditSettings, collect_statistics, directions_for
+from lunar_lens.solvers import solve_closed
 from lunar_lens.generation import generate_answers
-from lunar_lens.localise import unit_edits
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import load_model, n_layers
 from lunar_lens.refine import RefineSettings, delta_hooks, refine_edits
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--refine-steps", default="150")
     parser.add_argument("--retain-weights", default="4")
     parser.add_argument("--lr", type=float, default=RefineSettings.lr)
-    parser.add_argument("--inits", default="zero,closed4", help="refinement starts: zero, or closedC (the closed form at c = C)")
+    parser.add_argument("--inits", default="zero,closed4", help="refinement starts: zero, or closedC (the closed form at c = C); closedC-out trains only the output factor")
     parser.add_argument("--table-only", action="store_true", help="print the markdown table of results/refusal_frontier_NAME.json and stop")
     args = parser.parse_args()
     out = HERE / "results" / f"refusal_frontier_{args.name}.json"
@@ -90,7 +90,10 @@ def main() -> None:
     rows = [{"setting": "base", **scores(bridge, evaluation, {}, args.max_new_tokens)}]
     print(json.dumps(rows[-1])[:300])
     for layers in layer_sets:
-        units = dict(zip(layers, unit_edits(bridge, layers, forget, retain, target.target, directions, settings)))
+        tables = [directions.shift_table(layer, 1.0) for layer in layers]
+        stats = collect_statistics(bridge, layers, forget, retain, settings, target.target, len(tables[0]))
+        solutions = {layer: solve_closed(layer_stats, table, settings.ridge) for layer, layer_stats, table in zip(layers, stats, tables)}
+        units = {layer: solution.delta for layer, solution in solutions.items()}
         for coeff in [float(c) for c in args.coeffs.split(",")]:
             closed = {layer: coeff * delta for layer, delta in units.items()}
             rows.append({"setting": "closed", "layers": layers, "coeff": coeff, **scores(bridge, evaluation, closed, args.max_new_tokens)})
@@ -98,12 +101,15 @@ def main() -> None:
         for steps in [int(s) for s in args.refine_steps.split(",")]:
             for weight in [float(w) for w in args.retain_weights.split(",")]:
                 for init in args.inits.split(","):
-                    scale = float(init.removeprefix("closed")) if init.startswith("closed") else 0.0
+                    outputs_only = init.endswith("-out")  # train V of ΔW = u·Vᵀ only (the closed form's detectors u kept)
+                    scale = float(init.removesuffix("-out").removeprefix("closed")) if init.startswith("closed") else 0.0
                     start = {layer: scale * delta for layer, delta in units.items()}
+                    inputs = {layer: solution.u for layer, solution in solutions.items()} if outputs_only else None
                     t0 = time.perf_counter()
                     refined = refine_edits(
                         bridge, start, [qa.question for qa in forget], [target.target] * len(forget),
                         [qa.question for qa in retain], [qa.answer for qa in retain], RefineSettings(steps=steps, retain_weight=weight, lr=args.lr),
+                        inputs=inputs,
                     )
                     rows.append({"setting": "refined", "init": init, "layers": layers, "steps": steps, "retain_weight": weight,
                                  "seconds": time.perf_counter() - t0, **scores(bridge, evaluation, refined, args.max_new_tokens)})

@@ -100,9 +100,12 @@ def refine_edits(
     retain_answers: Sequence[str],
     settings: RefineSettings | None = None,
     progress: bool = False,
+    inputs: dict[int, Float[torch.Tensor, "d_mlp k"]] | None = None,
 ) -> dict[int, Float[torch.Tensor, "d_mlp d_model"]]:
     """The edits (ΔW per layer, on the model as it is) trained so that forget prompts are answered with
-    `refusals` (one per forget question) and retain prompts keep `retain_answers`; only the ΔW change."""
+    `refusals` (one per forget question) and retain prompts keep `retain_answers`; only the ΔW change.
+    With `inputs` (the closed form's input factors u per layer), ΔW = u·Vᵀ and only V trains: the edit
+    still fires only where the solved detectors see forget-like MLP inputs."""
     settings = settings or RefineSettings()
     if len(refusals) != len(forget_questions) or len(retain_answers) != len(retain_questions):
         raise LunarError("refinement needs one refusal per forget question and one answer per retain question")
@@ -111,21 +114,27 @@ def refine_edits(
     pad, k = bridge.tokenizer.pad_token_id, settings.answer_tokens
     forget = first_answer_tokens(tokenize(bridge.tokenizer, list(forget_questions), list(refusals)), k, pad)
     retain = first_answer_tokens(tokenize(bridge.tokenizer, list(retain_questions), list(retain_answers)), k, pad)
-    params = {layer: torch.nn.Parameter(delta.detach().float().clone()) for layer, delta in edits.items()}
+    if inputs is None:
+        params = {layer: torch.nn.Parameter(delta.detach().float().clone()) for layer, delta in edits.items()}
+        deltas = lambda: params  # noqa: E731
+    else:
+        params = {layer: torch.nn.Parameter(torch.linalg.lstsq(inputs[layer].float(), delta.float()).solution.T.contiguous()) for layer, delta in edits.items()}
+        deltas = lambda: {layer: inputs[layer].float() @ v.T for layer, v in params.items()}  # noqa: E731
     optimizer = torch.optim.Adam(params.values(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    hooks = delta_hooks(params)
     with frozen(bridge.original_model), torch.enable_grad():
         for _ in bar(range(settings.steps), "refining W_out" if progress else None):
             f = torch.randperm(len(forget_questions), generator=generator)[: settings.batch_rows]
             r = torch.randperm(len(retain_questions), generator=generator)[: settings.batch_rows]
+            hooks = delta_hooks(deltas())
             loss = answer_cross_entropy(bridge, rows(forget, f), hooks)
             if settings.retain_weight:
                 loss = loss + settings.retain_weight * answer_cross_entropy(bridge, rows(retain, r), hooks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return {layer: param.detach().clone() for layer, param in params.items()}
+    with torch.no_grad():
+        return {layer: delta.detach().clone() for layer, delta in deltas().items()}
 
 
 def own_answers(bridge: TransformerBridge, items: Sequence[QA], max_new_tokens: int = 32) -> list[QA]:
