@@ -52,15 +52,14 @@ def retain_model_run(run: Path, split: str) -> Path:
     return run / f"retain_model_{split}"
 
 
-def request(sets: Path, split: str) -> real_data.Request:
+def request(sets: Path, split: str, retain_model: bool = True) -> real_data.Request:
     """The split's request (files of RUN/sets): its forget set, the matching retain set, its paraphrases, and
     what `evaluate` scores (both sets with TOFU's perturbed answers, real authors, world facts, the retain model)."""
     forget, retain = sets / f"{split}.json", sets / f"{split.replace('forget', 'retain')}.json"
     evaluation = [
         "--forget", str(perturbed(forget)), "--retain", str(perturbed(retain)),
         "--factual", str(TOFU / "real_authors_perturbed.json"), "--factual", str(TOFU / "world_facts_perturbed.json"),
-        "--retain-model", str(retain_model_run(sets.parent, split) / "model"),
-    ]
+    ] + (["--retain-model", str(retain_model_run(sets.parent, split) / "model")] if retain_model else [])
     return real_data.Request(split, forget, retain, perturbed(forget), evaluation)
 
 
@@ -70,17 +69,19 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="every TOFU author and question (fine-tuning included; meant for a GPU)")
     parser.add_argument("--steps", type=int, help="fine-tuning steps when the run folder has no model (default: the recipe's)")
     parser.add_argument("--splits", default=",".join(TOFU_FORGET_SPLITS), help="forget splits to run")
+    parser.add_argument("--no-retain-model", action="store_true", help="skip each split's retain model (and so forget quality)")
     args = parser.parse_args()
     flags = (["--full"] if args.full else []) + (["--steps", str(args.steps)] if args.steps else [])
     finetuned = real_data.ensure_model("tofu", args, flags)
     sets = Path(args.run) / "sets"
     results = {}
     for split in args.splits.split(","):
-        this = request(sets, split)
+        this = request(sets, split, retain_model=not args.no_retain_model)
         for kept in (this.forget, this.retain):
             with_perturbed(kept)
-        retain_model = argparse.Namespace(**vars(args) | {"run": str(retain_model_run(Path(args.run), split))})
-        real_data.ensure_model("tofu", retain_model, [*flags, "--without", split])
+        if not args.no_retain_model:
+            retain_model = argparse.Namespace(**vars(args) | {"run": str(retain_model_run(Path(args.run), split))})
+            real_data.ensure_model("tofu", retain_model, [*flags, "--without", split])
         results[split] = real_data.run_request(this, args)
     real_data.write_results("tofu", finetuned, results, args)
 

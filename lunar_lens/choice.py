@@ -53,12 +53,12 @@ class ChoiceSettings:
     coeffs: tuple[float, ...] = (2.0, 4.0, 8.0, 12.0)
     max_width: int = 3  # contiguous layer sets of up to this many layers
     candidates: int = 2  # layer sets judged by greedy generation (and refined)
-    max_eval: int = 48  # held-out questions per set, at most
+    max_eval: int = 32  # held-out questions per set, at most
     generate_tokens: int = 32
     screen_tokens: int = 8  # teacher-forced answer tokens scored while screening
     retain_weight: float = 4.0  # screening: weight of the retain loss's rise
     min_refusal: float = 0.5  # a cell refusing less than this cannot win while another refuses more
-    finish_share: float = 1 / 3  # the chosen refined edit then trains this share of the steps on every question
+    finish_share: float = 0.2  # the chosen refined edit then trains this share of the steps on every question
     # refinement starts from the closed form at c = min(the layer set's screened c, this): larger starts cost
     # knowledge the user did not list (PISTOL, experiments/refusal_frontier.py)
     refine_start_coeff: float = 4.0
