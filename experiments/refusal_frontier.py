@@ -41,12 +41,12 @@ def scores(bridge, sets: dict[str, list[QA]], edits: dict, max_new_tokens: int) 
 
 def markdown(rows: list[dict]) -> str:
     """One line per setting: forget refusal against retain and factual ROUGE-1 (the frontier), and DS."""
-    lines = ["| edit | layers | c / start | steps | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | DS ↓ | a forget answer |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| edit | layers | c / start | steps | retain weight | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | DS ↓ | a forget answer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         start = row.get("coeff") if row["setting"] != "refined" else row.get("init", "")
         lines.append(
-            f"| {row['setting']} | {','.join(map(str, row.get('layers', []))) or '–'} | {start or '–'} | {row.get('steps', '–')} | "
+            f"| {row['setting']} | {','.join(map(str, row.get('layers', []))) or '–'} | {start or '–'} | {row.get('steps', '–')} | {row.get('retain_weight', '–')} | "
             f"{row['forget']['rouge1']:.3f} | {row['forget']['refusal']:.2f} | {row['retain']['rouge1']:.3f} | {row['factual']['rouge1']:.3f} | "
             f"{row['ds']:.1f} | {row['forget']['sample'][0][:48]!r} |"
         )
