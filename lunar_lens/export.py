@@ -22,17 +22,17 @@ from transformers import AutoModelForCausalLM
 
 from lunar_lens.cli import add_device_arguments
 from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model, w_out_parameter, w_out_tensor_name
+from lunar_lens.model import TOLERANCE, load_model, w_out_parameter, w_out_tensor_name
+from lunar_lens.outputs import atomic_output, check_output, write_manifest
 from lunar_lens.patches import (
     ST_NAMES,
     Checkpoint,
     apply_to_model,
-    atomic_output,
     copy_checkpoint,
+    load_patch,
     read_manifest,
     show_patch,
     tensor_sha256,
-    write_manifest,
 )
 from lunar_lens.prompts import tokenize
 
@@ -41,9 +41,6 @@ DEFAULT_PROMPTS = (
     "Who wrote the novel Pride and Prejudice?",
     "Explain photosynthesis in one sentence.",
 )
-# Max |Δ logit| between the reload and the in-memory model. Both run the same HF code on the same
-# weights, so the difference is 0 on CPU; the bounds leave room for nondeterministic kernels.
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 PACKAGES = ("lunar-lens", "torch", "transformers", "transformer-lens", "safetensors")
 
 
@@ -184,7 +181,7 @@ def export_checkpoint(
         )
     checkpoint = Checkpoint.open(bridge.source_path)
     edited = [_edited_tensor(bridge, checkpoint, layer) for layer in sorted(set(edited_layers))]
-    with atomic_output(out_dir, checkpoint.root, force) as tmp:
+    with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         hashes, skipped = copy_checkpoint(checkpoint, tmp, {e.key: e.value for e in edited})
         verification = verify_export(bridge, tmp, edited, sample_prompts or DEFAULT_PROMPTS, trust_remote_code) if verify else None
         record = {
@@ -214,7 +211,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="the patch's base: HF model folder or cached hub id")
     parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
     parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
     add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
@@ -222,6 +219,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads
+    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.edit])
     bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     patch = apply_to_model(bridge, args.edit)
     result = export_checkpoint(

@@ -10,22 +10,24 @@ and the SHA-256 of the base tensor's bytes the edit was solved against.
 A patched checkpoint remembers its base: `lunar_patches/base_tensors.safetensors` keeps the original
 bytes of every touched tensor, `lunar_patches/<sha>.safetensors` a copy of every applied patch, and
 `lunar_manifest.json` their order. A touched tensor is always `cast(base_float32 + Σ deltas, dtype)`,
-so any patch reverts while the others stay, and reverting the last one restores the base bit for bit.
+so any patch reverts while the others stay (unless a later patch was solved on top of it), and
+reverting the last one restores the base bit for bit, which is checked.
+
+Everything read is checked: safetensors headers and sizes (a truncated file is called so), the SHA-256
+of every stored tensor, finite values, and every file a manifest or index names lies inside its folder.
 Only safetensors are read; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import torch
 from jaxtyping import Float
@@ -34,18 +36,21 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.errors import LunarError
+from lunar_lens.errors import LunarError, first_line
 from lunar_lens.model import add_to_w_out, w_out_is_transposed, w_out_tensor_name
+from lunar_lens.outputs import FORMAT, MANIFEST, atomic_output, check_output, write_manifest
 
-MANIFEST = "lunar_manifest.json"
 PATCH_DIR = "lunar_patches"
 BASE_TENSORS = f"{PATCH_DIR}/base_tensors.safetensors"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]  # what a download fetches
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+PATCHED = f"{FORMAT} patched 1"  # the manifest format of a patched plain checkpoint
+PATCH_FORMAT = 2  # 2: adds the SHA-256 of every stored tensor and the patches the base had applied
 
 
 @dataclass
@@ -88,32 +93,63 @@ def _copy_hashed(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, header) of a safetensors file."""
+def _header(path: Path) -> tuple[int, dict, str | None]:
+    """(offset of the data section, header, what is wrong) of a safetensors file: the header is {}
+    when it cannot be read, and the problem names a truncated or inconsistent file (None: intact)."""
+    size = path.stat().st_size
     with open(path, "rb") as file:
-        size = int.from_bytes(file.read(8), "little")
-        return 8 + size, json.loads(file.read(size))
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or length > size - 8:
+            return 8, {}, f"its {size} bytes hold no complete safetensors header"
+        try:
+            header = json.loads(file.read(length))
+            ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return 8, {}, "its safetensors header is not valid"
+    needed = 8 + length + max(ends, default=0)
+    if needed != size:
+        return 8 + length, header, f"{'truncated: ' if needed > size else ''}{size} bytes where its header describes {needed}"
+    return 8 + length, header, None
+
+
+def inside(root: Path, rel: str, where: str) -> str:
+    """`rel` (a path read from `where`), refused unless it is a plain relative path inside `root`."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ("..",)
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise LunarError(
+            f"{where} names {rel!r}, which is not a file inside {root}: the file was modified or is not lunar-lens's; "
+            "start again from an unmodified copy"
+        )
+    return rel
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def local_folder(path_or_id: str | Path) -> Path:
-    """The local folder of a model: the path itself, or the cached snapshot of a hub id (never downloads)."""
+def local_folder(path_or_id: str | Path, download: bool = False) -> Path:
+    """The local folder of a model: the path itself, or the cached snapshot of a hub id; with
+    `download`, a hub id missing from the cache is fetched (config, tokenizer and safetensors only)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path.resolve()
-    if path.exists() or str(path_or_id).startswith((".", "/", "~")):
+    if path.exists():
         raise LunarError(f"{path} is not a model folder: pass the folder that holds config.json and the safetensors weights")
+    if str(path_or_id).startswith((".", "/", "~")):
+        raise LunarError(f"model folder {path} does not exist: check the path")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(str(path_or_id), local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError) as error:
-        raise LunarError(
-            f"{path_or_id} is neither a local folder nor in the Hugging Face cache ({type(error).__name__}): "
-            f"download it first (`hf download {path_or_id}`) or pass its folder"
-        ) from None
+    except (OSError, ValueError) as error:
+        cached = error
+    if download and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        try:
+            return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
+        except (OSError, ValueError) as error:
+            cached = error
+    raise LunarError(
+        f"{path_or_id} is neither a local folder nor a model in the Hugging Face cache ({first_line(cached)}): "
+        f"check the path, or download it first (`hf download {path_or_id}`) and pass its folder"
+    ) from None
 
 
 @dataclass(frozen=True)
@@ -124,18 +160,33 @@ class Checkpoint:
     weight_map: dict[str, str]
 
     @classmethod
-    def open(cls, path_or_id: str | Path) -> Checkpoint:
-        root = local_folder(path_or_id)
+    def open(cls, path_or_id: str | Path, download: bool = False) -> Checkpoint:
+        """The checkpoint, its index and every weight file's header checked (no tensor data is read)."""
+        root = local_folder(path_or_id, download)
         if (root / INDEX).is_file():
-            return cls(root, json.loads((root / INDEX).read_text())["weight_map"])
-        if (root / SINGLE).is_file():
-            return cls(root, {name: SINGLE for name in _header(root / SINGLE)[1] if name != "__metadata__"})
-        if any((root / name).exists() for name in PICKLED):
+            try:
+                weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+                files = {inside(root, rel, f"{root / INDEX}") for rel in weight_map.values()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise LunarError(f"{root / INDEX} is not a valid safetensors index: re-download or re-save the checkpoint") from None
+        elif (root / SINGLE).is_file():
+            weight_map, files = {}, {SINGLE}
+        elif any((root / name).exists() for name in PICKLED):
             raise LunarError(
                 f"{root} holds only PyTorch pickle weights (pytorch_model.bin), which lunar-lens never unpickles: "
                 "convert the folder to safetensors first (transformers' save_pretrained writes model.safetensors)"
             )
-        raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
+        else:
+            raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
+        for rel in sorted(files):
+            if not (root / rel).is_file():
+                raise LunarError(f"{root} lacks {rel}, which its {INDEX} names: re-download or re-save the checkpoint")
+            _, header, problem = _header(root / rel)
+            if problem:
+                raise LunarError(f"{root / rel} is corrupted ({problem}): re-download or re-save the checkpoint")
+            if rel == SINGLE and not weight_map:
+                weight_map = {name: SINGLE for name in header if name != "__metadata__"}
+        return cls(root, weight_map)
 
     @property
     def weight_files(self) -> set[str]:
@@ -152,6 +203,11 @@ class Checkpoint:
             )
         return matches[0]
 
+    def layout(self) -> dict[str, tuple[str, list[int]]]:
+        """Each tensor's (safetensors dtype, shape), from the headers."""
+        headers = {rel: _header(self.root / rel)[1] for rel in set(self.weight_map.values())}
+        return {key: (headers[rel][key]["dtype"], headers[rel][key]["shape"]) for key, rel in self.weight_map.items()}
+
     def read(self, key: str) -> Tensor:
         with safe_open(self.root / self.weight_map[key], framework="pt") as file:
             return file.get_tensor(key)
@@ -159,7 +215,7 @@ class Checkpoint:
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """Overwrite the data of `tensors` in the safetensors file `path`, in place (header untouched)."""
-    start, header = _header(path)
+    start, header, _ = _header(path)
     with open(path, "r+b") as file:
         for key, value in tensors.items():
             info = header[key]
@@ -182,6 +238,7 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
 
     Skipped: hidden entries, the lunar files (callers write their own) and weights that are not the
     model's safetensors (pickles, stray `consolidated.safetensors`: stale copies of unedited weights).
+    A symbolic link (other than a Hugging Face cache snapshot's) is copied by content, with a warning.
     Returns the SHA-256 of every file copied (relative path → hex) and the skipped weight files.
     """
     by_file: dict[str, dict[str, Tensor]] = {}
@@ -195,6 +252,8 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
             rel = src.relative_to(checkpoint.root).as_posix()
             if _is_lunar(rel):
                 continue
+            if src.is_symlink() and src.resolve().parent != checkpoint.root.parent.parent / "blobs":
+                warnings.warn(f"{src} is a symbolic link to {src.resolve()}: its content is copied as a plain file", stacklevel=2)
             if rel not in checkpoint.weight_files and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
                 skipped.append(rel)
                 continue
@@ -205,45 +264,17 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
     return hashes, sorted(skipped)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir: str | Path, source: Path, force: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out_dir` that is renamed into place when the block succeeds and
-    removed when it fails (or is interrupted): `out_dir` is never left half written."""
-    out, source = Path(out_dir).expanduser().resolve(), source.resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise LunarError(f"--out {out} overlaps the source {source}: choose an output folder outside the source")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise LunarError(f"{out} already exists and is not empty: pass --force to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_manifest(folder: Path, record: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("patches", []), list):
+        raise LunarError(f"{path} is not a valid lunar-lens manifest: the checkpoint was modified; start again from its base")
+    return record
 
 
 # ---------------------------------------------------------------- patch files
@@ -268,6 +299,7 @@ class Patch:
     sha256: str
     entries: list[PatchEntry]
     info: dict
+    base_patches: list[str] = field(default_factory=list)  # SHA-256 of the patches its base checkpoint had applied
 
     @property
     def layers(self) -> list[int]:
@@ -291,9 +323,20 @@ def _hf_is_transposed(checkpoint: Checkpoint, edit: WOutEdit, shape: tuple[int, 
     return isinstance(model.get_submodule(edit.tensor_name.rsplit(".", 1)[0]), torch.nn.Linear)
 
 
-def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
-    """Write `edits`, solved on the checkpoint `base_dir`, as a patch file (`info`: any JSON-able run record)."""
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise LunarError(f"{what} holds non-finite values (NaN or inf): solve the edit again with a finite coefficient")
+
+
+def _applied_shas(checkpoint: Checkpoint) -> list[str]:
+    return [record["sha256"] for record in read_manifest(checkpoint.root).get("patches", [])]
+
+
+def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, info: dict | None = None, force: bool = False) -> Path:
+    """Write `edits`, solved on the checkpoint `base_dir`, as a patch file (`info`: any JSON-able run
+    record), atomically; an existing `path` is replaced only with `force`, and only if it is a patch."""
     checkpoint = Checkpoint.open(base_dir)
+    check_output(path, folder=False, force=force, inputs=[checkpoint.root], parameter="path")
     tensors, records = {}, []
     for i, edit in enumerate(edits):
         key = checkpoint.key(edit.tensor_name)
@@ -308,34 +351,50 @@ def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, in
             "layer": edit.layer, "tensor": key, "base_sha256": tensor_sha256(base), "shape": list(base.shape),
             "dtype": ST_NAMES[base.dtype], "hf_is_transposed": transposed,
         })
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"lunar_patch": json.dumps({"format": 1, "tensors": records, "info": info or {}})}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
-    return path
+    for key, tensor in tensors.items():
+        _check_finite(tensor, f"the edit of {records[int(key.split('.')[0])]['tensor']}")
+    record = {
+        "format": PATCH_FORMAT, "tensors": records, "info": info or {}, "base_patches": _applied_shas(checkpoint),
+        "sha256": {key: tensor_sha256(tensor) for key, tensor in tensors.items()},
+    }
+    with atomic_output(path, folder=False, force=force, inputs=[checkpoint.root], parameter="path") as tmp:
+        save_file(tensors, str(tmp), metadata={"lunar_patch": json.dumps(record)})
+    return Path(path)
 
 
 def load_patch(path: str | Path) -> Patch:
+    """Read a patch file, checked: complete, the SHA-256 of every stored tensor, finite values."""
     path = Path(path)
     if not path.is_file():
         raise LunarError(f"patch file {path} does not exist: check the path (`lunar-lens patch show CHECKPOINT` lists applied patches)")
-    try:
-        with safe_open(path, framework="pt") as file:
-            record = json.loads((file.metadata() or {})["lunar_patch"])
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, KeyError):
+    _, header, problem = _header(path)
+    if "lunar_patch" not in (header.get("__metadata__") or {}):
         raise LunarError(
-            f"{path} is not a lunar-lens patch (a safetensors file with `lunar_patch` metadata): pass a file written by save_patch"
-        ) from None
-    entries = []
-    for i, entry in enumerate(record["tensors"]):
-        factored = f"{i}.a" in tensors
-        delta = tensors[f"{i}.a"] @ tensors[f"{i}.b"].T if factored else tensors[f"{i}.delta"]
-        rank = tensors[f"{i}.a"].shape[1] if factored else None
-        entries.append(PatchEntry(**entry, rank=rank, delta=delta))
-    return Patch(path, file_sha256(path), entries, record.get("info", {}))
+            f"{path} is not a lunar-lens patch ({problem or 'no lunar_patch metadata'}): pass a file written by save_patch"
+        )
+    if problem:
+        raise LunarError(f"{path} is a corrupted lunar-lens patch ({problem}): copy it again, or save the edit again")
+    try:
+        record = json.loads(header["__metadata__"]["lunar_patch"])
+        if record.get("format", 1) > PATCH_FORMAT:
+            raise LunarError(f"{path} is a patch of format {record['format']}, newer than this lunar-lens reads: upgrade lunar-lens")
+        with safe_open(path, framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        hashes = record.get("sha256", {key: tensor_sha256(tensor) for key, tensor in tensors.items()})
+        changed = sorted(key for key in set(hashes) | set(tensors) if key not in tensors or hashes.get(key) != tensor_sha256(tensors[key]))
+        if changed:
+            raise LunarError(f"{path} is corrupted: tensor {changed[0]} does not match the SHA-256 the patch records: copy it again, or save the edit again")
+        entries = []
+        for i, entry in enumerate(record["tensors"]):
+            factored = f"{i}.a" in tensors
+            delta = tensors[f"{i}.a"] @ tensors[f"{i}.b"].T if factored else tensors[f"{i}.delta"]
+            rank = tensors[f"{i}.a"].shape[1] if factored else None
+            entries.append(PatchEntry(**entry, rank=rank, delta=delta))
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        raise LunarError(f"{path} is a corrupted lunar-lens patch (its record does not match its tensors): copy it again, or save the edit again") from None
+    for entry in entries:
+        _check_finite(entry.delta, f"{path} ({entry.tensor})")
+    return Patch(path, file_sha256(path), entries, record.get("info", {}), list(record.get("base_patches", [])))
 
 
 def show_patch(path: str | Path) -> dict:
@@ -349,7 +408,7 @@ def show_patch(path: str | Path) -> dict:
          "rank": e.rank, "delta_norm": float(e.delta.norm()), "base_sha256": e.base_sha256}
         for e in patch.entries
     ]
-    return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info}
+    return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info, "base_patches": patch.base_patches}
 
 
 # ---------------------------------------------------------------- apply / revert
@@ -388,12 +447,22 @@ def _combine(base: Tensor, deltas: list[Tensor]) -> Tensor:
     return total.to(base.dtype)
 
 
+def _patch_file(sha256: str) -> str:
+    return f"{PATCH_DIR}/{sha256[:16]}.safetensors"
+
+
 def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
-    """The patches applied to `checkpoint`, in order, as (manifest record, patch)."""
+    """The patches applied to `checkpoint`, in order, as (manifest record, patch), each checked."""
     applied = []
     for record in read_manifest(checkpoint.root).get("patches", []):
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if not isinstance(sha, str) or record.get("file") != _patch_file(sha):
+            raise LunarError(
+                f"{checkpoint.root / MANIFEST} names the patch file {record.get('file') if sha else record!r}, not "
+                f"{PATCH_DIR}/<its SHA-256>.safetensors: the manifest was modified; start again from the checkpoint's base"
+            )
         patch = load_patch(checkpoint.root / record["file"])
-        if patch.sha256 != record["sha256"]:
+        if patch.sha256 != sha:
             raise LunarError(
                 f"{patch.path} no longer matches its SHA-256 in {checkpoint.root / MANIFEST}: the checkpoint was modified; "
                 "start again from its base"
@@ -402,30 +471,77 @@ def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
     return applied
 
 
-def _base_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
+def _base_tensors(checkpoint: Checkpoint, applied: list[tuple[dict, Patch]]) -> dict[str, Tensor]:
+    """The original tensors kept by a patched checkpoint, each checked against the SHA-256 of the base
+    its first patch was solved on."""
+    if not applied:
+        return {}
     path = checkpoint.root / BASE_TENSORS
     if not path.is_file():
-        return {}
-    with safe_open(path, framework="pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys()}
+        raise LunarError(f"{checkpoint.root} has patches applied but no {BASE_TENSORS}: the checkpoint was modified; start again from its base")
+    _, _, problem = _header(path)
+    try:
+        if problem:
+            raise SafetensorError(problem)
+        with safe_open(path, framework="pt") as file:
+            base = {key: file.get_tensor(key) for key in file.keys()}
+    except SafetensorError as error:
+        raise LunarError(f"{path} is corrupted ({error}): start again from the checkpoint's base") from None
+    for key in {e.tensor for _, p in applied for e in p.entries}:
+        first = next(e for _, p in applied for e in p.entries if e.tensor == key)
+        if key not in base or tensor_sha256(base[key]) != first.base_sha256:
+            raise LunarError(
+                f"{path} is corrupted: its {key} is not the tensor the first patch was solved on (SHA-256 {first.base_sha256[:12]}…): "
+                "start again from the checkpoint's base"
+            )
+    return base
+
+
+def _check_stack(applied: list[tuple[dict, Patch]], base: dict[str, Tensor]) -> None:
+    """Refuse a stack in which a patch would not sit on what it was solved on: its base tensors (or the
+    original ones), after the patches its base checkpoint had applied."""
+    done: list[str] = []
+    for record, patch in applied:
+        missing = [sha for sha in patch.base_patches if sha not in done]
+        below = [e.tensor for e in patch.entries
+                 if e.base_sha256 not in {tensor_sha256(base[e.tensor]), tensor_sha256(_combine(base[e.tensor], _deltas(applied[: len(done)], e.tensor)))}]
+        if missing or below:
+            what = f"patch {missing[0][:12]}…" if missing else f"the patches below it (it edits {below[0]})"
+            raise LunarError(
+                f"{record['source']} was solved on top of {what}, which it would no longer sit on: "
+                "keep a patch below the ones solved on it (revert those first; apply it first)"
+            )
+        done.append(patch.sha256)
+
+
+def _deltas(applied: list[tuple[dict, Patch]], key: str) -> list[Tensor]:
+    return [e.delta for _, p in applied for e in p.entries if e.tensor == key]
 
 
 def _write_patched(
     checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path, force: bool
 ) -> Path:
-    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors."""
-    new = {key: _combine(base[key], [e.delta for _, p in applied for e in p.entries if e.tensor == key]) for key in touched}
+    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors
+    (read back and checked before the folder appears)."""
+    _check_stack(applied, base)
+    new = {key: _combine(base[key], _deltas(applied, key)) for key in touched}
     still_touched = {e.tensor for _, p in applied for e in p.entries}
     record = read_manifest(checkpoint.root)
     record.pop("patches", None)
-    with atomic_output(out_dir, checkpoint.root, force) as tmp:
+    if record.get("format") == PATCHED:
+        record.pop("format")
+    with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         copy_checkpoint(checkpoint, tmp, new)
+        written = Checkpoint(tmp, checkpoint.weight_map)
+        wrong = [key for key, value in new.items() if tensor_sha256(written.read(key)) != tensor_sha256(value)]
+        if wrong:
+            raise LunarError(f"{wrong[0]} read back from the new checkpoint differs from what was written: check the disk; nothing was written")
         if applied:
             (tmp / PATCH_DIR).mkdir()
             save_file({key: base[key].contiguous() for key in sorted(still_touched)}, str(tmp / BASE_TENSORS))
             for entry, patch in applied:
                 shutil.copyfile(patch.path, tmp / entry["file"])
-            record["patches"] = [entry for entry, _ in applied]
+            record = {"format": PATCHED} | record | {"patches": [entry for entry, _ in applied]}
         if record:
             write_manifest(tmp, record)
     return Path(out_dir)
@@ -433,24 +549,27 @@ def _write_patched(
 
 def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Write `checkpoint_dir` + the patch to `out_dir` (the patch stacks on any already applied)."""
+    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
     checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
     applied = _applied(checkpoint)
     if any(p.sha256 == patch.sha256 for _, p in applied):
         raise LunarError(f"{patch.path} is already applied to {checkpoint.root}: nothing to do")
-    base = _base_tensors(checkpoint)
+    base = _base_tensors(checkpoint, applied)
     check_base(patch, checkpoint, base)
     touched = {entry.tensor for entry in patch.entries}
     for key in touched - base.keys():
         base[key] = checkpoint.read(key)
     record = {
-        "sha256": patch.sha256, "file": f"{PATCH_DIR}/{patch.sha256[:16]}.safetensors", "source": str(patch.path),
+        "sha256": patch.sha256, "file": _patch_file(patch.sha256), "source": str(patch.path),
         "tensors": sorted(touched), "layers": patch.layers, "info": patch.info,
     }
     return _write_patched(checkpoint, applied + [(record, patch)], base, touched, out_dir, force)
 
 
 def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch."""
+    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch
+    (refused when one of them was solved on top of it)."""
+    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
     checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
     applied = _applied(checkpoint)
     if not any(p.sha256 == patch.sha256 for _, p in applied):
@@ -459,7 +578,8 @@ def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: st
             f"{patch.path} is not applied to {checkpoint.root} (applied: {names}): `lunar-lens patch show {checkpoint.root}` lists them"
         )
     remaining = [(entry, p) for entry, p in applied if p.sha256 != patch.sha256]
-    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint), {e.tensor for e in patch.entries}, out_dir, force)
+    base = _base_tensors(checkpoint, applied)
+    return _write_patched(checkpoint, remaining, base, {e.tensor for e in patch.entries}, out_dir, force)
 
 
 def apply_to_model(bridge: TransformerBridge, patch_path: str | Path) -> Patch:
@@ -486,7 +606,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("checkpoint", help="a Hugging Face model folder (safetensors)")
         sub.add_argument("patch", help="a patch file (`lunar-lens patch show CHECKPOINT` lists the applied ones)")
         sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+        sub.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
         sub.set_defaults(func=run_cli)
     show = actions.add_parser("show", help="print a patch file, or the patches applied to a checkpoint folder")
     show.add_argument("path")
