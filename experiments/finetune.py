@@ -137,7 +137,7 @@ def finetune(args: argparse.Namespace) -> dict:
     tokenizer = build_tokenizer(train, recipe.vocab_size, recipe.max_length)
     train_qa_model(
         out / "model", train, tokenizer, recipe.shape, args.seed, recipe.steps, recipe.batch_size, recipe.lr,
-        recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True,
+        recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True, force=args.force,
     )
     seconds = time.perf_counter() - started
     for name, items in sets.items():

@@ -5,7 +5,6 @@ Deviation Score; a before/after markdown table and bar figure; the `evaluate` co
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,11 @@ from statistics import fmean
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens import metrics
-from lunar_lens.cli import add_device_arguments
+from lunar_lens.cli import add_device_arguments, whole_number
 from lunar_lens.data import QA, load_qa, load_refusals
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
+from lunar_lens.outputs import FORMAT, check_output, write_json
 
 # metric key -> column header, in table order
 COLUMNS = {
@@ -113,9 +113,13 @@ def evaluate_sets(
     return Evaluation(scores, {name: len(items) for name, items in sets.items()}, samples, deviation)
 
 
-def plot_before_after(before: Evaluation, after: Evaluation, path: str | Path, labels: tuple[str, str] = ("before", "after")) -> Path:
+def plot_before_after(
+    before: Evaluation, after: Evaluation, path: str | Path, labels: tuple[str, str] = ("before", "after"), force: bool = False
+) -> Path:
     """Grouped bars of ROUGE-1 recall and refusal rate per set, before and after; DS in the title. PNG."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures stay as they are
+
+    from lunar_lens.figures import save
 
     panels = [("rouge1", "ROUGE-1 recall"), ("refusal_rate", "refusal rate")]
     fig = Figure(figsize=(4.5 * len(panels), 3.8))
@@ -136,18 +140,17 @@ def plot_before_after(before: Evaluation, after: Evaluation, path: str | Path, l
     if before.deviation_score is not None and after.deviation_score is not None:
         fig.suptitle(f"Deviation Score {before.deviation_score:.1f} → {after.deviation_score:.1f} (lower is better)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=150)
-    return path
+    return save(fig, path, dpi=150, force=force)
 
 
 # ---------------------------------------------------------------- command line
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Generation and loading flags shared by `evaluate` and `attack`."""
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longer answers are cut (and score lower recall)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation and scoring batch")
+    """Generation, loading and output flags shared by `evaluate` and `attack`."""
+    parser.add_argument("--max-new-tokens", type=whole_number(), default=64, help="longer answers are cut (and score lower recall)")
+    parser.add_argument("--batch-size", type=whole_number(), default=32, help="prompts per generation and scoring batch")
     parser.add_argument("--refusals", help="reference refusal responses, one per line (refusal detection by similarity)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens report (and figure) at --out")
     add_device_arguments(parser)
 
 
@@ -175,6 +178,13 @@ def load_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
     return {name: load_qa(getattr(args, name), require_answers=True) for name in names if getattr(args, name, None)}
 
 
+def check_report_target(args: argparse.Namespace, *inputs: str | None) -> list[str]:
+    """Refuse `--out` (a JSON report) before anything loads; returns the inputs it must stay out of."""
+    inputs = [path for path in inputs if path]
+    check_output(args.out, folder=False, force=args.force, inputs=inputs)
+    return inputs
+
+
 def run_cli(args: argparse.Namespace) -> None:
     from lunar_lens.model import load_model
 
@@ -184,10 +194,14 @@ def run_cli(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
         model_metrics=not args.no_model_metrics, refusals=refusals,
     )
+    inputs = check_report_target(args, args.model, args.base, args.forget, args.retain, args.factual, args.refusals)
+    figure = (args.figure or Path(args.out).with_suffix(".png")) if args.base else None
+    if figure is not None:
+        check_output(figure, folder=False, force=args.force, inputs=inputs + [args.out], parameter="figure")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     base = load_model(args.base, device=args.device, dtype=args.dtype) if args.base else None
     after = evaluate_sets(model, sets, base=base, **options)
-    report: dict = {"model": args.model, "base": args.base, "settings": options | {"refusals": args.refusals}}
+    report: dict = {"format": f"{FORMAT} evaluate 1", "model": args.model, "base": args.base, "settings": options | {"refusals": args.refusals}}
     if base is None:
         report["evaluation"] = after.to_json()
         print(after.markdown_table())
@@ -195,7 +209,6 @@ def run_cli(args: argparse.Namespace) -> None:
         before = evaluate_sets(base, sets, **options)
         report |= {"before": before.to_json(), "after": after.to_json()}
         print(before.markdown_table(after))
-        figure = plot_before_after(before, after, args.figure or Path(args.out).with_suffix(".png"))
-        report["figure"] = str(figure)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        report["figure"] = str(plot_before_after(before, after, figure, force=args.force))
+    write_json(args.out, report, force=args.force, inputs=inputs)
     print(f"wrote {args.out}")

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.cli import add_device_arguments, parse_numbers
+from lunar_lens.cli import add_device_arguments, non_negative_number, parse_numbers, whole_number
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.edit import EditResult, EditSettings, directions_for, edit_layers
+from lunar_lens.edit import EditResult, EditSettings, check_coeff, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.model import check_layer, load_model
+from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
+from lunar_lens.outputs import check_output
+from lunar_lens.patches import Checkpoint, file_sha256
 
 REPORT_NAME = "lunar_report.json"
 
@@ -35,19 +37,48 @@ class UnlearnOutcome:
 def earlier_request(model_dir: str | Path | None) -> dict:
     """The `lunar_report.json` of an earlier lunar-lens request that produced this checkpoint ({} if none)."""
     report = Path(model_dir) / REPORT_NAME if model_dir else None
-    return json.loads(report.read_text()) if report is not None and report.is_file() else {}
+    if report is None or not report.is_file():
+        return {}
+    try:
+        record = json.loads(report.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise LunarError(f"{report} is not a valid lunar-lens report: the checkpoint was modified; start again from its base")
+    return record
 
 
-def direction_model(bridge: TransformerBridge, earlier: dict, device: str, dtype: str) -> TransformerBridge:
-    """The model directions are read from: the unedited base of an earlier request when its folder is
-    still there (measured: on the edited model the second request's direction redirects only part of its
-    forget set — refusal 0.79 vs 1.00 on the toy world, experiments/sequential_requests.py), else the model itself."""
+def base_record(folder: Path) -> dict:
+    """How a later request finds and recognises this unedited base: its absolute folder and the
+    SHA-256 of its weight files."""
+    checkpoint = Checkpoint.open(folder)
+    return {"path": str(checkpoint.root), "sha256": {rel: file_sha256(checkpoint.root / rel) for rel in sorted(checkpoint.weight_files)}}
+
+
+def unedited_base(earlier: dict) -> Path | None:
+    """The unedited base of an earlier request, when its folder still holds the same weights (checked
+    by their SHA-256); else None, with a warning: the directions then come from the edited model.
+
+    Measured: on the edited model the second request's direction redirects only part of its forget set
+    (refusal 0.79 vs 1.00 on the toy world, experiments/sequential_requests.py)."""
     base = earlier.get("base_model")
-    if base and Path(base).is_dir():
-        return load_model(base, device=device, dtype=dtype)
-    if base:
-        warnings.warn(f"the unedited base model {base} is gone: directions come from the edited model (weaker)")
-    return bridge
+    if not base:
+        return None
+    if not isinstance(base, dict) or not isinstance(base.get("sha256"), dict):
+        problem = "was recorded without its hashes (an older lunar-lens)"
+    elif not Path(base["path"]).is_dir():
+        problem = "is gone"
+    else:
+        try:
+            same = base_record(Path(base["path"]))["sha256"] == base["sha256"]
+        except LunarError:
+            same = False
+        if same:
+            return Path(base["path"])
+        problem = "no longer holds the weights it had"
+    where = base.get("path") if isinstance(base, dict) else base
+    warnings.warn(f"the unedited base model {where} {problem}: directions come from the edited model (weaker)", stacklevel=2)
+    return None
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -85,27 +116,35 @@ def unlearn(
     """
     started = time.perf_counter()
     settings = settings or EditSettings()
+    coeff = None if coeff is None else check_coeff(coeff)
     parallel = init_from_env() if parallel is None else parallel
     progress = progress and parallel.is_main
-    torch.manual_seed(settings.seed)
-    bridge = model if isinstance(model, TransformerBridge) else load_model(
-        model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
-    )
+    # everything that needs no model is checked before it loads: the sets, the output, the layers, the base
+    files = [data for data in (forget, retain, reference) if isinstance(data, (str, Path))]
     forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
     retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
     reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
     retain_set = check_disjoint(forget_set, retain_set)
+    source = model.source_path if isinstance(model, TransformerBridge) else model
+    if out is not None and parallel.is_main:
+        check_output(out, folder=True, force=force, inputs=[i for i in (source, *files) if i is not None])
+    folder = None if source is None else model_folder(source)
+    if folder is not None:
+        check_folder_layers(folder, layers or ())
+    earlier = earlier_request(folder)
+    base = unedited_base(earlier)
+    torch.manual_seed(settings.seed)
+    bridge = model if isinstance(model, TransformerBridge) else load_model(
+        model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
+    )
     timings = {"load": time.perf_counter() - started}
 
     for layer in layers or ():
         check_layer(bridge, layer)  # fail before any forward pass
-    source = str(getattr(bridge, "source_path", None))
-    earlier = earlier_request(getattr(bridge, "source_path", None))
     localising = layers is None or coeff is None
     deepest = None if localising else max(layers)  # localisation probes every layer
-    directions = directions_for(
-        direction_model(bridge, earlier, device, dtype), forget_set, reference_set, settings, progress, parallel, deepest
-    )
+    direction_bridge = bridge if base is None else load_model(base, device=device, dtype=dtype)
+    directions = directions_for(direction_bridge, forget_set, reference_set, settings, progress, parallel, deepest)
     localisation = None
     if localising:
         from lunar_lens.localise import choose_layer_and_coeff
@@ -127,8 +166,8 @@ def unlearn(
     timings["edit"] = sum(layer.seconds_collect + layer.seconds_solve for layer in result.layers)
 
     report = {
-        "source": source,
-        "base_model": earlier.get("base_model", source),
+        "source": None if folder is None else str(folder),
+        "base_model": earlier.get("base_model") or (None if folder is None else base_record(folder)),
         "settings": asdict(settings),
         "layers": [layer.layer for layer in result.layers],
         "coeff": settings.coeff,
@@ -165,13 +204,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--no-retain-answers", action="store_true",
         help="keep retain prompts only, not their teacher-forced answers (the released recipe's objective)",
     )
-    parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
-    parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
+    parser.add_argument("--lora-rank", type=whole_number(), default=EditSettings.lora_rank)
+    parser.add_argument("--ridge", type=non_negative_number, default=EditSettings.ridge)
     add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
     parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
-    parser.add_argument("--batch-size", type=int, default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
+    parser.add_argument("--batch-size", type=whole_number(), default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out (and --localisation)")
     parser.add_argument(
         "--localisation", metavar="DIR",
         help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
@@ -184,6 +223,8 @@ def run_cli(args: argparse.Namespace) -> None:
     layers = parse_layers(args.layer)
     if args.localisation and layers is not None and coeff is not None:
         raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
+    if args.localisation:
+        check_output(args.localisation, folder=True, force=args.force, inputs=[args.out, args.model], parameter="localisation")
     settings = EditSettings(
         positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge, seed=args.seed, batch_size=args.batch_size
     )
@@ -197,7 +238,8 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.localisation:
         from lunar_lens.localise import save_localisation
 
-        print("\n".join(f"wrote {path}" for path in save_localisation(outcome.localisation, args.localisation).values()))
+        written = save_localisation(outcome.localisation, args.localisation, force=args.force)
+        print("\n".join(f"wrote {path}" for path in written.values()))
     layers = ", ".join(f"{l['layer']} (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})" for l in outcome.report["edit"]["layers"])
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}")
 
