@@ -135,7 +135,7 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
     ).scores
     assert scores["first"]["refusal_rate"] >= 0.8 and scores["first"]["rouge1"] <= 0.1  # still forgotten
     assert scores["second"]["refusal_rate"] >= 0.8 and scores["second"]["rouge1"] <= 0.1
-    assert report["base_model"] == str(checkpoint_path())  # directions of request 2 come from the unedited model
+    assert report["base_model"]["path"] == str(checkpoint_path().resolve())  # directions of request 2 come from the unedited model
     assert scores["retain"]["rouge1"] >= 0.95
     # neither request's questions are inside the folder; reverting request 2 gives request 1's folder back
     assert not texts_inside(tmp_path / "two", [qa.question for qa in world.facts_about(first) + world.facts_about(second)])
