@@ -176,6 +176,12 @@ def garbage_weights(ws: Path) -> None:
     (ws / "model" / "model.safetensors").write_bytes(b"\x00" * 64)
 
 
+def tofu_forget(ws: Path) -> None:
+    """A forget set with TOFU's perturbed answers (what --retain-model needs)."""
+    record = QA[0] | {"paraphrased_answer": "Paris, France", "perturbed_answer": ["Lyon", "Nice"]}
+    (ws / "data" / "tofu.json").write_text(json.dumps([record]))
+
+
 # ---------------------------------------------------------------- the cases
 
 DATA = ["--forget", "data/forget.json", "--retain", "data/retain.json", "--reference", "data/reference.json"]
@@ -235,6 +241,13 @@ CASES = {
     "demo-force-over-a-foreign-folder": (["demo", "--out", "notes", "--force"], None, "was not written by lunar-lens", "choose another --out"),
     "train-toy-over-a-foreign-folder": (["train-toy", "--out", "notes", "--force", "--steps", "1"], None,
                                         "was not written by lunar-lens", "choose another --out"),
+    "sidecar-not-lunar-lens": (UNLEARN + ["--out", "out", "--force"], lambda ws: (ws / "out.forgotten.json").write_text("my notes"),
+                               "out.forgotten.json was not written by lunar-lens", "choose another --out"),
+    "sidecar-exists": (UNLEARN + ["--out", "out"],
+                       lambda ws: (ws / "out.forgotten.json").write_text(json.dumps({"format": "lunar-lens forgotten questions 1", "questions": []})),
+                       "out.forgotten.json already exists", "pass --force to replace it"),
+    "keep-forgotten-inside-the-out": (UNLEARN + ["--out", "export", "--force", "--keep-forgotten", "export/kept.json"],
+                                      lambda ws: (ws / "export" / "kept.json").write_text(json.dumps(QA[:1])), "overlaps the source", "choose a folder outside it"),
     "out-is-a-link": (UNLEARN + ["--out", "link"], lambda ws: (ws / "link").symlink_to(ws / "notes"), "is a symbolic link", "name the real location"),
     # 5. silent wrong answers
     "attack-base-of-another-family": (ATTACK + ["--base", "gpt2", "--out", "a.json"], None, "holds other tensors than --model",
@@ -270,6 +283,11 @@ CASES = {
     "layer-out-of-range": (UNLEARN + ["--out", "out", "--layer", "7", "--coeff", "4"], None, "layer 7 is out of range", "layers 0..2"),
     "layer-negative": (UNLEARN + ["--out", "out", "--layer", "-1", "--coeff", "4"], None, "layer -1 is out of range", "layers 0..2"),
     "device-map-not-json": (UNLEARN + ["--out", "out", "--device-map", "{layers: 0}"], None, "--device-map is not valid JSON", "write it as"),
+    "keep-forgotten-missing": (UNLEARN + ["--out", "out", "--keep-forgotten", "missing.json"], None, "missing.json does not exist", "check the path"),
+    "retain-model-missing": (["evaluate", "--model", "model", "--forget", "data/tofu.json", "--retain", "data/retain.json",
+                              "--retain-model", "./nowhere", "--out", "e.json"], tofu_forget, "model folder nowhere does not exist", "check the path"),
+    "scale-nan": (["export", "--model", "model", "--edit", "patch.safetensors", "--out", "out", "--scale", "nan"], garbage_weights,
+                  "--scale nan is not a finite number", "pass e.g. --scale 0.5"),
     "refusals-missing": (EVALUATE + ["--out", "e.json", "--refusals", "missing.txt"], None, "missing.txt does not exist", "check the path"),
     "patch-show-not-a-patch": (["patch", "show", "model/model.safetensors"], None, "is not a lunar-lens patch", "pass a file written by save_patch"),
     "paraphrases-not-utf8": (ATTACK + ["--base", "model", "--out", "a.json", "--paraphrases", "bin.json"],
@@ -388,6 +406,21 @@ def test_outputs_follow_the_umask(ws):
     assert (ws / "p.safetensors").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_private_file_stays_private_inside_an_output_folder(tmp_path):
+    """The forgotten questions' sidecar is written privately; a folder around it (the demo's) follows the umask, it does not."""
+    from lunar_lens.outputs import atomic_output, write_json, write_manifest
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out", folder=True) as tmp:
+            write_manifest(tmp, {"format": "lunar-lens test 1"})
+            write_json(tmp / "model.forgotten.json", {"format": "lunar-lens test 1"}, private=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "model.forgotten.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / MANIFEST).stat().st_mode & 0o777 == 0o644
+
+
 def test_force_replaces_an_earlier_lunar_lens_output_only(ws):
     assert cli.main(["patch", "apply", "model", "patch.safetensors", "--out", "out"]) == 0
     first = snapshot(ws / "out")
@@ -398,12 +431,12 @@ def test_force_replaces_an_earlier_lunar_lens_output_only(ws):
 
 
 def test_symlinked_source_file_is_copied_with_a_warning(ws):
-    (ws / "notes" / "README.md").write_text("model card")
-    (ws / "model" / "README.md").symlink_to(ws / "notes" / "README.md")
+    (ws / "notes" / "LICENSE").write_text("the licence")
+    (ws / "model" / "LICENSE").symlink_to(ws / "notes" / "LICENSE")
     bridge = load_model(ws / "model")
-    with pytest.warns(UserWarning, match="README.md is a symbolic link to .*notes/README.md: its content is copied"):
+    with pytest.warns(UserWarning, match="LICENSE is a symbolic link to .*notes/LICENSE: its content is copied"):
         export_checkpoint(bridge, ws / "out", [1], verify=False)
-    assert not (ws / "out" / "README.md").is_symlink() and (ws / "out" / "README.md").read_text() == "model card"
+    assert not (ws / "out" / "LICENSE").is_symlink() and (ws / "out" / "LICENSE").read_text() == "the licence"
 
 
 def test_an_edit_far_larger_than_w_out_is_reported(ws):
