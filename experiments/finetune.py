@@ -149,7 +149,7 @@ def finetune(args: argparse.Namespace) -> dict:
         train = sets["train_target"] + sets["factual"] + sets["reference"]
     train_qa_model(
         out / "model", train, tokenizer, recipe.shape, args.seed, recipe.steps, recipe.batch_size, recipe.lr,
-        recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True,
+        recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True, force=args.force,
     )
     seconds = time.perf_counter() - started
     for name, items in sets.items():  # the tool gets reference questions only, as real reference sets come

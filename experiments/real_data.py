@@ -111,13 +111,13 @@ def run_request(request: Request, args: argparse.Namespace) -> dict:
         scored = request.evaluation or ["--forget", str(request.forget), "--retain", str(request.retain), "--factual", str(sets / "factual.json")]
         lunar_lens(
             ["evaluate", "--model", str(model), "--base", str(base), *scored, "--refusals", str(refusals),
-             "--max-new-tokens", str(args.max_new_tokens), "--out", str(evaluation), *common],
+             "--max-new-tokens", str(args.max_new_tokens), "--out", str(evaluation), "--force", *common],
             out / f"evaluate_{method}.log", args.threads,
         )
         paraphrases = ["--paraphrases", str(request.paraphrases)] if request.paraphrases else []
         lunar_lens(
             ["attack", "--model", str(model), "--base", str(base), *data, *paraphrases, "--refusals", str(refusals),
-             "--max-new-tokens", str(args.max_new_tokens), "--out", str(attacks), *common],
+             "--max-new-tokens", str(args.max_new_tokens), "--out", str(attacks), "--force", *common],
             out / f"attacks_{method}.log", args.threads,
         )
         results["methods"][method] = {

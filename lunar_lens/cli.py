@@ -6,9 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
+import os
+import re
+import signal
 import sys
+import warnings
 
-from lunar_lens.errors import LunarError
+from lunar_lens.errors import LunarError, first_line
 from lunar_lens.progress import quiet
 
 # command -> (module, help); each module defines `add_cli(subparsers)` registering that command.
@@ -24,9 +29,49 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a misused flag reported in one line (exit 2) rather than usage + error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def whole_number(minimum: int = 1):
+    """An argparse type: an integer ≥ `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 32)") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: give a whole number ≥ {minimum}")
+        return value
+
+    return parse
+
+
+def non_negative_number(text: str) -> float:
+    """An argparse type: a finite float ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 1e-4)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number ≥ 0 (e.g. 1e-4)")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda, cuda:N or mps")
+    return text
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "cpu or cuda", dtype_help: str = "in-memory dtype") -> None:
     """`--device` and `--dtype`, the same for every command that loads a model."""
-    parser.add_argument("--device", default="cpu", help=device_help)
+    parser.add_argument("--device", default="cpu", type=device_name, help=device_help)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
 
 
@@ -39,7 +84,7 @@ def parse_numbers(text: str, kind: type, flag: str, what: str = "a comma-separat
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lunar-lens", description="LUNAR unlearning on TransformerLens hook points.")
+    parser = Parser(prog="lunar-lens", description="LUNAR unlearning on TransformerLens hook points.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         if name == command:
@@ -52,20 +97,48 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def flag(parameter: str) -> str:
+    """The command-line flag of a library parameter (`batch_size` → `--batch-size`)."""
+    return "--" + parameter.replace("_", "-")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors, SIGINT and SIGTERM end it with one line on stderr (exit 2, 130, 143)."""
+    from lunar_lens.outputs import Terminated, raise_terminated
+
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    name = f"lunar-lens {args.command}"
+    format_warning, handler = warnings.formatwarning, signal.getsignal(signal.SIGTERM)
+    warnings.formatwarning = lambda message, *_, **__: f"{name}: warning: {message}\n"
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         with quiet() if args.quiet else contextlib.nullcontext():
             args.func(args)
     except LunarError as error:
-        print(f"lunar-lens {args.command}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error.render(flag)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lunar-lens {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as error:  # the file system refused (permissions, full disk, a vanished path)
+        print(f"{name}: error: {first_line(error)}: check the path, its permissions and the free space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{name}: {'terminated' if terminated else 'interrupted'} (nothing half-written was left)", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as error:  # a bug in lunar-lens: one line too, the traceback on request
+        if os.environ.get("LUNAR_LENS_TRACEBACK"):
+            raise
+        print(f"{name}: internal error: {type(error).__name__}: {first_line(error)}: a lunar-lens bug; rerun with LUNAR_LENS_TRACEBACK=1 "
+              "and report the traceback", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = format_warning
+        signal.signal(signal.SIGTERM, handler)
     return 0
 
 

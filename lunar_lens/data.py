@@ -94,7 +94,7 @@ def check_disjoint(forget: list[QA], retain: list[QA]) -> list[QA]:
 def load_refusals(path: str | Path, max_chars: int = 4000) -> list[str]:
     """Refusal responses, one per line (refusal_response.txt; TOFU's idontknow.jsonl is plain text too)."""
     path = Path(path)
-    lines = [(n, line) for n, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     if not lines:
         raise LunarError(f"{path} holds no refusals: write one refusal response per line")
     for n, line in lines:
@@ -113,13 +113,14 @@ def _read_rows(source: str | Path, split: str) -> list[Row]:
     if path.is_file():
         if suffix not in READERS:
             raise LunarError(f"{path}: unknown file type {suffix!r}: use .json, .jsonl, .csv or .txt (one question per line)")
-        return READERS[suffix](path, _read_text(path))
+        return READERS[suffix](path, read_text(path))
     if suffix in READERS or str(source).startswith((".", "/", "~")):
         raise LunarError(f"{path} does not exist: check the path")
     return _dataset_rows(_load_dataset(str(source), split))
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); anything else is a one-line error."""
     if not path.is_file():
         raise LunarError(f"{path} does not exist or is not a file: check the path")
     try:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from lunar_lens.cli import whole_number
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
 from lunar_lens.model import load_model
-from lunar_lens.pipeline import check_sidecar, export_outcome, save_figures, unlearn
+from lunar_lens.outputs import FORMAT, atomic_output, write_manifest
+from lunar_lens.pipeline import export_outcome, unlearn
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 
@@ -28,7 +30,8 @@ def run_demo(
     out: str | Path = "lunar-demo", entities: list[str] | None = None, n_forget: int = 2, force: bool = False, probes: bool = False
 ) -> dict:
     """Forget `entities` (default: the first `n_forget`) from the toy-world model; returns the summary. With
-    `probes`, the localisation probes' figures (steering, ablation, patching) too."""
+    `probes`, the localisation probes' figures (steering, ablation, patching) too. The folder `out` appears
+    whole at the end (`force` replaces an earlier demo's)."""
     started = time.perf_counter()
     # The toy model is tiny: intra-op threads only add synchronisation (and stall badly on a busy machine).
     torch.set_num_threads(1)
@@ -41,14 +44,24 @@ def run_demo(
     forget, retain, reference = world.split(entities)
     sets = {"forget": forget, "retain": retain, "unknown (held out)": world.unknown_heldout_qa}
     print(f"toy world: forgetting {', '.join(entities)} — {len(forget)} forget, {len(retain)} retain, {len(reference)} reference questions")
-    check_sidecar(out / "model", force)
 
+    with atomic_output(out, folder=True, force=force) as tmp:
+        summary = _run(tmp, out, sets, forget, retain, reference, probes)
+        summary |= {"entities": entities, "seconds": time.perf_counter() - started}
+        (tmp / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        write_manifest(tmp, {"format": f"{FORMAT} demo 1"})
+    print(f"\nwrote {summary['checkpoint']} (Hugging Face checkpoint), {', '.join(summary['figures'])} in {summary['seconds']:.0f} s")
+    return summary
+
+
+def _run(tmp: Path, out: Path, sets: dict, forget: list, retain: list, reference: list, probes: bool) -> dict:
+    """The demo, written into `tmp` (which becomes `out`); its summary names the final paths."""
     bridge = load_model(checkpoint_path(), progress=True)
     before = evaluate_sets(bridge, sets, progress=True)
     outcome = unlearn(bridge, forget, retain, reference, figure_probes=probes)
     after = evaluate_sets(outcome.bridge, sets, progress=True)
     after_table = before.markdown_table(after)
-    outcome.out_dir = export_outcome(outcome, out / "model", force=force, results_table=after_table)
+    export_outcome(outcome, tmp / "model", results_table=after_table)
 
     print(f"\nedited W_out of layer(s) {outcome.report['layers']} with c = {outcome.report['coeff']:g}\n")
     print(after_table)
@@ -57,29 +70,27 @@ def run_demo(
     print("retain-set answers:")
     print("\n".join(sample_lines(before, after, "retain", 3)))
 
-    figures = [plot_before_after(before, after, out / "before_after.png")]
-    figures += [path for path in save_figures(outcome, out / "localisation") if path.suffix == ".png"]
-    summary = {
-        "entities": entities,
+    figures = [plot_before_after(before, after, tmp / "before_after.png")]
+    from lunar_lens.localise import save_localisation
+
+    written = save_localisation(outcome.localisation, tmp / "localisation", choice=outcome.report["choice"])
+    figures += [path for path in written.values() if path.suffix == ".png"]
+    return {
         "layers": outcome.report["layers"],
         "coeff": outcome.report["coeff"],
         "before": before.to_json(),
         "after": after.to_json(),
         "table": after_table,
-        "checkpoint": str(outcome.out_dir),
-        "figures": [str(path) for path in figures],
-        "seconds": time.perf_counter() - started,
+        "checkpoint": str(out / "model"),
+        "figures": [str(out / path.relative_to(tmp)) for path in figures],
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {outcome.out_dir} (Hugging Face checkpoint), {', '.join(str(p) for p in figures)} in {summary['seconds']:.0f} s")
-    return summary
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded toy world")
     parser.add_argument("--out", default="lunar-demo", help="folder for the checkpoint, figures and summary")
     parser.add_argument("--entities", nargs="*", help="toy-world entities to forget (default: the first two)")
-    parser.add_argument("--n-forget", type=int, default=2, help="how many entities to forget when --entities is not given")
+    parser.add_argument("--n-forget", type=whole_number(), default=2, help="how many entities to forget when --entities is not given")
     parser.add_argument("--force", action="store_true", help="replace an earlier demo output in --out")
     parser.add_argument("--probes", action="store_true", help="also run the localisation probes (steering, ablation, patching) for their figures")
     parser.set_defaults(func=lambda args: run_demo(args.out, args.entities, args.n_forget, args.force, args.probes))

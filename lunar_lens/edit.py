@@ -3,7 +3,9 @@ direction by changing only W_out, keeping retain-set outputs where they are."""
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -20,6 +22,15 @@ from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
 from lunar_lens.solvers import SOLVERS, EditStatistics, solve_adamw, solve_closed, solve_lora
+
+EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
+
+
+def check_coeff(coeff: float) -> float:
+    """The redirection coefficient c, refused unless it is a finite number > 0."""
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff <= 0:
+        raise LunarError(f"{{coeff}} {coeff} is not a finite number > 0: give the redirection coefficient c, e.g. 4", ("coeff",))
+    return float(coeff)
 
 
 @dataclass
@@ -45,6 +56,12 @@ class EditSettings:
             raise LunarError(f"unknown --positions {self.positions!r}: use one of {', '.join(POSITION_RULES)}")
         if self.solver not in SOLVERS:
             raise LunarError(f"unknown --solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+        for name in ("batch_size", "lora_rank"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LunarError(f"{{{name}}} {getattr(self, name)} is not a whole number ≥ 1: e.g. 32", (name,))
+        if not math.isfinite(self.ridge) or self.ridge < 0:
+            raise LunarError(f"{{ridge}} {self.ridge} is not a finite number ≥ 0: e.g. 1e-4", ("ridge",))
+        check_coeff(self.coeff)
 
 
 @dataclass
@@ -98,7 +115,7 @@ def collect_statistics(
     the same passes): one batched pass over forget prompts (+ the refusal, teacher-forced, for `+answer`
     rules) and one over kept prompts (+ their answers), truncated after the deepest layer. With
     `parallel`, each rank runs its shard of both sets and the statistics are summed over ranks."""
-    stats = [EditStatistics.empty(bridge.cfg.d_mlp, n_shifts, keep_rows=keep_rows) for _ in layers]
+    stats = [EditStatistics.empty(w_out(bridge, layer).shape[0], n_shifts, keep_rows=keep_rows) for layer in layers]
     names = [mlp_post(layer) for layer in layers]
     stop = max(layers) + 1
     forget_questions = [qa.question for qa in forget]
@@ -169,6 +186,7 @@ def edit_layers(
     the same edit.
     """
     settings = settings or EditSettings()
+    check_coeff(settings.coeff)
     if not forget:
         raise LunarError("the forget set is empty: give at least one question to forget")
     if not retain:
@@ -203,6 +221,12 @@ def edit_layers(
             solution = solve_lora(stats, shifts, settings.lora_rank, seed=settings.seed)
         solved = time.perf_counter()
         add_to_w_out(bridge, layer, solution.delta)
+        ratio = float(solution.delta.norm() / (w_out(bridge, layer).detach().float().cpu() - solution.delta).norm())
+        if not ratio <= EDIT_NORM_WARNING:
+            warnings.warn(
+                f"the edit of layer {layer} is {ratio:.3g} times the norm of its W_out: c = {settings.coeff:g} is far too large "
+                "for this model and will break its other answers; use a smaller c, or let localisation choose it", stacklevel=2,
+            )
         tensor = w_out_tensor_name(bridge, layer)
         result.edits.append(WOutEdit(layer, tensor, solution.delta, solution.u, solution.v))
         result.layers.append(

@@ -6,7 +6,6 @@ a before/after markdown table and bar figure; the `evaluate` command."""
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +17,11 @@ from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens import metrics
-from lunar_lens.cli import add_device_arguments
+from lunar_lens.cli import add_device_arguments, whole_number
 from lunar_lens.data import QA, load_qa, load_refusals
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
+from lunar_lens.outputs import FORMAT, check_output, write_json
 from lunar_lens.progress import Stages
 
 # metric key -> column header, in table order
@@ -223,9 +223,13 @@ def _option_probabilities(
     return scored, metrics.option_probabilities(bridge, [qa.question for qa in chosen], [answer_options(qa) for qa in chosen], batch_size)
 
 
-def plot_before_after(before: Evaluation, after: Evaluation, path: str | Path, labels: tuple[str, str] = ("before", "after")) -> Path:
+def plot_before_after(
+    before: Evaluation, after: Evaluation, path: str | Path, labels: tuple[str, str] = ("before", "after"), force: bool = False
+) -> Path:
     """Grouped bars of ROUGE-1 recall and refusal rate per set, before and after; DS in the title. PNG."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures stay as they are
+
+    from lunar_lens.figures import save
 
     panels = [("rouge1", "ROUGE-1 recall"), ("refusal_rate", "refusal rate")]
     fig = Figure(figsize=(4.5 * len(panels), 3.8))
@@ -246,18 +250,17 @@ def plot_before_after(before: Evaluation, after: Evaluation, path: str | Path, l
     if before.deviation_score is not None and after.deviation_score is not None:
         fig.suptitle(f"Deviation Score {before.deviation_score:.1f} → {after.deviation_score:.1f} (lower is better)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=150)
-    return path
+    return save(fig, path, dpi=150, force=force)
 
 
 # ---------------------------------------------------------------- command line
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Generation and loading flags shared by `evaluate` and `attack`."""
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longer answers are cut (and score lower recall)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation and scoring batch")
+    """Generation, loading and output flags shared by `evaluate` and `attack`."""
+    parser.add_argument("--max-new-tokens", type=whole_number(), default=64, help="longer answers are cut (and score lower recall)")
+    parser.add_argument("--batch-size", type=whole_number(), default=32, help="prompts per generation and scoring batch")
     parser.add_argument("--refusals", help="reference refusal responses, one per line (refusal detection by similarity)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens report (and figure) at --out")
     add_device_arguments(parser)
 
 
@@ -308,8 +311,15 @@ def load_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
     return {name: load_qa(source, require_answers=True)[: args.limit] for name, source in sources.items()}
 
 
+def check_report_target(args: argparse.Namespace, *inputs: str | None) -> list[str]:
+    """Refuse `--out` (a JSON report) before anything loads; returns the inputs it must stay out of."""
+    inputs = [path for path in inputs if path]
+    check_output(args.out, folder=False, force=args.force, inputs=inputs)
+    return inputs
+
+
 def run_cli(args: argparse.Namespace) -> None:
-    from lunar_lens.model import load_model
+    from lunar_lens.model import load_model, model_folder
 
     sets = load_sets(args)
     if args.retain_model and (args.no_model_metrics or not any(qa.perturbed_answers for qa in sets["forget"])):
@@ -322,6 +332,13 @@ def run_cli(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
         model_metrics=not args.no_model_metrics, refusals=refusals,
     )
+    inputs = check_report_target(args, args.model, args.base, args.retain_model, args.forget, args.retain, *args.factual, args.refusals)
+    figure = (args.figure or Path(args.out).with_suffix(".png")) if args.base else None
+    if figure is not None:
+        check_output(figure, folder=False, force=args.force, inputs=inputs + [args.out], parameter="figure")
+    for folder in (args.retain_model, args.model, args.base):  # each model folder is checked before any of them loads
+        if folder:
+            model_folder(folder)
     retain_ratios = None
     if args.retain_model:
         retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype, progress=True)
@@ -331,7 +348,7 @@ def run_cli(args: argparse.Namespace) -> None:
     base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True) if args.base else None
     after = evaluate_sets(model, sets, base=base, retain_model_truth_ratios=retain_ratios, **options)
     settings = options | {"refusals": args.refusals, "factual": args.factual, "retain_model": args.retain_model, "limit": args.limit}
-    report: dict = {"model": args.model, "base": args.base, "settings": settings}
+    report: dict = {"format": f"{FORMAT} evaluate 1", "model": args.model, "base": args.base, "settings": settings}
     if base is None:
         report["evaluation"] = after.to_json()
         print(after.markdown_table())
@@ -339,7 +356,6 @@ def run_cli(args: argparse.Namespace) -> None:
         before = evaluate_sets(base, sets, retain_model_truth_ratios=retain_ratios, **options)
         report |= {"before": before.to_json(), "after": after.to_json()}
         print(before.markdown_table(after))
-        figure = plot_before_after(before, after, args.figure or Path(args.out).with_suffix(".png"))
-        report["figure"] = str(figure)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        report["figure"] = str(plot_before_after(before, after, figure, force=args.force))
+    write_json(args.out, report, force=args.force, inputs=inputs)
     print(f"wrote {args.out}")

@@ -27,18 +27,18 @@ from transformers import AutoModelForCausalLM
 from lunar_lens.cli import add_device_arguments
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.model import TOLERANCE, load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import MANIFEST, atomic_output, check_output, write_manifest
 from lunar_lens.patches import (
     ARTEFACTS,
     CARD_FILE,
     DIRECTIONS_FILE,
-    MANIFEST,
     PATCH_FILE,
     ST_NAMES,
     Checkpoint,
     WOutEdit,
     apply_to_model,
-    atomic_output,
+    check_scale,
     copy_checkpoint,
     file_sha256,
     load_patch,
@@ -49,7 +49,6 @@ from lunar_lens.patches import (
     show_patch,
     stash_dir,
     tensor_sha256,
-    write_manifest,
     write_patch_state,
 )
 from lunar_lens.progress import library_bars
@@ -60,9 +59,6 @@ DEFAULT_PROMPTS = (
     "Who wrote the novel Pride and Prejudice?",
     "Explain photosynthesis in one sentence.",
 )
-# Max |Δ logit| between the reload and the in-memory model. Both run the same HF code on the same
-# weights, so the difference is 0 on CPU; the bounds leave room for nondeterministic kernels.
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 PACKAGES = ("lunar-lens", "torch", "transformers", "transformer-lens", "safetensors")
 
 
@@ -193,7 +189,8 @@ def model_card(record: dict, source_card: Path | None = None, results_table: str
 
     run, patch = record["run"], record["patches"][-1]
     settings = run.get("settings") or patch["info"].get("settings") or {}
-    base = run.get("base_model") or record["source"]["path"]
+    recorded = run.get("base_model")  # lunar_lens.pipeline.base_record: the unedited base's folder and hashes
+    base = (recorded["path"] if isinstance(recorded, dict) else recorded) or record["source"]["path"]
     licence = (metadata_load(source_card) or {}).get("license") if source_card else None
     data = ModelCardData(base_model=base, library_name="transformers", tags=["lunar-lens", "unlearning", "lunar"], license=licence)
     sizes = run.get("sizes") or {}
@@ -278,8 +275,8 @@ def export_checkpoint(
     to `lunar_patch.safetensors` — the edits themselves (their factors are stored, with `patch_info`), the
     patch file the model was edited with (applied at `scale`), or None (each edited tensor's whole
     change). `directions` are saved as `lunar_directions.*`; `results_table` (markdown) goes into the
-    model card. Refuses an existing non-empty `out_dir` unless `force`, and any `out_dir` overlapping
-    the source.
+    model card. An existing `out_dir` is replaced only with `force`, and only when lunar-lens wrote it;
+    one overlapping the source is refused (`lunar_lens.outputs`).
     """
     if getattr(bridge, "source_path", None) is None:
         raise LunarError(
@@ -287,7 +284,7 @@ def export_checkpoint(
         )
     checkpoint = Checkpoint.open(bridge.source_path)
     edited = [_edited_tensor(bridge, checkpoint, layer) for layer in sorted(set(edited_layers))]
-    with atomic_output(out_dir, checkpoint.root, force) as tmp:
+    with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         hashes, skipped = copy_checkpoint(checkpoint, tmp, {e.key: e.value for e in edited})
         verification = verify_export(bridge, tmp, edited, sample_prompts or DEFAULT_PROMPTS, trust_remote_code) if verify else None
         ours = list(dict.fromkeys([*ARTEFACTS, *(extra_files or {})]))
@@ -339,7 +336,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
     parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
     parser.add_argument("--scale", type=float, default=1.0, help="apply S·ΔW (0: the base, 1: the whole edit)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
     add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
@@ -347,8 +344,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    check_scale(args.scale)
+    edit = load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads
+    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.edit])
     bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=True)
-    patch = apply_to_model(bridge, args.edit, args.scale)
+    patch = apply_to_model(bridge, edit, args.scale)
     result = export_checkpoint(
         bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=args.force,
         verify=not args.no_verify, trust_remote_code=args.trust_remote_code, patch=args.edit, scale=args.scale,

@@ -25,11 +25,13 @@ def new_figure(rows: int = 1, cols: int = 1, panel: tuple[float, float] = (4.8, 
     return figure, np.atleast_2d(figure.subplots(rows, cols, squeeze=False))
 
 
-def save(figure: Figure, path: str | Path, dpi: int = 130) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    return path
+def save(figure: Figure, path: str | Path, dpi: int = 130, force: bool = False) -> Path:
+    """Write `figure` as a PNG marked as lunar-lens's, atomically (`force` replaces an earlier one)."""
+    from lunar_lens.outputs import FORMAT, atomic_output
+
+    with atomic_output(path, folder=False, force=force, parameter="figure") as tmp:
+        figure.savefig(tmp, dpi=dpi, format="png", metadata={"Software": FORMAT})
+    return Path(path)
 
 
 def heatmap(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, shared_prefix_length, shift_index
-from lunar_lens.cli import add_device_arguments, parse_numbers
+from lunar_lens.cli import add_device_arguments, parse_numbers, whole_number
 from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.edit import EditSettings, collect_statistics, refusal_target
@@ -46,6 +47,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
 from lunar_lens.model import check_layer, mlp_out, mlp_post, n_layers, resid_post
+from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import Stages
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
@@ -670,6 +672,13 @@ def choose_edit(
 
 # ---------------------------------------------------------------- entry points
 
+def check_coeffs(coeffs: Sequence[float]) -> list[float]:
+    """The coefficients c to try, sorted, refused unless there is one and each is a finite number > 0."""
+    if not coeffs or not all(math.isfinite(c) and c > 0 for c in coeffs):
+        raise LunarError(f"coefficients {list(coeffs)} must be finite positive numbers: e.g. --coeffs 1,2,4,8")
+    return sorted({float(c) for c in coeffs})
+
+
 def localise(
     bridge: TransformerBridge,
     forget: Sequence[QA],
@@ -686,9 +695,7 @@ def localise(
     for name, items in (("forget", forget), ("retain", retain), ("reference", reference)):
         if not items:
             raise LunarError(f"the {name} set is empty: localisation needs forget, retain and reference questions")
-    if not coeffs or min(coeffs) <= 0:
-        raise LunarError(f"coefficients {list(coeffs)} must be positive numbers: e.g. --coeffs 1,2,4,8")
-    coeffs = sorted({float(c) for c in coeffs})
+    coeffs = check_coeffs(coeffs)
     layers = list(range(n_layers(bridge))) if layers is None else sorted({check_layer(bridge, layer) for layer in layers})
     sets = prepare_sets(bridge, forget, retain, reference, settings)
     with_answer = settings.edit.positions.endswith("+answer")
@@ -768,17 +775,24 @@ def choose_layer_and_coeff(
     return [result.best_layer], result.best_coeff, result
 
 
-def save_localisation(loc: Localisation, out_dir: str | Path) -> dict[str, Path]:
-    """Write `localisation.json` (every score, the ranking, the decision) and the two figures."""
-    from lunar_lens.figures import plot_layer_scores, plot_patching_map
+def save_localisation(loc: Localisation | None, out_dir: str | Path, force: bool = False, choice: dict | None = None) -> dict[str, Path]:
+    """Write `localisation.json` (every score, the ranking, the decision) and the two probe figures (when `loc`
+    is given), and the automatic choice's figure (`choice`: `choice.Choice.summary()`), into the folder
+    `out_dir`, atomically (`force` replaces an earlier lunar-lens output there)."""
+    from lunar_lens.figures import plot_choice, plot_layer_scores, plot_patching_map
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "localisation.json"}
-    paths["json"].write_text(json.dumps(loc.to_json(), indent=2))
-    paths["layer_scores"] = plot_layer_scores(loc, out / "localisation_layers.png")
-    paths["patching"] = plot_patching_map(loc, out / "localisation_patching.png")
-    return paths
+    names = {}
+    with atomic_output(out_dir, folder=True, force=force) as tmp:
+        if loc is not None:
+            (tmp / "localisation.json").write_text(json.dumps(loc.to_json(), indent=2))
+            plot_layer_scores(loc, tmp / "localisation_layers.png")
+            plot_patching_map(loc, tmp / "localisation_patching.png")
+            names |= {"json": "localisation.json", "layer_scores": "localisation_layers.png", "patching": "localisation_patching.png"}
+        if choice is not None:
+            plot_choice(choice, tmp / "choice.png")
+            names["choice"] = "choice.png"
+        write_manifest(tmp, {"format": f"{FORMAT} localisation 1"})
+    return {kind: Path(out_dir) / name for kind, name in names.items()}
 
 
 # ---------------------------------------------------------------- command line
@@ -797,7 +811,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="folder for localisation.json and the figures")
     parser.add_argument("--layers", default=None, help="comma-separated layers to probe (default: all)")
     parser.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS), help="comma-separated coefficients c")
-    parser.add_argument("--max-prompts", type=int, default=LocaliseSettings.max_prompts, help="prompts per set (evenly spread)")
+    parser.add_argument("--max-prompts", type=whole_number(), default=LocaliseSettings.max_prompts, help="prompts per set (evenly spread)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
     add_device_arguments(parser)
     parser.set_defaults(func=run_cli)
 
@@ -806,13 +821,14 @@ def run_cli(args: argparse.Namespace) -> None:
     from lunar_lens.data import check_disjoint, load_qa
     from lunar_lens.model import load_model
 
-    bridge = load_model(args.model, args.device, args.dtype, progress=True)
     forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
     retain = check_disjoint(forget, retain)
     layers = None if args.layers is None else parse_numbers(args.layers, int, "--layers")
-    coeffs = parse_numbers(args.coeffs, float, "--coeffs")
+    coeffs = check_coeffs(parse_numbers(args.coeffs, float, "--coeffs"))
+    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.forget, args.retain, args.reference])
+    bridge = load_model(args.model, args.device, args.dtype, progress=True)
     with Stages()("localise", "localisation (steering, ablation, patching, edit check)"):
         loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
-    paths = save_localisation(loc, args.out)
+    paths = save_localisation(loc, args.out, force=args.force)
     print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")
     print("\n".join(f"wrote {path}" for path in paths.values()))

@@ -6,16 +6,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import transformers
 from jaxtyping import Float
 from packaging.specifiers import SpecifierSet
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.errors import LunarError
+from lunar_lens.errors import LunarError, first_line
 from lunar_lens.progress import Stages, library_bars
 
 # The transformers versions the bridge is verified with (pyproject.toml declares the same range; both ends
@@ -32,6 +33,14 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Max |Δ logit| between the export's reload and the in-memory model: the same code on the same weights.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Max |Δ logit| / max(1, max |logit|) between the bridge (eager attention) and the HF model as loaded by
+# default (sdpa). Measured on correct mappings: ≤ 3e-7 in float32; in bfloat16 up to 0.012
+# (TinyStories-656K), in float16 8e-4: the two attention kernels round differently.
+LOAD_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+CHECK_PROMPT = "The capital of France is"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -55,7 +64,10 @@ def check_transformers(installed: str | None = None) -> None:
 
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer with bos/eos/pad defined and left padding (for batched prompts)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise LunarError(f"the tokenizer of {path_or_id} cannot be loaded ({first_line(error)}): save a working tokenizer into the folder") from None
     if tokenizer.eos_token is None:
         raise LunarError(f"the tokenizer of {path_or_id} defines no eos token: set eos_token in tokenizer_config.json")
     if tokenizer.pad_token is None:
@@ -64,6 +76,36 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
         tokenizer.bos_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_folder(path_or_id: str | Path) -> Path:
+    """The local folder of a model (a hub id: its cached snapshot, downloaded when missing and online),
+    checked before any weight is read: config.json, tokenizer files, intact safetensors weights."""
+    from lunar_lens.patches import Checkpoint, local_folder
+
+    root = local_folder(path_or_id, download=True)
+    if not (root / "config.json").is_file():
+        raise LunarError(f"{root} is not a Hugging Face model folder (no config.json): pass the folder that holds config.json")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise LunarError(f"{root} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …): save the model's tokenizer into it")
+    return Checkpoint.open(root).root
+
+
+def read_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config (no weights read); it must declare its number of layers."""
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        int(config.num_hidden_layers)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as error:
+        raise LunarError(f"{folder / 'config.json'} cannot be read ({first_line(error)}): fix it or re-download the checkpoint") from None
+    return config
+
+
+def check_folder_layers(folder: Path, layers: Sequence[int]) -> None:
+    """Refuse a layer the model in `folder` does not have (read from config.json, before it loads)."""
+    total = int(read_config(folder).num_hidden_layers)
+    for layer in layers:
+        check_layer(total, layer)
 
 
 def load_model(
@@ -75,39 +117,35 @@ def load_model(
     max_memory: dict | None = None,
     progress: bool = False,
 ) -> TransformerBridge:
-    """Load a causal LM (local folder, offline; or a hub id) as a TransformerBridge.
+    """Load a causal LM (local folder, offline; or a hub id, from the cache) as a TransformerBridge.
 
     Weights are the raw HF weights (no folding), so an edit of W_out maps 1:1 onto the checkpoint.
     `device_map` ("auto", "balanced" or a dict of module → device) spreads the layers over devices
-    through accelerate; `max_memory` ({gpu index: bytes}) limits which devices it may use. With
+    through accelerate; `max_memory` ({gpu index: bytes}) limits which devices it may use. The folder is
+    checked before any weight is read, and the bridge's logits are compared with the HF model's. With
     `progress`, one line on stderr says what was loaded and how long it took.
     """
     check_transformers()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    path = Path(path_or_id)
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise LunarError(f"{path} is not a Hugging Face model folder (no config.json): pass the folder that holds config.json")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    elif str(path_or_id).startswith((".", "/", "~")):
-        raise LunarError(f"model folder {path} does not exist: check the path")
-    config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(path_or_id)
+    torch_dtype = parse_dtype(dtype)
+    folder = model_folder(path_or_id)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = read_config(folder, trust_remote_code)
+    tokenizer = load_tokenizer(folder)
     with Stages(progress)("load", f"loaded {path_or_id} ({dtype})"), library_bars():
-        bridge = TransformerBridge.boot_transformers(
-            str(path_or_id),
-            device=None if device_map else device,
-            dtype=parse_dtype(dtype),
-            tokenizer=tokenizer,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            max_memory=max_memory,
-        )
-    bridge.eval()
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch_dtype, use_safetensors=True, device_map=device_map,
+                max_memory=max_memory, trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            raise LunarError(f"transformers cannot load {folder} ({first_line(error)}): check that its weights match config.json") from None
+        if device_map is None:
+            hf_model.to(device)
+        bridge = _bridge(hf_model, tokenizer, str(folder), None if device_map else device)
     bridge.source_path = str(path_or_id)  # remembered for export and reports
     bridge.hf_config = config
-    check_dense_mlp(bridge)
     return bridge
 
 
@@ -117,16 +155,40 @@ def wrap_hf_model(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    bridge = TransformerBridge.boot_transformers(
-        hf_model.config.name_or_path or hf_model.config.model_type,
-        hf_model=hf_model,
-        tokenizer=tokenizer,
-        device="cpu",
-        dtype=hf_model.dtype,
-    )
-    bridge.eval()
+    bridge = _bridge(hf_model, tokenizer, hf_model.config.name_or_path or hf_model.config.model_type, "cpu")
     bridge.source_path = source_path
     bridge.hf_config = hf_model.config
+    return bridge
+
+
+@torch.no_grad()
+def _bridge(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str | None) -> TransformerBridge:
+    """Wrap `hf_model` in a TransformerBridge (eager attention, which its hooks need), refused when the
+    bridge's logits on a short prompt differ from the HF model's as loaded (its default attention): the
+    edit would be solved on another forward pass than the one the checkpoint runs. Also refused: a
+    model with no dense W_out."""
+    hf_model.eval()
+    ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids.to(hf_model.device)
+    expected = hf_model(input_ids=ids).logits.float()
+    architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+    try:
+        hf_model.set_attn_implementation("eager")
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=hf_model.dtype)
+        bridge.eval()
+        found = bridge(ids).float()
+    except (ValueError, RuntimeError, AttributeError, KeyError, TypeError, NotImplementedError) as error:
+        raise LunarError(
+            f"TransformerLens {version('transformer-lens')} cannot run {architecture} ({type(error).__name__}: {first_line(error)}): "
+            "use a model of an architecture it supports"
+        ) from None
+    diff = float((found.to(expected.device) - expected).abs().max())
+    tolerance = LOAD_TOLERANCE[hf_model.dtype] * max(1.0, float(expected.abs().max()))
+    if not diff <= tolerance:
+        raise LunarError(
+            f"TransformerLens {version('transformer-lens')} runs {architecture} differently from transformers (logits differ by "
+            f"{diff:.3g}, tolerance {tolerance:.2g}): its edits would be solved on a wrong forward pass; use an architecture "
+            "whose bridge matches (e.g. Llama, Qwen2, Gemma, Mistral, GPT-2)"
+        )
     check_dense_mlp(bridge)
     return bridge
 
@@ -160,28 +222,34 @@ def n_layers(bridge: TransformerBridge) -> int:
     return int(bridge.cfg.n_layers)
 
 
-def check_layer(bridge: TransformerBridge, layer: int) -> int:
-    total = n_layers(bridge)
+def check_layer(bridge: TransformerBridge | int, layer: int) -> int:
+    """`layer`, refused unless it is a layer of `bridge` (or of a model with that many layers)."""
+    total = bridge if isinstance(bridge, int) else n_layers(bridge)
     if not isinstance(layer, int) or not 0 <= layer < total:
         raise LunarError(f"layer {layer} is out of range: this model has layers 0..{total - 1}")
     return layer
 
 
-def check_dense_mlp(bridge: TransformerBridge) -> None:
-    """LUNAR edits a dense MLP down-projection; refuse models without one."""
-    mlp = bridge.blocks[0].mlp
-    out = getattr(mlp, "out", None)
-    weight = getattr(out, "weight", None) if out is not None else None
-    if not isinstance(weight, torch.nn.Parameter) or weight.ndim != 2:
+def _dense(bridge: TransformerBridge, layer: int) -> bool:
+    weight = getattr(getattr(bridge.blocks[layer].mlp, "out", None), "weight", None)
+    return isinstance(weight, torch.nn.Parameter) and weight.ndim == 2
+
+
+def check_dense_mlp(bridge: TransformerBridge, layer: int | None = None) -> None:
+    """LUNAR edits a dense MLP down-projection: refuse a `layer` without one (None: a model with none)."""
+    layers = range(n_layers(bridge)) if layer is None else [layer]
+    if not any(_dense(bridge, index) for index in layers):
+        where = "in any layer" if layer is None else f"in layer {layer}"
         raise LunarError(
-            f"{bridge.cfg.architecture} has no dense MLP down-projection (W_out) to edit "
-            "(mixture-of-experts or fused MLP): use a model with a dense MLP"
+            f"{bridge.cfg.architecture} has no dense MLP down-projection (W_out) {where} to edit "
+            f"(mixture-of-experts or fused MLP): use {'a model with a dense MLP' if layer is None else 'a layer with a dense MLP'}"
         )
 
 
 def w_out_parameter(bridge: TransformerBridge, layer: int) -> torch.nn.Parameter:
     """The HF parameter holding W_out of `layer` (Linear: [d_model, d_mlp]; GPT-2 Conv1D: [d_mlp, d_model])."""
-    return bridge.blocks[check_layer(bridge, layer)].mlp.out.weight
+    check_dense_mlp(bridge, check_layer(bridge, layer))
+    return bridge.blocks[layer].mlp.out.weight
 
 
 def w_out_is_transposed(bridge: TransformerBridge, layer: int) -> bool:

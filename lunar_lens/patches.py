@@ -11,12 +11,16 @@ A patched checkpoint remembers its base: `lunar_patches/base_tensors.safetensors
 bytes of every touched tensor, `lunar_patches/<sha>.safetensors` a copy of every applied patch, and
 `lunar_manifest.json` their order and scales. A touched tensor is always
 `cast(base_float32 + Σ scale·delta, dtype)` (`model.added`, the rule in-memory edits follow too), so any
-patch reverts while the others stay, and reverting the last one restores the base bit for bit.
+patch reverts while the others stay (unless a later patch was solved on top of it), and reverting the
+last one restores the base bit for bit, which is checked.
 
 An exported checkpoint (`lunar_lens.export`) is its source with the export's patch applied, plus the
 files that export brought (`ARTEFACTS`: model card, directions, report, the patch itself); the source's
 own versions of those files, and its manifest, are kept in `lunar_patches/<sha>/`, so reverting that
 patch gives the source folder back file for file.
+
+Everything read is checked: safetensors headers and sizes (a truncated file is called so), the SHA-256
+of every stored tensor, finite values, and every file a manifest or index names lies inside its folder.
 Only safetensors are read; nothing is ever unpickled.
 """
 
@@ -29,10 +33,10 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import torch
 from jaxtyping import Float
@@ -41,16 +45,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.errors import LunarError
 from lunar_lens.directions import Directions
+from lunar_lens.errors import LunarError, first_line
 from lunar_lens.model import add_to_w_out, added, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import FORMAT, MANIFEST, atomic_output, check_output, write_manifest
 
-MANIFEST = "lunar_manifest.json"
 PATCH_DIR = "lunar_patches"
 BASE_TENSORS = f"{PATCH_DIR}/base_tensors.safetensors"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]  # what a download fetches
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
@@ -60,6 +65,8 @@ REPORT_FILE = "lunar_report.json"
 CARD_FILE = "README.md"
 # What an export writes beside the weights. A source's own versions are replaced (and kept for revert).
 ARTEFACTS = (CARD_FILE, PATCH_FILE, f"{DIRECTIONS_FILE}.safetensors", f"{DIRECTIONS_FILE}.json", REPORT_FILE)
+PATCHED = f"{FORMAT} patched 1"  # the manifest format of a patched plain checkpoint
+PATCH_FORMAT = 2  # 2: adds the SHA-256 of every stored tensor and the patches the base had applied
 
 
 @dataclass
@@ -102,32 +109,63 @@ def _copy_hashed(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, header) of a safetensors file."""
+def _header(path: Path) -> tuple[int, dict, str | None]:
+    """(offset of the data section, header, what is wrong) of a safetensors file: the header is {}
+    when it cannot be read, and the problem names a truncated or inconsistent file (None: intact)."""
+    size = path.stat().st_size
     with open(path, "rb") as file:
-        size = int.from_bytes(file.read(8), "little")
-        return 8 + size, json.loads(file.read(size))
+        length = int.from_bytes(file.read(8), "little")
+        if size < 8 or length > size - 8:
+            return 8, {}, f"its {size} bytes hold no complete safetensors header"
+        try:
+            header = json.loads(file.read(length))
+            ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return 8, {}, "its safetensors header is not valid"
+    needed = 8 + length + max(ends, default=0)
+    if needed != size:
+        return 8 + length, header, f"{'truncated: ' if needed > size else ''}{size} bytes where its header describes {needed}"
+    return 8 + length, header, None
+
+
+def inside(root: Path, rel: str, where: str) -> str:
+    """`rel` (a path read from `where`), refused unless it is a plain relative path inside `root`."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ("..",)
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise LunarError(
+            f"{where} names {rel!r}, which is not a file inside {root}: the file was modified or is not lunar-lens's; "
+            "start again from an unmodified copy"
+        )
+    return rel
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def local_folder(path_or_id: str | Path) -> Path:
-    """The local folder of a model: the path itself, or the cached snapshot of a hub id (never downloads)."""
+def local_folder(path_or_id: str | Path, download: bool = False) -> Path:
+    """The local folder of a model: the path itself, or the cached snapshot of a hub id; with
+    `download`, a hub id missing from the cache is fetched (config, tokenizer and safetensors only)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path.resolve()
-    if path.exists() or str(path_or_id).startswith((".", "/", "~")):
+    if path.exists():
         raise LunarError(f"{path} is not a model folder: pass the folder that holds config.json and the safetensors weights")
+    if str(path_or_id).startswith((".", "/", "~")):
+        raise LunarError(f"model folder {path} does not exist: check the path")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(str(path_or_id), local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError) as error:
-        raise LunarError(
-            f"{path_or_id} is neither a local folder nor in the Hugging Face cache ({type(error).__name__}): "
-            f"download it first (`hf download {path_or_id}`) or pass its folder"
-        ) from None
+    except (OSError, ValueError) as error:
+        cached = error
+    if download and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        try:
+            return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
+        except (OSError, ValueError) as error:
+            cached = error
+    raise LunarError(
+        f"{path_or_id} is neither a local folder nor a model in the Hugging Face cache ({first_line(cached)}): "
+        f"check the path, or download it first (`hf download {path_or_id}`) and pass its folder"
+    ) from None
 
 
 @dataclass(frozen=True)
@@ -138,18 +176,33 @@ class Checkpoint:
     weight_map: dict[str, str]
 
     @classmethod
-    def open(cls, path_or_id: str | Path) -> Checkpoint:
-        root = local_folder(path_or_id)
+    def open(cls, path_or_id: str | Path, download: bool = False) -> Checkpoint:
+        """The checkpoint, its index and every weight file's header checked (no tensor data is read)."""
+        root = local_folder(path_or_id, download)
         if (root / INDEX).is_file():
-            return cls(root, json.loads((root / INDEX).read_text())["weight_map"])
-        if (root / SINGLE).is_file():
-            return cls(root, {name: SINGLE for name in _header(root / SINGLE)[1] if name != "__metadata__"})
-        if any((root / name).exists() for name in PICKLED):
+            try:
+                weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+                files = {inside(root, rel, f"{root / INDEX}") for rel in weight_map.values()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise LunarError(f"{root / INDEX} is not a valid safetensors index: re-download or re-save the checkpoint") from None
+        elif (root / SINGLE).is_file():
+            weight_map, files = {}, {SINGLE}
+        elif any((root / name).exists() for name in PICKLED):
             raise LunarError(
                 f"{root} holds only PyTorch pickle weights (pytorch_model.bin), which lunar-lens never unpickles: "
                 "convert the folder to safetensors first (transformers' save_pretrained writes model.safetensors)"
             )
-        raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
+        else:
+            raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
+        for rel in sorted(files):
+            if not (root / rel).is_file():
+                raise LunarError(f"{root} lacks {rel}, which its {INDEX} names: re-download or re-save the checkpoint")
+            _, header, problem = _header(root / rel)
+            if problem:
+                raise LunarError(f"{root / rel} is corrupted ({problem}): re-download or re-save the checkpoint")
+            if rel == SINGLE and not weight_map:
+                weight_map = {name: SINGLE for name in header if name != "__metadata__"}
+        return cls(root, weight_map)
 
     @property
     def weight_files(self) -> set[str]:
@@ -166,6 +219,11 @@ class Checkpoint:
             )
         return matches[0]
 
+    def layout(self) -> dict[str, tuple[str, list[int]]]:
+        """Each tensor's (safetensors dtype, shape), from the headers."""
+        headers = {rel: _header(self.root / rel)[1] for rel in set(self.weight_map.values())}
+        return {key: (headers[rel][key]["dtype"], headers[rel][key]["shape"]) for key, rel in self.weight_map.items()}
+
     def read(self, key: str) -> Tensor:
         with safe_open(self.root / self.weight_map[key], framework="pt") as file:
             return file.get_tensor(key)
@@ -173,7 +231,7 @@ class Checkpoint:
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """Overwrite the data of `tensors` in the safetensors file `path`, in place (header untouched)."""
-    start, header = _header(path)
+    start, header, _ = _header(path)
     with open(path, "r+b") as file:
         for key, value in tensors.items():
             info = header[key]
@@ -196,6 +254,7 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
 
     Skipped: hidden entries, the lunar files (callers write their own) and weights that are not the
     model's safetensors (pickles, stray `consolidated.safetensors`: stale copies of unedited weights).
+    A symbolic link (other than a Hugging Face cache snapshot's) is copied by content, with a warning.
     Returns the SHA-256 of every file copied (relative path → hex) and the skipped weight files.
     """
     by_file: dict[str, dict[str, Tensor]] = {}
@@ -209,6 +268,8 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
             rel = src.relative_to(checkpoint.root).as_posix()
             if _is_lunar(rel):
                 continue
+            if src.is_symlink() and src.resolve().parent != checkpoint.root.parent.parent / "blobs":
+                warnings.warn(f"{src} is a symbolic link to {src.resolve()}: its content is copied as a plain file", stacklevel=2)
             stale = rel not in checkpoint.weight_files and rel not in ARTEFACTS
             if stale and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
                 skipped.append(rel)
@@ -220,45 +281,17 @@ def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Te
     return hashes, sorted(skipped)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir: str | Path, source: Path, force: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out_dir` that is renamed into place when the block succeeds and
-    removed when it fails (or is interrupted): `out_dir` is never left half written."""
-    out, source = Path(out_dir).expanduser().resolve(), source.resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise LunarError(f"--out {out} overlaps the source {source}: choose an output folder outside the source")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise LunarError(f"{out} already exists and is not empty: pass --force to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_manifest(folder: Path, record: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("patches", []), list):
+        raise LunarError(f"{path} is not a valid lunar-lens manifest: the checkpoint was modified; start again from its base")
+    return record
 
 
 # ---------------------------------------------------------------- patch files
@@ -283,6 +316,7 @@ class Patch:
     sha256: str
     entries: list[PatchEntry]
     info: dict
+    base_patches: list[str] = field(default_factory=list)  # SHA-256 of the patches its base checkpoint had applied
 
     @property
     def layers(self) -> list[int]:
@@ -306,9 +340,20 @@ def _hf_is_transposed(checkpoint: Checkpoint, edit: WOutEdit, shape: tuple[int, 
     return isinstance(model.get_submodule(edit.tensor_name.rsplit(".", 1)[0]), torch.nn.Linear)
 
 
-def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, info: dict | None = None) -> Path:
-    """Write `edits`, solved on the checkpoint `base_dir`, as a patch file (`info`: any JSON-able run record)."""
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise LunarError(f"{what} holds non-finite values (NaN or inf): solve the edit again with a finite coefficient")
+
+
+def _applied_shas(checkpoint: Checkpoint) -> list[str]:
+    return [record["sha256"] for record in read_manifest(checkpoint.root).get("patches", [])]
+
+
+def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, info: dict | None = None, force: bool = False) -> Path:
+    """Write `edits`, solved on the checkpoint `base_dir`, as a patch file (`info`: any JSON-able run
+    record), atomically; an existing `path` is replaced only with `force`, and only if it is a patch."""
     checkpoint = Checkpoint.open(base_dir)
+    check_output(path, folder=False, force=force, inputs=[checkpoint.root], parameter="path")
     tensors, records = {}, []
     for i, edit in enumerate(edits):
         key = checkpoint.key(edit.tensor_name)
@@ -323,36 +368,52 @@ def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, in
             "layer": edit.layer, "tensor": key, "base_sha256": tensor_sha256(base), "shape": list(base.shape),
             "dtype": ST_NAMES[base.dtype], "hf_is_transposed": transposed,
         })
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"lunar_patch": json.dumps({"format": 1, "tensors": records, "info": info or {}})}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
-    return path
+    for key, tensor in tensors.items():
+        _check_finite(tensor, f"the edit of {records[int(key.split('.')[0])]['tensor']}")
+    record = {
+        "format": PATCH_FORMAT, "tensors": records, "info": info or {}, "base_patches": _applied_shas(checkpoint),
+        "sha256": {key: tensor_sha256(tensor) for key, tensor in tensors.items()},
+    }
+    with atomic_output(path, folder=False, force=force, inputs=[checkpoint.root], parameter="path") as tmp:
+        save_file(tensors, str(tmp), metadata={"lunar_patch": json.dumps(record)})
+    return Path(path)
 
 
 def load_patch(path: str | Path) -> Patch:
+    """Read a patch file, checked: complete, the SHA-256 of every stored tensor, finite values."""
     path = Path(path)
     if not path.is_file():
         raise LunarError(f"patch file {path} does not exist: check the path (`lunar-lens patch show CHECKPOINT` lists applied patches)")
-    try:
-        with safe_open(path, framework="pt") as file:
-            record = json.loads((file.metadata() or {})["lunar_patch"])
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, KeyError):
+    _, header, problem = _header(path)
+    if "lunar_patch" not in (header.get("__metadata__") or {}):
         raise LunarError(
-            f"{path} is not a lunar-lens patch (a safetensors file with `lunar_patch` metadata): pass a file written by save_patch"
-        ) from None
-    entries = []
-    for i, entry in enumerate(record["tensors"]):
-        factored = f"{i}.a" in tensors
-        delta, rank = tensors.get(f"{i}.delta"), None
-        if factored:  # formed as u @ vᵀ in W_out's [d_mlp, d_model] layout, as the in-memory edit was
-            u, v = (tensors[f"{i}.b"], tensors[f"{i}.a"]) if entry["hf_is_transposed"] else (tensors[f"{i}.a"], tensors[f"{i}.b"])
-            delta, rank = (u @ v.T).T if entry["hf_is_transposed"] else u @ v.T, u.shape[1]
-        entries.append(PatchEntry(**entry, rank=rank, delta=delta))
-    return Patch(path, file_sha256(path), entries, record.get("info", {}))
+            f"{path} is not a lunar-lens patch ({problem or 'no lunar_patch metadata'}): pass a file written by save_patch"
+        )
+    if problem:
+        raise LunarError(f"{path} is a corrupted lunar-lens patch ({problem}): copy it again, or save the edit again")
+    try:
+        record = json.loads(header["__metadata__"]["lunar_patch"])
+        if record.get("format", 1) > PATCH_FORMAT:
+            raise LunarError(f"{path} is a patch of format {record['format']}, newer than this lunar-lens reads: upgrade lunar-lens")
+        with safe_open(path, framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        hashes = record.get("sha256", {key: tensor_sha256(tensor) for key, tensor in tensors.items()})
+        changed = sorted(key for key in set(hashes) | set(tensors) if key not in tensors or hashes.get(key) != tensor_sha256(tensors[key]))
+        if changed:
+            raise LunarError(f"{path} is corrupted: tensor {changed[0]} does not match the SHA-256 the patch records: copy it again, or save the edit again")
+        entries = []
+        for i, entry in enumerate(record["tensors"]):
+            if f"{i}.a" in tensors:  # formed as u @ vᵀ in W_out's [d_mlp, d_model] layout, as the in-memory edit was
+                u, v = (tensors[f"{i}.b"], tensors[f"{i}.a"]) if entry["hf_is_transposed"] else (tensors[f"{i}.a"], tensors[f"{i}.b"])
+                delta, rank = (u @ v.T).T if entry["hf_is_transposed"] else u @ v.T, u.shape[1]
+            else:
+                delta, rank = tensors[f"{i}.delta"], None
+            entries.append(PatchEntry(**entry, rank=rank, delta=delta))
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        raise LunarError(f"{path} is a corrupted lunar-lens patch (its record does not match its tensors): copy it again, or save the edit again") from None
+    for entry in entries:
+        _check_finite(entry.delta, f"{path} ({entry.tensor})")
+    return Patch(path, file_sha256(path), entries, record.get("info", {}), list(record.get("base_patches", [])))
 
 
 def show_patch(path: str | Path) -> dict:
@@ -366,7 +427,7 @@ def show_patch(path: str | Path) -> dict:
          "rank": e.rank, "delta_norm": float(e.delta.norm()), "base_sha256": e.base_sha256}
         for e in patch.entries
     ]
-    return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info}
+    return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info, "base_patches": patch.base_patches}
 
 
 # ---------------------------------------------------------------- apply / revert
@@ -403,12 +464,22 @@ def _deltas(applied: list[tuple[dict, Patch]], key: str) -> list[Tensor]:
     ]
 
 
+def _patch_file(sha256: str) -> str:
+    return f"{PATCH_DIR}/{sha256[:16]}.safetensors"
+
+
 def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
-    """The patches applied to `checkpoint`, in order, as (manifest record, patch)."""
+    """The patches applied to `checkpoint`, in order, as (manifest record, patch), each checked."""
     applied = []
     for record in read_manifest(checkpoint.root).get("patches", []):
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if not isinstance(sha, str) or record.get("file") != _patch_file(sha):
+            raise LunarError(
+                f"{checkpoint.root / MANIFEST} names the patch file {record.get('file') if sha else record!r}, not "
+                f"{PATCH_DIR}/<its SHA-256>.safetensors: the manifest was modified; start again from the checkpoint's base"
+            )
         patch = load_patch(checkpoint.root / record["file"])
-        if patch.sha256 != record["sha256"]:
+        if patch.sha256 != sha:
             raise LunarError(
                 f"{patch.path} no longer matches its SHA-256 in {checkpoint.root / MANIFEST}: the checkpoint was modified; "
                 "start again from its base"
@@ -417,18 +488,54 @@ def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
     return applied
 
 
-def _base_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
+def _base_tensors(checkpoint: Checkpoint, applied: list[tuple[dict, Patch]]) -> dict[str, Tensor]:
+    """The original tensors kept by a patched checkpoint, each checked against the SHA-256 of the base
+    its first patch was solved on."""
+    if not applied:
+        return {}
     path = checkpoint.root / BASE_TENSORS
     if not path.is_file():
-        return {}
-    with safe_open(path, framework="pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys()}
+        raise LunarError(f"{checkpoint.root} has patches applied but no {BASE_TENSORS}: the checkpoint was modified; start again from its base")
+    _, _, problem = _header(path)
+    try:
+        if problem:
+            raise SafetensorError(problem)
+        with safe_open(path, framework="pt") as file:
+            base = {key: file.get_tensor(key) for key in file.keys()}
+    except SafetensorError as error:
+        raise LunarError(f"{path} is corrupted ({error}): start again from the checkpoint's base") from None
+    for key in {e.tensor for _, p in applied for e in p.entries}:
+        first = next(e for _, p in applied for e in p.entries if e.tensor == key)
+        if key not in base or tensor_sha256(base[key]) != first.base_sha256:
+            raise LunarError(
+                f"{path} is corrupted: its {key} is not the tensor the first patch was solved on (SHA-256 {first.base_sha256[:12]}…): "
+                "start again from the checkpoint's base"
+            )
+    return base
+
+
+def _check_stack(applied: list[tuple[dict, Patch]], base: dict[str, Tensor]) -> None:
+    """Refuse a stack in which a patch would not sit on what it was solved on: its base tensors (or the
+    original ones), after the patches its base checkpoint had applied."""
+    done: list[str] = []
+    for record, patch in applied:
+        missing = [sha for sha in patch.base_patches if sha not in done]
+        below = [e.tensor for e in patch.entries
+                 if e.base_sha256 not in {tensor_sha256(base[e.tensor]), tensor_sha256(added(base[e.tensor], _deltas(applied[: len(done)], e.tensor)))}]
+        if missing or below:
+            what = f"patch {missing[0][:12]}…" if missing else f"the patches below it (it edits {below[0]})"
+            raise LunarError(
+                f"{record['source']} was solved on top of {what}, which it would no longer sit on: "
+                "keep a patch below the ones solved on it (revert those first; apply it first)"
+            )
+        done.append(patch.sha256)
 
 
 def patch_state(checkpoint: Checkpoint, patch: Patch) -> tuple[list[tuple[dict, Patch]], dict[str, Tensor]]:
     """The patches already applied to `checkpoint` and the base tensors once `patch` goes on top: the
     recorded originals, plus the current bytes of tensors `patch` is the first to touch."""
-    applied, base = _applied(checkpoint), _base_tensors(checkpoint)
+    applied = _applied(checkpoint)
+    base = _base_tensors(checkpoint, applied)
     for key in ({entry.tensor for entry in patch.entries} - base.keys()) & checkpoint.weight_map.keys():
         base[key] = checkpoint.read(key)  # (a tensor the checkpoint lacks is refused by check_base)
     return applied, base
@@ -437,7 +544,7 @@ def patch_state(checkpoint: Checkpoint, patch: Patch) -> tuple[list[tuple[dict, 
 def patch_record(patch: Patch, scale: float = 1.0) -> dict:
     """The manifest entry of an applied patch (an export adds the files it brought: `files`, `replaced`)."""
     return {
-        "sha256": patch.sha256, "file": f"{PATCH_DIR}/{patch.sha256[:16]}.safetensors", "source": str(patch.path),
+        "sha256": patch.sha256, "file": _patch_file(patch.sha256), "source": str(patch.path),
         "tensors": sorted({entry.tensor for entry in patch.entries}), "layers": patch.layers, "scale": scale, "info": patch.info,
     }
 
@@ -476,20 +583,27 @@ def _write_patched(
     checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path,
     force: bool, reverted: dict | None = None,
 ) -> Path:
-    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors.
-    `reverted`: the manifest entry of the patch taken off; an export's files go back to its source's, and
-    when it was the last patch, so does the manifest."""
+    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors
+    (read back and checked before the folder appears). `reverted`: the manifest entry of the patch taken
+    off; an export's files go back to its source's, and when it was the last patch, so does the manifest."""
+    _check_stack(applied, base)
     new = {key: added(base[key], _deltas(applied, key)) for key in touched}
     record = read_manifest(checkpoint.root)
     record.pop("patches", None)
+    if record.get("format") == PATCHED:
+        record.pop("format")
     exported = reverted is not None and "files" in reverted
-    with atomic_output(out_dir, checkpoint.root, force) as tmp:
+    with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         copy_checkpoint(checkpoint, tmp, new)
+        written = Checkpoint(tmp, checkpoint.weight_map)
+        wrong = [key for key, value in new.items() if tensor_sha256(written.read(key)) != tensor_sha256(value)]
+        if wrong:
+            raise LunarError(f"{wrong[0]} read back from the new checkpoint differs from what was written: check the disk; nothing was written")
         write_patch_state(tmp, checkpoint, applied, base)
         if exported:
             _restore_files(checkpoint, tmp, reverted)
         if applied:
-            record["patches"] = [entry for entry, _ in applied]
+            record = {"format": PATCHED} | record | {"patches": [entry for entry, _ in applied]}
         if exported and record.get("patches") == read_manifest(checkpoint.root / stash_dir(reverted)).get("patches"):
             if MANIFEST in reverted["replaced"]:  # the export's source state, byte for byte
                 shutil.copyfile(checkpoint.root / stash_dir(reverted) / MANIFEST, tmp / MANIFEST)
@@ -498,16 +612,17 @@ def _write_patched(
     return Path(out_dir)
 
 
-def _check_scale(scale: float) -> float:
+def check_scale(scale: float) -> float:
     if not math.isfinite(scale):
-        raise LunarError(f"--scale {scale} is not a finite number: pass e.g. --scale 0.5 (0: the base, 1: the whole edit)")
+        raise LunarError(f"{{scale}} {scale} is not a finite number: pass e.g. {{scale}} 0.5 (0: the base, 1: the whole edit)", ("scale",))
     return float(scale)
 
 
 def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False, scale: float = 1.0) -> Path:
     """Write `checkpoint_dir` + `scale`·the patch to `out_dir` (the patch stacks on any already applied;
     scale 0 leaves every tensor as it is, 1 is the whole edit)."""
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
+    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
     checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
     applied, base = patch_state(checkpoint, patch)
     if any(p.sha256 == patch.sha256 for _, p in applied):
@@ -518,7 +633,9 @@ def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str
 
 
 def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch."""
+    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch
+    (refused when one of them was solved on top of it)."""
+    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
     checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
     applied = _applied(checkpoint)
     if not any(p.sha256 == patch.sha256 for _, p in applied):
@@ -529,12 +646,12 @@ def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: st
     remaining = [(entry, p) for entry, p in applied if p.sha256 != patch.sha256]
     reverted = next(entry for entry, p in applied if p.sha256 == patch.sha256)
     touched = {e.tensor for e in patch.entries}
-    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint), touched, out_dir, force, reverted)
+    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint, applied), touched, out_dir, force, reverted)
 
 
 def apply_to_model(bridge: TransformerBridge, patch_path: str | Path | Patch, scale: float = 1.0) -> Patch:
     """Add `scale`·a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     checkpoint = Checkpoint.open(bridge.source_path)
     patch = patch_path if isinstance(patch_path, Patch) else load_patch(patch_path)
     check_base(patch, checkpoint)
@@ -567,7 +684,7 @@ def applied(
         with bridge.hooks(fwd_hooks=change.hooks(scale, layers)):
             yield bridge
         return
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     change = load_patch(change) if isinstance(change, (str, Path)) else change
     touched = change.layers if isinstance(change, Patch) else sorted({edit.layer for edit in change})
     with weights_restored([w_out_parameter(bridge, layer) for layer in touched]):
@@ -589,7 +706,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("checkpoint", help="a Hugging Face model folder (safetensors)")
         sub.add_argument("patch", help="a patch file (`lunar-lens patch show CHECKPOINT` lists the applied ones)")
         sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+        sub.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
         sub.set_defaults(func=run_cli)
     actions.choices["apply"].add_argument(
         "--scale", type=float, default=1.0, help="apply S·ΔW: 0 leaves the base as it is, 1 is the whole edit (recorded; revert stays exact)"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,14 +18,16 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.cli import add_device_arguments, parse_numbers
+from lunar_lens.cli import add_device_arguments, non_negative_number, parse_numbers, whole_number
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.choice import ChoiceSettings, choose_edit
-from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_for, edit_layers
+from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.model import check_layer, load_model
+from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
+from lunar_lens.outputs import check_output, write_json
 from lunar_lens.patches import REPORT_FILE as REPORT_NAME
+from lunar_lens.patches import Checkpoint, file_sha256
 from lunar_lens.progress import Stages
 from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal
@@ -48,7 +49,15 @@ class UnlearnOutcome:
 def earlier_request(model_dir: str | Path | None) -> dict:
     """The `lunar_report.json` of an earlier lunar-lens request that produced this checkpoint ({} if none)."""
     report = Path(model_dir) / REPORT_NAME if model_dir else None
-    return json.loads(report.read_text()) if report is not None and report.is_file() else {}
+    if report is None or not report.is_file():
+        return {}
+    try:
+        record = json.loads(report.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise LunarError(f"{report} is not a valid lunar-lens report: the checkpoint was modified; start again from its base")
+    return record
 
 
 def question_sha256(question: str) -> str:
@@ -70,15 +79,11 @@ def _read_sidecar(path: Path) -> list[str] | None:
     return record["questions"] if isinstance(record, dict) and record.get("format") == SIDECAR_FORMAT else None
 
 
-def check_sidecar(out: str | Path, force: bool) -> None:
-    """Refuse, before any work, to overwrite a sidecar without `force`, or a file lunar-lens did not write."""
-    path = sidecar_path(out)
-    if not path.exists():
-        return
-    if _read_sidecar(path) is None:
-        raise LunarError(f"{path} exists and was not written by lunar-lens: move it away, or choose another --out")
-    if not force:
-        raise LunarError(f"{path} (an earlier export's forgotten questions) exists: pass --force to replace it, or choose another --out")
+def check_sidecar(out: str | Path, force: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse, before any work, the sidecar of the export `out` when it may not be written
+    (`lunar_lens.outputs.check_output`): an existing one without `force`, a file lunar-lens did not
+    write, one that is an input."""
+    return check_output(sidecar_path(out), folder=False, force=force, inputs=inputs)
 
 
 def earlier_forgotten(model_dir: str | Path | None, earlier: dict, given: Sequence[QA] = ()) -> tuple[list[QA], list[str]]:
@@ -92,16 +97,37 @@ def earlier_forgotten(model_dir: str | Path | None, earlier: dict, given: Sequen
     return [QA(by_hash[h]) for h in hashes if h in by_hash], [h for h in hashes if h not in by_hash]
 
 
-def direction_model(bridge: TransformerBridge, earlier: dict, device: str, dtype: str) -> TransformerBridge:
-    """The model directions are read from: the unedited base of an earlier request when its folder is
-    still there (measured: on the edited model the second request's direction redirects only part of its
-    forget set — refusal 0.79 vs 1.00 on the toy world, experiments/sequential_requests.py), else the model itself."""
+def base_record(folder: Path) -> dict:
+    """How a later request finds and recognises this unedited base: its absolute folder and the
+    SHA-256 of its weight files."""
+    checkpoint = Checkpoint.open(folder)
+    return {"path": str(checkpoint.root), "sha256": {rel: file_sha256(checkpoint.root / rel) for rel in sorted(checkpoint.weight_files)}}
+
+
+def unedited_base(earlier: dict) -> Path | None:
+    """The unedited base of an earlier request, when its folder still holds the same weights (checked
+    by their SHA-256); else None, with a warning: the directions then come from the edited model.
+
+    Measured: on the edited model the second request's direction redirects only part of its forget set
+    (refusal 0.79 vs 1.00 on the toy world, experiments/sequential_requests.py)."""
     base = earlier.get("base_model")
-    if base and Path(base).is_dir():
-        return load_model(base, device=device, dtype=dtype)
-    if base:
-        warnings.warn(f"the unedited base model {base} is gone: directions come from the edited model (weaker)")
-    return bridge
+    if not base:
+        return None
+    if not isinstance(base, dict) or not isinstance(base.get("sha256"), dict):
+        problem = "was recorded without its hashes (an older lunar-lens)"
+    elif not Path(base["path"]).is_dir():
+        problem = "is gone"
+    else:
+        try:
+            same = base_record(Path(base["path"]))["sha256"] == base["sha256"]
+        except LunarError:
+            same = False
+        if same:
+            return Path(base["path"])
+        problem = "no longer holds the weights it had"
+    where = base.get("path") if isinstance(base, dict) else base
+    warnings.warn(f"the unedited base model {where} {problem}: directions come from the edited model (weaker)", stacklevel=2)
+    return None
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -127,7 +153,7 @@ def unlearn(
     device_map: str | dict | None = None,
     parallel: DataParallel | None = None,
     figure_probes: bool = False,
-    keep_forgotten: Sequence[QA] = (),
+    keep_forgotten: Sequence[QA | str | Path] = (),
     embed_forgotten: bool = False,
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
@@ -138,43 +164,55 @@ def unlearn(
     edit, and only rank 0 exports (`parallel=None`: from the environment,
     `lunar_lens.distributed.init_from_env`). `figure_probes` runs the localisation probes that only feed
     its figures (`lunar_lens.localise.save_localisation`). When the model is an earlier export, the
-    questions it forgot stay forgotten: their text comes from its sidecar or `keep_forgotten`.
+    questions it forgot stay forgotten: their text comes from its sidecar or `keep_forgotten` (the earlier
+    forget sets: questions, or files of them). Every argument, file and output is checked before the model loads.
     `embed_forgotten` stores the forgotten questions' text in the report (and the exported folder).
     With `progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
     """
     settings = settings or EditSettings()
+    coeff = None if coeff is None else check_coeff(coeff)
     parallel = init_from_env() if parallel is None else parallel
     progress = progress and parallel.is_main
     stages = Stages(progress)
-    if out is not None and parallel.is_main and not embed_forgotten:
-        check_sidecar(out, force)
-    torch.manual_seed(settings.seed)
     with stages("load", "loaded the model and the sets"):
-        bridge = model if isinstance(model, TransformerBridge) else load_model(
-            model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
-        )
+        # everything that needs no model is checked before it loads: the sets, the outputs, the layers, the base
+        files = [data for data in (forget, retain, reference, *keep_forgotten) if isinstance(data, (str, Path))]
         forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
         retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
         reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
         retain_set = check_disjoint(forget_set, retain_set)
+        given = [qa for item in keep_forgotten for qa in (load_qa(item) if isinstance(item, (str, Path)) else [item])]
+        source = model.source_path if isinstance(model, TransformerBridge) else model
+        if out is not None and parallel.is_main:
+            inputs = [i for i in (source, *files) if i is not None]
+            check_output(out, folder=True, force=force, inputs=inputs)
+            if not embed_forgotten:
+                check_sidecar(out, force, inputs)
+        folder = None if source is None else model_folder(source)
+        if folder is not None:
+            check_folder_layers(folder, layers or ())
+        earlier = earlier_request(folder)
+        kept, unkept = earlier_forgotten(folder, earlier, given)
+        if unkept:
+            warnings.warn(
+                f"{len(unkept)} of {len(kept) + len(unkept)} questions forgotten by earlier requests of {folder} have no text here "
+                f"(no {sidecar_path(folder).name} beside it): pass the earlier forget sets with --keep-forgotten FILE, "
+                "or they may be answered again", stacklevel=2,
+            )
+        base = unedited_base(earlier)
+        torch.manual_seed(settings.seed)
+        bridge = model if isinstance(model, TransformerBridge) else load_model(
+            model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
+        )
 
     for layer in layers or ():
         check_layer(bridge, layer)  # fail before any forward pass
-    source = str(getattr(bridge, "source_path", None))
-    earlier = earlier_request(getattr(bridge, "source_path", None))
-    kept, unkept = earlier_forgotten(getattr(bridge, "source_path", None), earlier, keep_forgotten)
-    if unkept:
-        warnings.warn(
-            f"{len(unkept)} of {len(kept) + len(unkept)} questions forgotten by earlier requests of {source} have no text here "
-            f"(no {sidecar_path(source).name} beside it): pass the earlier forget sets with --keep-forgotten FILE, "
-            "or they may be answered again"
-        )
     localising = layers is None or coeff is None
     deepest = None if localising else max(layers)  # the choice tries every layer
-    read_from = direction_model(bridge, earlier, device, dtype)
+    read_from = bridge if base is None else load_model(base, device=device, dtype=dtype)
     with stages("refusal", "the model's own refusal (its answers to the reference questions)"):
         refusal = model_refusal(read_from, reference_set, refusal=settings.refusal)
-    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else float(coeff))
+    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else coeff)
     kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
@@ -204,8 +242,8 @@ def unlearn(
     forgotten = list(dict.fromkeys(qa.question for qa in [*kept, *forget_set]))
     hashes = list(dict.fromkeys([*(question_sha256(qa.question) for qa in kept), *unkept, *(question_sha256(qa.question) for qa in forget_set)]))
     report = {
-        "source": source,
-        "base_model": earlier.get("base_model", source),
+        "source": None if folder is None else str(folder),
+        "base_model": earlier.get("base_model") or (None if folder is None else base_record(folder)),
         "settings": asdict(settings),
         "layers": [layer.layer for layer in result.layers],
         "coeff": settings.coeff,
@@ -242,12 +280,9 @@ def export_outcome(outcome: UnlearnOutcome, out: str | Path, force: bool = False
             extra_files={REPORT_NAME: report}, patch=outcome.result.edits, patch_info=info,
             directions=outcome.result.directions, results_table=results_table,
         )
-        if not embedded:
-            path = sidecar_path(out)
-            partial = path.with_name(f".{path.name}.partial")
-            partial.touch(mode=0o600)  # the private text: readable by its owner only
-            partial.write_text(json.dumps({"format": SIDECAR_FORMAT, "checkpoint": str(export.out_dir), "questions": outcome.forgotten}, indent=2) + "\n")
-            os.replace(partial, path)
+        if not embedded:  # the private text: readable by its owner only
+            record = {"format": SIDECAR_FORMAT, "checkpoint": export.out_dir.name, "questions": outcome.forgotten}  # the folder beside it
+            write_json(sidecar_path(out), record, force=force, private=True)
     report["timings_s"]["export"] = stages.seconds["export"]
     return Path(export.out_dir)
 
@@ -267,18 +302,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--no-retain-answers", action="store_true",
         help="keep retain prompts only, not their teacher-forced answers (the released recipe's objective)",
     )
-    parser.add_argument("--lora-rank", type=int, default=EditSettings.lora_rank)
+    parser.add_argument("--lora-rank", type=whole_number(), default=EditSettings.lora_rank)
     parser.add_argument(
-        "--refine-steps", type=int, default=RefineSettings.steps,
+        "--refine-steps", type=whole_number(minimum=0), default=RefineSettings.steps,
         help="Adam steps training the edited W_out on behaviour (the refusal on forget prompts, the answers on retain ones); 0: the solver's edit alone",
     )
     parser.add_argument("--refusal", default=None, help="the response forget prompts should get (default: the model's own most common refusal to the reference questions)")
-    parser.add_argument("--ridge", type=float, default=EditSettings.ridge)
+    parser.add_argument("--ridge", type=non_negative_number, default=EditSettings.ridge)
     add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
     parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
-    parser.add_argument("--batch-size", type=int, default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
+    parser.add_argument("--batch-size", type=whole_number(), default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out (and --localisation)")
     parser.add_argument(
         "--localisation", metavar="DIR",
         help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
@@ -299,6 +334,9 @@ def run_cli(args: argparse.Namespace) -> None:
     layers = parse_layers(args.layer)
     if args.localisation and layers is not None and coeff is not None:
         raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
+    if args.localisation:
+        inputs = [args.out, sidecar_path(args.out), args.model, args.forget, args.retain, args.reference, *args.keep_forgotten]
+        check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
     settings = EditSettings(
         positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge,
         seed=args.seed, batch_size=args.batch_size, refusal=args.refusal, refine=RefineSettings(steps=args.refine_steps),
@@ -306,13 +344,16 @@ def run_cli(args: argparse.Namespace) -> None:
     outcome = unlearn(
         args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
         device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
-        figure_probes=bool(args.localisation), keep_forgotten=[qa for path in args.keep_forgotten for qa in load_qa(path)],
+        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten,
         embed_forgotten=args.embed_forgotten,
     )
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
     if args.localisation:
-        print("\n".join(f"wrote {path}" for path in save_figures(outcome, args.localisation)))
+        from lunar_lens.localise import save_localisation
+
+        written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
+        print("\n".join(f"wrote {path}" for path in written.values()))
     layers = ", ".join(
         str(l["layer"]) + ("" if l["objective_before"] is None else f" (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
         for l in outcome.report["edit"]["layers"]
@@ -325,17 +366,6 @@ def run_cli(args: argparse.Namespace) -> None:
         )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
-
-
-def save_figures(outcome: UnlearnOutcome, out_dir: str | Path) -> list[Path]:
-    """The localisation probes' scores and figures (when they ran) and the automatic choice's figure, in `out_dir`."""
-    from lunar_lens.figures import plot_choice
-    from lunar_lens.localise import save_localisation
-
-    written = list(save_localisation(outcome.localisation, out_dir).values()) if outcome.localisation is not None else []
-    if outcome.report["choice"]:
-        written.append(plot_choice(outcome.report["choice"], Path(out_dir) / "choice.png"))
-    return written
 
 
 def parse_device_map(text: str | None) -> str | dict | None:

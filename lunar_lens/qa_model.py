@@ -22,6 +22,7 @@ from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import tokenize
 
@@ -106,10 +107,12 @@ def train_qa_model(
     desc: str = "training",
     device: str = "cpu",
     length_buckets: bool = False,
+    force: bool = False,
 ) -> Path:
     """Train a Llama of `shape` from scratch on `examples` (loss on answer tokens) on `device`, save it
-    with `tokenizer`. `length_buckets` batches examples of similar length (less padding; batches in
-    random order each epoch)."""
+    with `tokenizer` into the folder `out_dir`, atomically (`force` replaces an earlier one).
+    `length_buckets` batches examples of similar length (less padding; batches in random order each epoch)."""
+    check_output(out_dir, folder=True, force=force)
     if not examples or any(qa.answer is None for qa in examples):
         raise LunarError("training needs question–answer pairs: every example must have an answer")
     tokenizer.padding_side = "left"
@@ -164,11 +167,11 @@ def train_qa_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    with atomic_output(out_dir, folder=True, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, {"format": f"{FORMAT} trained model 1", "seed": seed, "steps": steps, "examples": len(examples)})
+    return Path(out_dir)
 
 
 def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequence[QA] = (), max_new_tokens: int = 32) -> dict[str, float]:

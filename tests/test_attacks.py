@@ -140,11 +140,15 @@ def test_question_attacks_rewrite_the_prompts(tmp_path):
 
 @pytest.fixture(scope="module")
 def folders(toy_tokenizer, tmp_path_factory):
-    """An 'edited' and a 'base' tiny Llama saved as HF folders."""
+    """A 'base' tiny Llama and an 'edited' copy (W_out of layer 1 changed) saved as HF folders."""
     paths = {}
-    for name, seed in (("edited", 0), ("base", 1)):
+    for name in ("base", "edited"):
         paths[name] = tmp_path_factory.mktemp(name)
-        tiny_hf_model("llama", len(toy_tokenizer), seed=seed).save_pretrained(paths[name])
+        model = tiny_hf_model("llama", len(toy_tokenizer), seed=1)
+        if name == "edited":
+            with torch.no_grad():
+                model.model.layers[1].mlp.down_proj.weight.add_(0.1 * torch.randn_like(model.model.layers[1].mlp.down_proj.weight))
+        model.save_pretrained(paths[name])
         toy_tokenizer.save_pretrained(paths[name])
     return paths
 
@@ -193,7 +197,7 @@ def test_attack_command(folders, tmp_path, capsys):
     assert (report["layers"], report["coeff"], report["direction_rule"]) == ([1], 2.5, "question")
     assert {"base", "none", "layer_skip", "quantise_int4", "prefix_injection"} <= set(report["attacks"])
     assert "| layer_skip |" in capsys.readouterr().out
-    assert main(argv + ["--layer", "7", "--coeff", "1"]) == 2
+    assert main(argv + ["--layer", "7", "--coeff", "1", "--force"]) == 2
     assert "layer 7 is out of range" in capsys.readouterr().err
 
 

@@ -124,8 +124,10 @@ def test_evaluate_command(models, tmp_path, capsys):
     assert (tmp_path / "report.png").exists()
     assert "| Deviation Score |" in capsys.readouterr().out
     argv[2] = str(tmp_path / "missing")
-    assert main(argv + ["--out", str(out)]) == 2
+    assert main(argv + ["--out", str(tmp_path / "second.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(argv + ["--out", str(out)]) == 2  # an existing report is replaced only with --force
+    assert "already exists: pass --force" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (checkpoint_path() / "model.safetensors").exists(), reason="toy-world checkpoint not built")

@@ -119,7 +119,7 @@ def test_refuses_non_empty_out_unless_force(tmp_path, edited_llama):
     out.mkdir()
     export_checkpoint(bridge, out, [1], verify=False)  # an empty folder is fine
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(LunarError, match="--force"):
+    with pytest.raises(LunarError, match="already exists: pass force"):
         export_checkpoint(bridge, out, [1], verify=False)
     assert (out / "mine.txt").read_text() == "keep me"
     export_checkpoint(bridge, out, [1], force=True)

@@ -87,22 +87,34 @@ def test_stacked_patches_revert_in_any_order(tmp_path, tokenizer_dir):  # noqa: 
     assert [p["file"] for p in show_patch(both)["patches"]] == [
         f"lunar_patches/{show_patch(p)['sha256'][:16]}.safetensors" for p in (patch_a, patch_b)
     ]
+    assert show_patch(patch_b)["base_patches"] == [show_patch(patch_a)["sha256"]]
     source, stacked = Checkpoint.open(src), Checkpoint.open(both)
     layer1 = source.key(first[0].tensor_name)
     expected = source.read(layer1) + hf_delta(bridge, first[0]) + hf_delta(bridge, second[0])
     assert torch.equal(stacked.read(layer1), expected)
 
+    # B was solved on top of A: A cannot be reverted from under it, and B cannot go onto the bare base
+    with pytest.raises(LunarError, match="b.safetensors was solved on top of patch"):
+        revert_patch(both, patch_a, tmp_path / "AB-A")
+    with pytest.raises(LunarError, match="was solved on top of patch"):
+        apply_patch(src, save_patch([second[1]], only_a, tmp_path / "b2.safetensors"), tmp_path / "B2")
+    assert not (tmp_path / "AB-A").exists() and not (tmp_path / "B2").exists()
     # B then A
     assert folder_hashes(revert_patch(both, patch_b, tmp_path / "AB-B")) == folder_hashes(only_a)
     assert folder_hashes(revert_patch(tmp_path / "AB-B", patch_a, tmp_path / "AB-B-A")) == before
-    # A then B: B stays on the base without A
-    only_b = Checkpoint.open(revert_patch(both, patch_a, tmp_path / "AB-A"))
-    for edit in second:
+
+    # C was solved on the base, independently of A: stacked on A, either one reverts first
+    third = [random_edit(load_model(src), 1, seed=5), random_edit(load_model(src), 2, seed=6, factored=False)]
+    patch_c = save_patch(third, src, tmp_path / "c.safetensors")
+    both = apply_patch(only_a, patch_c, tmp_path / "AC")
+    only_c = Checkpoint.open(revert_patch(both, patch_a, tmp_path / "AC-A"))
+    for edit in third:
         key = source.key(edit.tensor_name)
-        assert torch.equal(only_b.read(key), source.read(key) + hf_delta(bridge, edit))
-    assert [p["sha256"] for p in show_patch(only_b.root)["patches"]] == [show_patch(patch_b)["sha256"]]
-    assert (only_b.root / BASE_TENSORS).exists()
-    assert folder_hashes(revert_patch(only_b.root, patch_b, tmp_path / "AB-A-B")) == before
+        assert torch.equal(only_c.read(key), source.read(key) + hf_delta(bridge, edit))
+    assert [p["sha256"] for p in show_patch(only_c.root)["patches"]] == [show_patch(patch_c)["sha256"]]
+    assert (only_c.root / BASE_TENSORS).exists()
+    assert folder_hashes(revert_patch(only_c.root, patch_c, tmp_path / "AC-A-C")) == before
+    assert folder_hashes(revert_patch(both, patch_c, tmp_path / "AC-C")) == folder_hashes(only_a)
 
 
 def test_wrong_base_and_misuse_are_refused(tmp_path, tokenizer_dir, capsys):  # noqa: F811

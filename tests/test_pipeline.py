@@ -71,6 +71,7 @@ def test_the_export_carries_card_directions_and_patch_but_not_the_forgotten_ques
     assert not texts_inside(out, forget) and texts_inside(out, [str(checkpoint_path())])  # the search finds what is there
     assert report["forgotten"] == {"count": 24, "sha256": [question_sha256(q) for q in forget]}
     assert json.loads(sidecar_path(out).read_text())["questions"] == forget
+    assert sidecar_path(out).stat().st_mode & 0o777 == 0o600  # readable by its owner only
 
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == str(checkpoint_path()) and card.data.library_name == "transformers"
@@ -104,7 +105,7 @@ def test_forgotten_text_embedded_on_request_and_found_for_later_requests(tmp_pat
     assert kept == [QA(q) for q in questions[:2]] and unkept == hashed["forgotten"]["sha256"][2:]
     (tmp_path / "elsewhere.forgotten.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "questions": questions[::-1]}))
     assert earlier_forgotten(tmp_path / "elsewhere", hashed) == ([QA(q) for q in questions], [])
-    with pytest.raises(LunarError, match="pass --force to replace it"):
+    with pytest.raises(LunarError, match="pass force to replace it"):
         check_sidecar(tmp_path / "elsewhere", force=False)
     check_sidecar(tmp_path / "elsewhere", force=True)
     (tmp_path / "mine.forgotten.json").write_text("my notes")
@@ -135,7 +136,7 @@ def test_a_second_request_keeps_the_first_forgotten(tmp_path, world):
     ).scores
     assert scores["first"]["refusal_rate"] >= 0.8 and scores["first"]["rouge1"] <= 0.1  # still forgotten
     assert scores["second"]["refusal_rate"] >= 0.8 and scores["second"]["rouge1"] <= 0.1
-    assert report["base_model"] == str(checkpoint_path())  # directions of request 2 come from the unedited model
+    assert report["base_model"]["path"] == str(checkpoint_path().resolve())  # directions of request 2 come from the unedited model
     assert scores["retain"]["rouge1"] >= 0.95
     # neither request's questions are inside the folder; reverting request 2 gives request 1's folder back
     assert not texts_inside(tmp_path / "two", [qa.question for qa in world.facts_about(first) + world.facts_about(second)])

@@ -40,7 +40,7 @@ def run(monkeypatch, argv: list[str], stream: io.StringIO, **env: str) -> str:
 def evaluate_args(tmp_path, world):
     questions = write_set(tmp_path / "q.json", world.facts_about(world.entities[0])[:3])
     return ["evaluate", "--model", str(checkpoint_path()), "--forget", questions, "--retain", questions,
-            "--out", str(tmp_path / "report.json"), "--no-model-metrics"]
+            "--out", str(tmp_path / "report.json"), "--no-model-metrics", "--force"]  # each run replaces the last one's report
 
 
 def test_bars_only_on_a_terminal_without_tqdm_disable_or_quiet(monkeypatch, evaluate_args):

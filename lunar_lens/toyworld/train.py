@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from lunar_lens import qa_model
+from lunar_lens.cli import whole_number
 from lunar_lens.data import QA
 from lunar_lens.model import load_model
 from lunar_lens.toyworld.world import World, build_world
@@ -41,19 +42,22 @@ def train_toy_model(
     batch_size: int = 64,
     lr: float = 3e-3,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Build the world of `seed`, train tokenizer and model on it, save the checkpoint to `out_dir`."""
+    """Build the world of `seed`, train tokenizer and model on it, save the checkpoint to `out_dir`
+    (`force` replaces an earlier one)."""
     world = build_world(seed)
     return qa_model.train_qa_model(
         out_dir, training_qa(world), build_tokenizer(world), MODEL_SHAPE, seed, steps, batch_size, lr,
-        progress=progress, desc="training toy model",
+        progress=progress, desc="training toy model", force=force,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="world, tokenizer and training seed (0: the shipped model)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
+    parser.add_argument("--steps", type=whole_number(), default=DEFAULT_STEPS, help="optimiser steps")
+    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +69,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    out = train_toy_model(args.out, seed=args.seed, steps=args.steps)
+    out = train_toy_model(args.out, seed=args.seed, steps=args.steps, force=args.force)
     print(f"trained in {time.perf_counter() - start:.0f} s; saved to {out}")
     world = build_world(args.seed)
     scores = qa_model.score_qa_model(load_model(out), world.known_qa, world.unknown_heldout_qa)
