@@ -186,7 +186,7 @@ def test_attack_command(folders, tmp_path, capsys):
     sets = {}
     for name, items in (("forget", FORGET), ("retain", RETAIN), ("reference", REFERENCE)):
         sets[name] = tmp_path / f"{name}.json"
-        sets[name].write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in items]))
+        sets[name].write_text(json.dumps([{"question": qa.question} | ({"answer": qa.answer} if qa.answer else {}) for qa in items]))
     argv = ["attack", "--model", str(folders["edited"]), "--base", str(folders["base"]), "--forget", str(sets["forget"])]
     argv += ["--reference", str(sets["reference"]), "--out", str(tmp_path / "attacks.json"), "--max-new-tokens", "3"]
     assert main(argv) == 2
@@ -203,11 +203,14 @@ def test_attack_command(folders, tmp_path, capsys):
 
 @pytest.mark.skipif(not (checkpoint_path() / "model.safetensors").exists(), reason="toy-world checkpoint not built")
 def test_toy_world_edit_is_undone_by_layer_skip_and_abliteration(fresh_toy_bridge, world):
-    """Measured: the edit lives in block 2 and along r_2, so bypassing either brings the answers back."""
-    from lunar_lens.edit import edit_layers
+    """Measured: the closed-form edit lives in block 2 and along r_2, so bypassing either brings the answers back
+    (the refined edit is not along r_2 alone: abliteration gives back 0.15 of it, experiments/README.md)."""
+    from lunar_lens.edit import EditSettings, edit_layers
+    from lunar_lens.refine import RefineSettings
 
     forget, retain, reference = world.split(world.entities[:2])
-    result = edit_layers(fresh_toy_bridge, forget, retain, reference, layers=[2])
+    settings = EditSettings(coeff=8.0, refine=RefineSettings(steps=0))
+    result = edit_layers(fresh_toy_bridge, forget, retain, reference, layers=[2], settings=settings)
 
     def forget_rouge1() -> float:
         evaluation = evaluate_sets(fresh_toy_bridge, {"forget": forget}, max_new_tokens=24, model_metrics=False)

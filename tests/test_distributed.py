@@ -18,6 +18,7 @@ from conftest import tiny_hf_model
 from lunar_lens.cli import build_parser
 from lunar_lens.directions import compute_directions
 from lunar_lens.distributed import SINGLE, DataParallel, init_from_env
+from lunar_lens.refine import RefineSettings
 from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, load_model, load_tokenizer, mlp_post, resid_post, w_out, wrap_hf_model
@@ -41,7 +42,8 @@ def edit_once(parallel: DataParallel) -> dict:
     tokenizer = load_tokenizer(checkpoint_path())
     bridge = wrap_hf_model(tiny_hf_model("llama", len(tokenizer)), tokenizer)
     forget, retain, reference = qa_sets()
-    result = edit_layers(bridge, forget, retain, reference, LAYERS, EditSettings(batch_size=4), parallel=parallel)
+    settings = EditSettings(batch_size=4, refusal="I don't know.", refine=RefineSettings(steps=0))  # a random model declines nothing
+    result = edit_layers(bridge, forget, retain, reference, LAYERS, settings, parallel=parallel)
     # one forget prompt: the second rank's shard is empty
     lonely = compute_directions(bridge, [forget[0].question], [qa.question for qa in reference], refusal="I don't know.", parallel=parallel)
     rows = collect_statistics(bridge, [1], forget, retain, EditSettings(), "I don't know.", keep_rows=True, parallel=parallel)[0]
@@ -68,7 +70,7 @@ def _rank(rank: int, port: int, out_dir: Path) -> None:
         out = edit_once(parallel)
         forget, retain, reference = qa_sets()
         # the pipeline finds the process group itself; only rank 0 exports
-        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2], 4.0, EditSettings(batch_size=8), progress=False)
+        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2], 4.0, EditSettings(batch_size=8, refine=RefineSettings(steps=0)), progress=False)
         out.update(out_dir=outcome.out_dir and str(outcome.out_dir), w_out=w_out(outcome.bridge, 2).detach().clone(), processes=outcome.report["processes"])
         torch.save(out, out_dir / f"rank{rank}.pt")
     finally:

@@ -114,7 +114,7 @@ def test_evaluate_command(models, tmp_path, capsys):
     sets = {}
     for name, items in (("forget", FORGET), ("retain", RETAIN)):
         sets[name] = tmp_path / f"{name}.json"
-        sets[name].write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in items]))
+        sets[name].write_text(json.dumps([{"question": qa.question} | ({"answer": qa.answer} if qa.answer else {}) for qa in items]))
     out = tmp_path / "report.json"
     argv = ["evaluate", "--model", folders[0], "--base", folders[1], "--forget", str(sets["forget"]), "--retain", str(sets["retain"])]
     assert main(argv + ["--out", str(out), "--max-new-tokens", "3", "--no-model-metrics"]) == 0
@@ -166,7 +166,7 @@ def test_tofu_metrics_are_composed_as_open_unlearning_composes_them(models, monk
     utility = [p(retain.question, retain.answer), 0.5, max(0, 1 - retain_ratio), facts_p[0] / sum(facts_p), 1.0, max(0, 1 - facts_ratio)]
     expected = {
         "forget_quality": 1.0,  # checked against itself as the retain model
-        "model_utility": len(utility) / sum(1 / v for v in utility),
+        "model_utility": 0.0 if min(utility) == 0 else len(utility) / sum(1 / v for v in utility),  # a zero term: 0, as statistics.harmonic_mean
         "forget_truth_ratio": min(forget_ratio, 1 / forget_ratio),
         "forget_Q_A_Prob": p(forget.question, forget.answer),
         "forget_Q_A_ROUGE": 1.0,  # stemmed: lived ~ lives

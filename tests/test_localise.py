@@ -13,6 +13,7 @@ from transformer_lens import patching as tl_patching
 from conftest import tiny_config
 from lunar_lens.data import QA
 from lunar_lens.directions import compute_directions
+from lunar_lens.refine import RefineSettings
 from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.metrics import refusal_rate
 from lunar_lens.localise import (
@@ -57,9 +58,13 @@ def qa_sets(world):
     return forget[::5], retain[::97], reference[::60]  # 5 / 10 / 11 items of mixed lengths
 
 
+REFUSAL = "I don't know."
+
+
 def settings_for(positions: str = "last+answer", **overrides) -> LocaliseSettings:
     base = dict(max_prompts=12, generate_tokens=6, batch_size=4, patch_pairs=4, patch_positions=5)
-    return LocaliseSettings(edit=EditSettings(positions=positions), **(base | overrides))
+    # a random model declines nothing: the refusal is given
+    return LocaliseSettings(edit=EditSettings(positions=positions, refusal=REFUSAL), **(base | overrides))
 
 
 # ---------------------------------------------------------------- slow references: one prompt at a time, no padding
@@ -278,8 +283,8 @@ def test_edit_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     forget, retain, reference = qa_sets
     torch.manual_seed(1)
     model = wrap_hf_model(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", len(toy_tokenizer))).eval(), toy_tokenizer)
-    settings = EditSettings(coeff=3.0)
-    refusal = reference[0].answer
+    settings = EditSettings(coeff=3.0, refusal=REFUSAL, refine=RefineSettings(steps=0))  # the closed form, as simulated
+    refusal = REFUSAL
     directions = compute_directions(model, [q.question for q in forget], [q.question for q in reference], refusal=refusal)
     delta, other = unit_edits(model, [LAYER, 0], forget, retain, refusal, directions, settings)
     assert torch.equal(other, unit_edits(model, [0], forget, retain, refusal, directions, settings)[0])  # one pass, two layers
@@ -348,7 +353,8 @@ def test_localise_command_writes_scores_and_figures(bridge, qa_sets, tmp_path):
     files = {}
     for name, items in (("forget", forget), ("retain", retain), ("reference", reference)):
         files[name] = tmp_path / f"{name}.json"
-        records = [{"question": qa.question} if name == "forget" else {"question": qa.question, "answer": qa.answer} for qa in items]
+        # a random model declines nothing: the reference records carry the refusal
+        records = [{"question": qa.question} if name == "forget" else {"question": qa.question, "answer": qa.answer or REFUSAL} for qa in items]
         files[name].write_text(json.dumps(records))
     out = tmp_path / "out"
     args = ["localise", "--model", str(model_dir), "--out", str(out), "--coeffs", "4", "--layers", "0,2", "--max-prompts", "4"]

@@ -22,7 +22,7 @@ class Terminal(io.StringIO):
 
 
 def write_set(path, items) -> str:
-    path.write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in items]))
+    path.write_text(json.dumps([{"question": qa.question} | ({"answer": qa.answer} if qa.answer else {}) for qa in items]))
     return str(path)
 
 
@@ -66,6 +66,6 @@ def test_an_unlearn_run_with_tqdm_disable_logs_one_line_per_stage(monkeypatch, t
     assert "\r" not in log
     stages = [STAGE_LINE.match(line).group(1) for line in log.splitlines() if STAGE_LINE.match(line)]
     assert stages == [
-        "loaded the model and the sets", f"directions from {len(forget[::4])} forget and {len(reference[::40])} reference prompts",
+        "loaded the model and the sets", "the model's own refusal (its answers to the reference questions)", f"directions from {len(forget[::4])} forget and {len(reference[::40])} reference prompts",
         "edit of W_out, layer(s) 0, c = 6", f"export to {tmp_path / 'out'}, verified by reloading",
     ]

@@ -32,9 +32,9 @@ def test_pistol_forgets_one_edge_and_references_are_held_out():
     sets = finetune.pistol_sets(args)
     assert (len(sets["forget"]), len(sets["retain"]), len(sets["factual"])) == (20, 380, 169)
     assert not questions(sets["forget"]) & questions(sets["retain"])
-    trained, held_out = finetune.reference_sets(args.reference, "I can't say.", seed=0)
+    trained, held_out = finetune.reference_sets(args.reference, ["I can't say.", "No idea."], seed=0)
     assert len(held_out) == finetune.HELD_OUT_REFERENCE and not questions(trained) & questions(held_out)
-    assert {qa.answer for qa in trained + held_out} == {"I can't say."}
+    assert {qa.answer for qa in trained + held_out} == {"I can't say.", "No idea."}  # drawn at random: varied refusals
 
 
 def test_tofu_retain_model_option_and_perturbed_evaluation_sets(tmp_path):
