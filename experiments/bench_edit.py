@@ -58,7 +58,7 @@ WORKER_ENV = {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
 # batches under the 4 MiB threshold; edits run ~2.5x slower, so these runs are not timed.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
 FLOOR_BATCH_SIZES = (32, 128, 512)
-RELEASE_OBJECTIVE = dict(positions="all", coeff=2.0, retain_answers=False)  # what the released recipe fits
+RELEASE_OBJECTIVE = dict(positions="all", coeff=2.0, retain_answers=False, refine=RefineSettings(steps=0))  # what the released recipe fits
 
 
 # ---------------------------------------------------------------- memory (in the worker)
@@ -118,7 +118,8 @@ def worker_release(layer: int, forget: list, retain: list, reference: list) -> d
 
 def warm_up(bridge, layer: int, settings, forget: list, retain: list, reference: list) -> None:
     """One edit on two prompts of each set, then undone."""
-    from lunar_lens.edit import edit_layers
+    from lunar_lens.refine import RefineSettings
+from lunar_lens.edit import edit_layers
     from lunar_lens.model import w_out
 
     original = w_out(bridge, layer).detach().clone()
@@ -166,7 +167,7 @@ def worker_localise(layer: int, forget: list, retain: list, reference: list) -> 
     chosen = time.perf_counter()
     loc = localise(bridge, forget, retain, reference)  # the `localise` report: every probe at every c, for the figures
     localised = time.perf_counter()
-    edit_layers(bridge, forget, retain, reference, layers, EditSettings(coeff=coeff))
+    edit_layers(bridge, forget, retain, reference, layers, EditSettings(coeff=coeff, refine=RefineSettings(steps=0)))
     edited = time.perf_counter()
     return {"seconds_localise": chosen - started, "seconds_localise_report": localised - chosen, "seconds_edit": edited - localised,
             "best_layer": layers[0], "best_coeff": coeff, "report_agrees": (loc.best_layer, loc.best_coeff) == (layers[0], coeff)}

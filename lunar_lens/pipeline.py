@@ -158,7 +158,7 @@ def unlearn(
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
-    `layers=None` / `coeff=None` choose them by localisation (`lunar_lens.localise`). With `out`, the
+    `layers=None` / `coeff=None` choose them on held-out generations (`lunar_lens.choice`). With `out`, the
     edited model is exported (`export_outcome`). `device_map` spreads the model over devices
     (`load_model`). Under `torchrun`, each process collects its shard of the prompts, all make the same
     edit, and only rank 0 exports (`parallel=None`: from the environment,
