@@ -58,7 +58,7 @@ WORKER_ENV = {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
 # batches under the 4 MiB threshold; edits run ~2.5x slower, so these runs are not timed.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
 FLOOR_BATCH_SIZES = (32, 128, 512)
-RELEASE_OBJECTIVE = dict(positions="all", coeff=2.0, retain_answers=False, refine=RefineSettings(steps=0))  # what the released recipe fits
+RELEASE_OBJECTIVE = dict(positions="all", coeff=2.0, retain_answers=False)  # what the released recipe fits (no refinement)
 
 
 # ---------------------------------------------------------------- memory (in the worker)
@@ -118,8 +118,7 @@ def worker_release(layer: int, forget: list, retain: list, reference: list) -> d
 
 def warm_up(bridge, layer: int, settings, forget: list, retain: list, reference: list) -> None:
     """One edit on two prompts of each set, then undone."""
-    from lunar_lens.refine import RefineSettings
-from lunar_lens.edit import edit_layers
+    from lunar_lens.edit import edit_layers
     from lunar_lens.model import w_out
 
     original = w_out(bridge, layer).detach().clone()
@@ -132,10 +131,11 @@ def worker_lens(layer: int, forget: list, retain: list, reference: list) -> dict
     from lunar_lens.directions import compute_directions
     from lunar_lens.edit import EditSettings, edit_layers
     from lunar_lens.model import load_model
+    from lunar_lens.refine import RefineSettings
     from lunar_lens.toyworld import checkpoint_path
 
     bridge = load_model(checkpoint_path())
-    settings = EditSettings(**RELEASE_OBJECTIVE)
+    settings = EditSettings(**RELEASE_OBJECTIVE, refine=RefineSettings(steps=0))
 
     def edit(forget: list, retain: list, reference: list) -> dict:
         started = time.perf_counter()
@@ -158,12 +158,13 @@ def worker_localise(layer: int, forget: list, retain: list, reference: list) -> 
     from lunar_lens.edit import EditSettings, edit_layers
     from lunar_lens.localise import choose_layer_and_coeff, localise
     from lunar_lens.model import load_model
+    from lunar_lens.refine import RefineSettings
     from lunar_lens.toyworld import checkpoint_path
 
     bridge = load_model(checkpoint_path())
-    warm_up(bridge, layer, EditSettings(), forget, retain, reference)
+    warm_up(bridge, layer, EditSettings(refine=RefineSettings(steps=0)), forget, retain, reference)
     started = time.perf_counter()
-    layers, coeff, _ = choose_layer_and_coeff(bridge, forget, retain, reference)  # what --layer auto --coeff auto runs
+    layers, coeff, _ = choose_layer_and_coeff(bridge, forget, retain, reference)  # the probes' rule (--layer auto now runs lunar_lens.choice: bench_choice.py)
     chosen = time.perf_counter()
     loc = localise(bridge, forget, retain, reference)  # the `localise` report: every probe at every c, for the figures
     localised = time.perf_counter()
