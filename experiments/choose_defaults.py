@@ -22,7 +22,9 @@ from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model, w_out
 from lunar_lens.directions import compute_directions
-from lunar_lens.toyworld import REFUSAL, build_world, checkpoint_path
+from lunar_lens.refine import RefineSettings
+from lunar_lens.refusals import model_refusal
+from lunar_lens.toyworld import build_world, checkpoint_path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,7 +41,8 @@ def main() -> None:
     world = build_world(0)
     forget, retain, reference = world.split(world.entities[: args.entities])
     bridge = load_model(checkpoint_path())
-    directions = compute_directions(bridge, [q.question for q in forget], [q.question for q in reference], refusal=REFUSAL)
+    refusal = model_refusal(bridge, reference).target  # the model's own most common refusal
+    directions = compute_directions(bridge, [q.question for q in forget], [q.question for q in reference], refusal=refusal)
     originals = {layer: w_out(bridge, layer).detach().clone() for layer in range(bridge.cfg.n_layers)}
     sets = {"forget": forget, "retain": retain[:: args.retain_stride]}
     rows = []
@@ -48,7 +51,7 @@ def main() -> None:
         [flag == "true" for flag in args.retain_answers.split(",")],
     )
     for layer, positions, coeff, retain_answers in grid:
-        settings = replace(EditSettings(), positions=positions, coeff=coeff, retain_answers=retain_answers)
+        settings = replace(EditSettings(refusal=refusal, refine=RefineSettings(steps=0)), positions=positions, coeff=coeff, retain_answers=retain_answers)
         result = edit_layers(bridge, forget, retain, reference, [layer], settings, directions=directions)
         evaluation = evaluate_sets(bridge, sets, model_metrics=False)
         with torch.no_grad():
