@@ -355,7 +355,7 @@ def run_cli(args: argparse.Namespace) -> None:
         written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
         print("\n".join(f"wrote {path}" for path in written.values()))
     layers = ", ".join(
-        str(l["layer"]) + ("" if l["objective_before"] is None else f" (objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
+        str(l["layer"]) + ("" if l["objective_before"] is None else f" (the solve's objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
         for l in outcome.report["edit"]["layers"]
     )
     if outcome.report["choice"]:
