@@ -182,7 +182,7 @@ def prediction_table(results: dict[str, dict]) -> str:
         measured = [_score(after, "forget", "rouge1"), _score(after, "forget", "refusal_rate"), _score(after, "retain", "rouge1"), after.get("deviation_score")]
         lines.append(f"| {name} | {chosen} | {refusal} | predicted | " + " | ".join(_fmt(predicted[k]) for k in ("forget_rouge1", "forget_refusal", "retain_rouge1"))
                      + f" | {_fmt(predicted['deviation_score'], '.1f')} |")
-        lines.append(f"| | | | measured | " + " | ".join(_fmt(v) for v in measured[:3]) + f" | {_fmt(measured[3], '.1f')} |")
+        lines.append("| | | | measured | " + " | ".join(_fmt(v) for v in measured[:3]) + f" | {_fmt(measured[3], '.1f')} |")
     return "\n".join(lines)
 
 

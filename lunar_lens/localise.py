@@ -46,10 +46,11 @@ from lunar_lens.edit import EditSettings, collect_statistics, refusal_target
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
-from lunar_lens.model import check_layer, mlp_out, mlp_post, n_layers, resid_post
+from lunar_lens.model import check_layer, n_layers, resid_post
 from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import Stages
 from lunar_lens.progress import bar as progress_bar
+from lunar_lens.refine import delta_hooks
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
 from lunar_lens.solvers import solve_closed
 
@@ -192,22 +193,6 @@ def patch_hook(columns: Int[torch.Tensor, "batch"], values: Float[torch.Tensor, 
         return patched
 
     return hook
-
-
-def edit_hooks(layer: int, delta: Float[torch.Tensor, "d_mlp d_model"], scale: Float[torch.Tensor, "batch"] | None = None) -> list[Hook]:
-    """Hooks that act as W_out[layer] + delta: the MLP output gains `mlp.hook_post @ delta` (× `scale[b]`
-    in row b: one batch simulates several multiples of the edit)."""
-    inputs: list[torch.Tensor] = []
-
-    def keep(activation: torch.Tensor, hook=None) -> torch.Tensor:
-        inputs[:] = [activation]
-        return activation
-
-    def add(activation: torch.Tensor, hook=None) -> torch.Tensor:
-        change = inputs[0] @ delta.to(activation.device, activation.dtype)
-        return activation + (change if scale is None else change * scale.to(change)[:, None, None])
-
-    return [(mlp_post(layer), keep), (mlp_out(layer), add)]
 
 
 def steering_shift(
@@ -608,12 +593,12 @@ def edit_scores(
     scale = torch.tensor([float(c) for c in coeffs])
 
     def hooks_for(indices: list[int]) -> list[Hook]:
-        return edit_hooks(layer, delta, scale[indices].repeat_interleave(len(sets.forget)))
+        return delta_hooks({layer: delta}, scale[indices].repeat_interleave(len(sets.forget)))
 
     for answers in answers_per_intervention(bridge, sets, settings, hooks_for, len(coeffs)):
         scores["forget_rouge1"].append(mean_rouge1(answers, sets.forget_answers))
         scores["refusal_rate"].append(refusal_rate(answers, references=[sets.refusal]))
-    interventions = [lambda chunk, hooks=edit_hooks(layer, coeff * delta): hooks for coeff in coeffs]
+    interventions = [lambda chunk, hooks=delta_hooks({layer: coeff * delta}): hooks for coeff in coeffs]
     scores["retain_kl"] = retain_kl(bridge, sets, settings, interventions)
     return scores
 

@@ -13,14 +13,13 @@ from transformer_lens import patching as tl_patching
 from conftest import tiny_config
 from lunar_lens.data import QA
 from lunar_lens.directions import compute_directions
-from lunar_lens.refine import RefineSettings
+from lunar_lens.refine import RefineSettings, delta_hooks
 from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.metrics import refusal_rate
 from lunar_lens.localise import (
     LocaliseSettings,
     ablation_scores,
     choose_edit,
-    edit_hooks,
     edit_scores,
     forget_answers_with,
     in_chunks,
@@ -279,7 +278,7 @@ def set_at(position, value):
 
 # ---------------------------------------------------------------- the edit check
 
-def test_edit_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
+def test_delta_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     forget, retain, reference = qa_sets
     torch.manual_seed(1)
     model = wrap_hf_model(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", len(toy_tokenizer))).eval(), toy_tokenizer)
@@ -291,7 +290,7 @@ def test_edit_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     batch = tokenize(toy_tokenizer, [q.question for q in forget + retain], [q.answer for q in forget + retain])
     with torch.no_grad():
         before = model(batch.input_ids, attention_mask=batch.attention_mask)
-        with model.hooks(fwd_hooks=edit_hooks(LAYER, 3.0 * delta)):
+        with model.hooks(fwd_hooks=delta_hooks({LAYER: 3.0 * delta})):
             simulated = model(batch.input_ids, attention_mask=batch.attention_mask)
         edit_layers(model, forget, retain, reference, [LAYER], settings, directions=directions)
         edited = model(batch.input_ids, attention_mask=batch.attention_mask)
@@ -308,7 +307,7 @@ def test_edit_scores_decode_several_coefficients_in_one_batch(toy_bridge, qa_set
     (delta,) = unit_edits(toy_bridge, [LAYER], forget, retain, sets.refusal, directions, settings.edit)
     scores = edit_scores(toy_bridge, sets, settings, LAYER, delta, coeffs)
     for i, coeff in enumerate(coeffs):  # one c at a time
-        answers = forget_answers_with(toy_bridge, sets, settings, edit_hooks(LAYER, coeff * delta))
+        answers = forget_answers_with(toy_bridge, sets, settings, delta_hooks({LAYER: coeff * delta}))
         assert scores["refusal_rate"][i] == refusal_rate(answers, references=[sets.refusal])
         assert scores["forget_rouge1"][i] == pytest.approx(mean_rouge1(answers, sets.forget_answers))
     # c matters, so rows of different c were told apart: answers at 0.05, refusals at 1, broken text at 32
