@@ -90,6 +90,8 @@ def earlier_forgotten(model_dir: str | Path | None, earlier: dict, given: Sequen
     """The questions earlier requests made `model_dir` forget, as text — from its report (when embedded),
     its sidecar, or `given` (the earlier forget sets passed again) — and the hashes of those with no text."""
     record = earlier.get("forgotten") or {}
+    if isinstance(record, list):  # a report written before the text moved out of the folder: the questions themselves
+        record = {"questions": record, "sha256": [question_sha256(text) for text in record]}
     beside = (_read_sidecar(sidecar_path(model_dir)) if model_dir else None) or []
     texts = [*record.get("questions", []), *beside, *(qa.question for qa in given)]
     by_hash = {question_sha256(text): text for text in texts}

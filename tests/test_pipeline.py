@@ -90,6 +90,13 @@ def test_the_export_carries_card_directions_and_patch_but_not_the_forgotten_ques
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+def test_a_report_from_before_the_hashes_still_keeps_its_questions_forgotten(tmp_path):
+    from lunar_lens.pipeline import earlier_forgotten
+
+    questions = ["Where does Mivi Mibek live?", "When was Mivi Mibek born?"]
+    assert earlier_forgotten(tmp_path / "old", {"forgotten": questions}) == ([QA(q) for q in questions], [])
+
+
 def test_forgotten_text_embedded_on_request_and_found_for_later_requests(tmp_path, world, capsys):
     from lunar_lens.pipeline import check_sidecar, earlier_forgotten, unlearn
 
