@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from lunar_lens.data import QA, load_qa, spread
-from lunar_lens.edit import EditSettings, collect_statistics, directions_for
-from lunar_lens.solvers import solve_closed
+from lunar_lens.edit import EditSettings, directions_for, unit_solutions
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import load_model, n_layers
@@ -90,9 +89,7 @@ def main() -> None:
     rows = [{"setting": "base", **scores(bridge, evaluation, {}, args.max_new_tokens)}]
     print(json.dumps(rows[-1])[:300])
     for layers in layer_sets:
-        tables = [directions.shift_table(layer, 1.0) for layer in layers]
-        stats = collect_statistics(bridge, layers, forget, retain, settings, target.target, len(tables[0]))
-        solutions = {layer: solve_closed(layer_stats, table, settings.ridge) for layer, layer_stats, table in zip(layers, stats, tables)}
+        solutions = dict(zip(layers, unit_solutions(bridge, layers, forget, retain, target.target, directions, settings)))
         units = {layer: solution.delta for layer, solution in solutions.items()}
         for coeff in [float(c) for c in args.coeffs.split(",")]:
             closed = {layer: coeff * delta for layer, delta in units.items()}

@@ -31,16 +31,15 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions
-from lunar_lens.edit import EditSettings, collect_statistics
+from lunar_lens.edit import EditSettings, unit_solutions
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import n_layers
 from lunar_lens.progress import bar
-from lunar_lens.prompts import first_answer_tokens, tokenize
-from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits, rows
+from lunar_lens.prompts import first_answer_tokens, rows_of, tokenize
+from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
 from lunar_lens.refusals import ModelRefusal
-from lunar_lens.solvers import solve_closed
 
 Edits = dict[int, Float[torch.Tensor, "d_mlp d_model"]]
 
@@ -190,10 +189,8 @@ def choose_edit(
     retain_held = retain_held[: settings.max_eval]
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
     layers = sorted({layer for layer_set in sets for layer in layer_set})
-    tables = [directions.shift_table(layer, 1.0) for layer in layers]
-    stats = collect_statistics(bridge, layers, forget_solve, retain_solve, edit, refusal.target, len(tables[0]), progress=progress)
-    units = {layer: solve_closed(layer_stats, table, edit.ridge).delta for layer, layer_stats, table in zip(layers, stats, tables)}
-    del stats
+    solutions = unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit)
+    units = {layer: solution.delta for layer, solution in zip(layers, solutions)}
     seconds = {"statistics": time.perf_counter() - started}
 
     # 1. screening, teacher-forced: one forward per layer set, every c in it (rows repeated, scaled per row)
@@ -202,7 +199,7 @@ def choose_edit(
     rows_tf = first_answer_tokens(tokenize(bridge.tokenizer, questions, answers), settings.screen_tokens, bridge.tokenizer.pad_token_id)
     n_forget, n_rows = len(forget_held), len(questions)
     coeffs = torch.tensor(settings.coeffs, dtype=torch.float32)
-    repeated = rows(rows_tf, torch.arange(n_rows).repeat(len(coeffs)))
+    repeated = rows_of(rows_tf, torch.arange(n_rows).repeat(len(coeffs)))
     scale = coeffs.repeat_interleave(n_rows)
     screening = []
     with torch.no_grad():

@@ -21,7 +21,7 @@ from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, 
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
-from lunar_lens.solvers import SOLVERS, EditStatistics, solve_adamw, solve_closed, solve_lora
+from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_adamw, solve_closed, solve_lora
 
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
 
@@ -143,6 +143,17 @@ def collect_statistics(
             for layer_stats, name in zip(stats, names):
                 layer_stats.add(cache[name].cpu()[real], torch.full((int(real.sum()),), -1))
     return [parallel.sum_statistics(layer_stats) for layer_stats in stats]
+
+
+def unit_solutions(
+    bridge: TransformerBridge, layers: Sequence[int], forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions,
+    settings: EditSettings,
+) -> list[Solution]:
+    """The closed-form edit at c = 1 of each of `layers` alone, on the model as it is (statistics from the same
+    passes): at any c its ΔW is c·ΔW, since u does not depend on c."""
+    tables = [directions.shift_table(layer, 1.0) for layer in layers]
+    stats = collect_statistics(bridge, layers, forget, retain, settings, refusal, len(tables[0]))
+    return [solve_closed(layer_stats, table, settings.ridge) for layer_stats, table in zip(stats, tables)]
 
 
 def directions_for(

@@ -16,8 +16,8 @@ keys and values):
   refusal logit difference at the last prompt token;
 - **side effects**: KL(clean ‖ intervened) of next-token distributions on retain prompts (at the last
   prompt token and, teacher-forced, every answer token) under each intervention;
-- **edit check**: for the best-ranked layers, the closed-form edit (`edit.collect_statistics`,
-  `solvers.solve_closed`) at c = 1, simulated at every c of the grid by hooks (its ΔW is linear in c):
+- **edit check**: for the best-ranked layers, the closed-form edit (`edit.unit_solutions`)
+  at c = 1, simulated at every c of the grid by hooks (its ΔW is linear in c):
   forget ROUGE-1 recall and refusal rate of greedy answers, retain KL. No weight changes.
 
 The selection rule (`rank_layers`, then `choose_edit`) is written out in `RULE` and in localisation.json.
@@ -42,7 +42,7 @@ from lunar_lens.activations import capture, shared_prefix_length, shift_index
 from lunar_lens.cli import add_device_arguments, parse_numbers, whole_number
 from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions, compute_directions
-from lunar_lens.edit import EditSettings, collect_statistics, refusal_target
+from lunar_lens.edit import EditSettings, refusal_target, unit_solutions
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
@@ -51,8 +51,7 @@ from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manife
 from lunar_lens.progress import Stages
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.refine import delta_hooks
-from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
-from lunar_lens.solvers import solve_closed
+from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 
 DEFAULT_COEFFS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 RULE = (
@@ -159,10 +158,6 @@ class Localisation:
 
 
 # ---------------------------------------------------------------- batches, hooks, scores
-
-def rows_of(batch: TokenBatch, index: slice | torch.Tensor) -> TokenBatch:
-    return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))
-
 
 def add_hook(shift: Float[torch.Tensor, "*shape d_model"]) -> Callable:
     """A forward hook adding `shift` (broadcast over batch and positions) to the activation."""
@@ -573,17 +568,6 @@ def patching_map(
 
 # ---------------------------------------------------------------- the edit check
 
-def unit_edits(
-    bridge: TransformerBridge, layers: Sequence[int], forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions,
-    edit: EditSettings,
-) -> list[Float[torch.Tensor, "d_mlp d_model"]]:
-    """ΔW of the closed-form edit at c = 1 of each of `layers` alone (statistics from the same passes);
-    at any c it is c·ΔW (u does not depend on c)."""
-    tables = [directions.shift_table(layer, 1.0) for layer in layers]
-    stats = collect_statistics(bridge, layers, forget, retain, edit, refusal, len(tables[0]))
-    return [solve_closed(layer_stats, table, edit.ridge).delta for layer_stats, table in zip(stats, tables)]
-
-
 def edit_scores(
     bridge: TransformerBridge, sets: ProbeSets, settings: LocaliseSettings, layer: int, delta: torch.Tensor, coeffs: Sequence[float]
 ) -> dict[str, list[float]]:
@@ -703,7 +687,7 @@ def localise(
 
     checked = probe_ranking[: settings.calibrate_layers]
     edit = {key: torch.zeros(len(checked), len(coeffs)) for key in ("forget_rouge1", "refusal_rate", "retain_kl")}
-    deltas = unit_edits(bridge, checked, forget, retain, sets.refusal, directions, settings.edit)
+    deltas = [unit.delta for unit in unit_solutions(bridge, checked, forget, retain, sets.refusal, directions, settings.edit)]
     for index, (layer, delta) in enumerate(zip(progress_bar(checked, "edit check" if progress else None), deltas)):
         for key, values in edit_scores(bridge, sets, settings, layer, delta, coeffs).items():
             edit[key][index] = torch.tensor(values)

@@ -61,6 +61,11 @@ class TokenBatch:
         return torch.where(self.prompt_mask, positions, -1).max(dim=1).values
 
 
+def rows_of(batch: TokenBatch, index: slice | torch.Tensor) -> TokenBatch:
+    """The rows `index` of `batch`, every mask with them."""
+    return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))
+
+
 def format_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str]) -> list[str]:
     """`format_prompt` of every question (one chat-template call for the batch)."""
     if not questions or not uses_chat_template(tokenizer):

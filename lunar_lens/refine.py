@@ -21,7 +21,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import mlp_out, mlp_post
 from lunar_lens.progress import bar
-from lunar_lens.prompts import TokenBatch, first_answer_tokens, tokenize
+from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 
 
 @dataclass
@@ -127,9 +127,9 @@ def refine_edits(
             f = torch.randperm(len(forget_questions), generator=generator)[: settings.batch_rows]
             r = torch.randperm(len(retain_questions), generator=generator)[: settings.batch_rows]
             hooks = delta_hooks(deltas())
-            loss = answer_cross_entropy(bridge, rows(forget, f), hooks)
+            loss = answer_cross_entropy(bridge, rows_of(forget, f), hooks)
             if settings.retain_weight:
-                loss = loss + settings.retain_weight * answer_cross_entropy(bridge, rows(retain, r), hooks)
+                loss = loss + settings.retain_weight * answer_cross_entropy(bridge, rows_of(retain, r), hooks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -142,7 +142,3 @@ def own_answers(bridge: TransformerBridge, items: Sequence[QA], max_new_tokens: 
     missing = [qa.question for qa in items if not qa.answer]
     generated = iter(generate_answers(bridge, missing, max_new_tokens) if missing else [])
     return [qa if qa.answer else QA(qa.question, next(generated)) for qa in items]
-
-
-def rows(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
-    return TokenBatch(*(getattr(batch, name)[index] for name in batch.__dataclass_fields__))

@@ -14,7 +14,7 @@ from conftest import tiny_config
 from lunar_lens.data import QA
 from lunar_lens.directions import compute_directions
 from lunar_lens.refine import RefineSettings, delta_hooks
-from lunar_lens.edit import EditSettings, edit_layers
+from lunar_lens.edit import EditSettings, edit_layers, unit_solutions
 from lunar_lens.metrics import refusal_rate
 from lunar_lens.localise import (
     LocaliseSettings,
@@ -35,7 +35,6 @@ from lunar_lens.localise import (
     steering_generation_hook,
     steering_scores,
     top_next_token,
-    unit_edits,
 )
 from lunar_lens.model import resid_post, wrap_hf_model
 from lunar_lens.prompts import tokenize
@@ -285,8 +284,8 @@ def test_delta_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     settings = EditSettings(coeff=3.0, refusal=REFUSAL, refine=RefineSettings(steps=0))  # the closed form, as simulated
     refusal = REFUSAL
     directions = compute_directions(model, [q.question for q in forget], [q.question for q in reference], refusal=refusal)
-    delta, other = unit_edits(model, [LAYER, 0], forget, retain, refusal, directions, settings)
-    assert torch.equal(other, unit_edits(model, [0], forget, retain, refusal, directions, settings)[0])  # one pass, two layers
+    delta, other = (unit.delta for unit in unit_solutions(model, [LAYER, 0], forget, retain, refusal, directions, settings))
+    assert torch.equal(other, unit_solutions(model, [0], forget, retain, refusal, directions, settings)[0].delta)  # one pass, two layers
     batch = tokenize(toy_tokenizer, [q.question for q in forget + retain], [q.answer for q in forget + retain])
     with torch.no_grad():
         before = model(batch.input_ids, attention_mask=batch.attention_mask)
@@ -304,7 +303,7 @@ def test_edit_scores_decode_several_coefficients_in_one_batch(toy_bridge, qa_set
     settings = settings_for(generate_rows=2 * len(forget))  # two c per batch: batches of 2 and 1
     sets = prepare_sets(toy_bridge, forget, retain, reference, settings)
     directions = compute_directions(toy_bridge, [q.question for q in forget], [q.question for q in reference], refusal=sets.refusal)
-    (delta,) = unit_edits(toy_bridge, [LAYER], forget, retain, sets.refusal, directions, settings.edit)
+    (delta,) = (unit.delta for unit in unit_solutions(toy_bridge, [LAYER], forget, retain, sets.refusal, directions, settings.edit))
     scores = edit_scores(toy_bridge, sets, settings, LAYER, delta, coeffs)
     for i, coeff in enumerate(coeffs):  # one c at a time
         answers = forget_answers_with(toy_bridge, sets, settings, delta_hooks({LAYER: coeff * delta}))
