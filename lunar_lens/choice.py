@@ -4,15 +4,21 @@ Forget, retain and reference sets are split into a part the edit is solved on an
 candidate — a single layer or a contiguous layer set, at every c of the grid — is the closed-form edit
 solved on the solve part (one statistics pass for every layer; ΔW is linear in c), simulated by hooks.
 
+A *keep* set (optional: questions about knowledge the user did not list, answered by the model itself) is
+treated as retain rows everywhere, but judged on its own: the retain set alone does not show what an edit
+costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a fifth of the world facts).
+
 1. **Screening** (teacher-forced, one forward per cell): the held-out forget prompts' loss on the model's
-   own refusal, plus `retain_weight` × the rise of the held-out retain answers' loss. The best c of each
-   layer set scores it; the `candidates` best layer sets go on.
+   own refusal, plus `retain_weight` × the rise of the held-out retain (and keep) answers' loss. The best c
+   of each layer set scores it; the `candidates` best layer sets go on. When refining, only the c a
+   refinement starts from (≤ `refine_start_coeff`) are screened.
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
    (`lunar_lens.refine`) on the solve part.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
-   held-out part: forget refusal rate and ROUGE-1 recall, retain ROUGE-1 recall. A cell refusing less than
-   `min_refusal` of the held-out forget questions cannot win while any cell refuses that often; among the
-   rest the lowest `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1)‖ wins.
+   held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall. A cell refusing
+   less than `min_refusal` of the held-out forget questions cannot win while any cell refuses that often;
+   among the rest the lowest `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1,
+   1 − keep ROUGE-1)‖ wins.
 
 The chosen cell's edit is the final edit (nothing is solved twice), and its held-out numbers are the
 prediction the report sets beside what the exported model measures.
@@ -84,17 +90,19 @@ class Cell:
     retain_rouge1: float  # held-out: knowledge the edit was not shown
     seen_forget_rouge1: float | None = None
     seen_forget_refusal: float | None = None
+    keep_rouge1: float | None = None  # held-out keep questions (None: no keep set)
 
     @property
     def score(self) -> float:
-        return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1)
+        keep = 0.0 if self.keep_rouge1 is None else 1.0 - self.keep_rouge1
+        return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1, keep)
 
     def prediction(self) -> dict:
         """What the exported model should measure on the user's sets: forget as seen, retain as held out."""
         forget = self.seen_forget_rouge1
         return {
             "forget_rouge1": forget, "forget_refusal": self.seen_forget_refusal, "retain_rouge1": self.retain_rouge1,
-            "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - self.retain_rouge1),
+            "keep_rouge1": self.keep_rouge1, "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - self.retain_rouge1),
         }
 
     def to_json(self) -> dict:
@@ -147,11 +155,13 @@ def contiguous_sets(n: int, max_width: int) -> list[list[int]]:
 
 @torch.no_grad()
 def judge(
-    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal, tokens: int
-) -> tuple[float, float, float, float, float]:
+    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA],
+    refusal: ModelRefusal, tokens: int,
+) -> tuple[float, float, float, float, float, float | None]:
     """Greedy answers with `edits` simulated, in one batch: (forget ROUGE-1, forget refusal rate) on the held-out
-    `forget` questions, retain ROUGE-1 on `retain`, and (forget ROUGE-1, refusal rate) on `seen` forget questions."""
-    groups = [list(forget), list(retain), list(seen)]
+    `forget` questions, retain ROUGE-1 on `retain`, (forget ROUGE-1, refusal rate) on `seen` forget questions,
+    and keep ROUGE-1 on `keep` (None when empty)."""
+    groups = [list(forget), list(retain), list(seen), list(keep)]
     items = [qa for group in groups for qa in group]
     with bridge.hooks(fwd_hooks=delta_hooks(edits)):
         answers = generate_answers(bridge, [qa.question for qa in items], tokens, batch_size=len(items))
@@ -163,7 +173,7 @@ def judge(
         part = values[bounds[group] : bounds[group + 1]]
         return sum(part) / max(1, len(part))
 
-    return mean(recall, 0), mean(refused, 0), mean(recall, 1), mean(recall, 2), mean(refused, 2)
+    return mean(recall, 0), mean(refused, 0), mean(recall, 1), mean(recall, 2), mean(refused, 2), mean(recall, 3) if keep else None
 
 
 def choose_edit(
@@ -176,9 +186,11 @@ def choose_edit(
     settings: ChoiceSettings | None = None,
     layer_sets: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
+    keep: Sequence[QA] = (),
 ) -> Choice:
     """Choose the layer set (among `layer_sets`; default: every contiguous run of up to `max_width`
-    layers) and c (and refine) as the module docstring says; no weight changes."""
+    layers) and c (and refine) as the module docstring says; no weight changes. `keep`: questions about
+    knowledge the user did not list (the model's own answers where they carry none), judged on their own."""
     settings = settings or ChoiceSettings()
     started = time.perf_counter()
     forget_solve, forget_held = holdout_split(forget, settings.holdout)
@@ -187,6 +199,10 @@ def choose_edit(
     forget_held = own_answers(bridge, forget_held[: settings.max_eval], settings.generate_tokens)
     forget_seen = own_answers(bridge, spread(forget_solve, settings.max_eval), settings.generate_tokens)
     retain_held = retain_held[: settings.max_eval]
+    keep = own_answers(bridge, keep, settings.generate_tokens) if keep else []
+    keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
+    keep_held = keep_held[: settings.max_eval]
+    retain_solve, retain = retain_solve + keep_solve, retain + keep  # keep rows are retain rows, judged apart
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
     layers = sorted({layer for layer_set in sets for layer in layer_set})
     solutions = unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit)
@@ -194,11 +210,14 @@ def choose_edit(
     seconds = {"statistics": time.perf_counter() - started}
 
     # 1. screening, teacher-forced: one forward per layer set, every c in it (rows repeated, scaled per row)
-    questions = [qa.question for qa in forget_held] + [qa.question for qa in retain_held]
-    answers = [refusal.target] * len(forget_held) + [qa.answer for qa in retain_held]
+    questions = [qa.question for qa in [*forget_held, *retain_held, *keep_held]]
+    answers = [refusal.target] * len(forget_held) + [qa.answer for qa in [*retain_held, *keep_held]]
     rows_tf = first_answer_tokens(tokenize(bridge.tokenizer, questions, answers), settings.screen_tokens, bridge.tokenizer.pad_token_id)
     n_forget, n_rows = len(forget_held), len(questions)
-    coeffs = torch.tensor(settings.coeffs, dtype=torch.float32)
+    refining = bool(edit.refine.steps)
+    screened = [c for c in settings.coeffs if c <= settings.refine_start_coeff] if refining else list(settings.coeffs)
+    screened = screened or [min(settings.coeffs)]  # a refinement starts from these c only
+    coeffs = torch.tensor(screened, dtype=torch.float32)
     repeated = rows_of(rows_tf, torch.arange(n_rows).repeat(len(coeffs)))
     scale = coeffs.repeat_interleave(n_rows)
     screening = []
@@ -206,7 +225,7 @@ def choose_edit(
         base_retain = float(answer_cross_entropy(bridge, rows_tf, [], per_row=True)[n_forget:].mean())
         for layer_set in bar(sets, "screening" if progress else None):
             losses = answer_cross_entropy(bridge, repeated, delta_hooks({layer: units[layer] for layer in layer_set}, scale), per_row=True)
-            for coeff, per_row in zip(settings.coeffs, losses.view(len(coeffs), n_rows)):
+            for coeff, per_row in zip(screened, losses.view(len(coeffs), n_rows)):
                 forget_loss, retain_rise = float(per_row[:n_forget].mean()), float(per_row[n_forget:].mean()) - base_retain
                 proxy = forget_loss + settings.retain_weight * max(0.0, retain_rise)
                 screening.append({"layers": layer_set, "coeff": coeff, "forget_loss": forget_loss, "retain_rise": retain_rise, "proxy": proxy})
@@ -221,16 +240,13 @@ def choose_edit(
     # 2. and 3. refinement and the decision by greedy generation on the held-out part
     cells: list[Cell] = []
     edits_of: list[Edits] = []
-    refining = bool(edit.refine.steps)
     for row in bar(candidates, "judging candidates" if progress else None):
         start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
         edits = {layer: start * units[layer] for layer in row["layers"]}
         if refining:
             edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)
-        forget_held_r1, forget_held_refusal, retain_r1, seen_r1, seen_refusal = judge(
-            bridge, edits, forget_held, forget_seen, retain_held, refusal, settings.generate_tokens
-        )
-        cells.append(Cell(row["layers"], start, refining, forget_held_r1, forget_held_refusal, retain_r1, seen_r1, seen_refusal))
+        judged = judge(bridge, edits, forget_held, forget_seen, retain_held, keep_held, refusal, settings.generate_tokens)
+        cells.append(Cell(row["layers"], start, refining, *judged))
         edits_of.append(edits)
     best = pick_cell(cells, settings.min_refusal)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
@@ -239,7 +255,10 @@ def choose_edit(
         finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
         edits = refine_edits(bridge, edits, *refine_rows(forget, retain, refusal), finish, progress)
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
-    sizes = {"forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve), "retain_heldout": len(retain_held)}
+    sizes = {
+        "forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve) - len(keep_solve),
+        "retain_heldout": len(retain_held), "keep_solve": len(keep_solve), "keep_heldout": len(keep_held),
+    }
     return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds)
 
 

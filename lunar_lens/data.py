@@ -76,18 +76,19 @@ def spread(items: Sequence, n: int) -> list:
     return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
-def check_disjoint(forget: list[QA], retain: list[QA]) -> list[QA]:
-    """Retain without the questions that are also in forget (warned); error if nothing is left."""
+def check_disjoint(forget: list[QA], retain: list[QA], name: str = "retain") -> list[QA]:
+    """`retain` (the set called `name`) without the questions that are also in forget (warned); error if
+    nothing is left."""
     forget_questions = {qa.question for qa in forget}
     overlap = [qa.question for qa in retain if qa.question in forget_questions]
     if not overlap:
         return retain
     if len(overlap) == len(retain):
         raise LunarError(
-            f"all {len(retain)} retain questions are also in the forget set (e.g. {overlap[0]!r}): "
-            "give a retain set that differs from the forget set"
+            f"all {len(retain)} {name} questions are also in the forget set (e.g. {overlap[0]!r}): "
+            f"give a {name} set that differs from the forget set"
         )
-    warnings.warn(f"dropped {len(overlap)} retain question(s) also in the forget set (the forget request wins), e.g. {overlap[0]!r}", stacklevel=2)
+    warnings.warn(f"dropped {len(overlap)} {name} question(s) also in the forget set (the forget request wins), e.g. {overlap[0]!r}", stacklevel=2)
     return [qa for qa in retain if qa.question not in forget_questions]
 
 

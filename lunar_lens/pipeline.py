@@ -29,7 +29,7 @@ from lunar_lens.outputs import check_output, write_json
 from lunar_lens.patches import REPORT_FILE as REPORT_NAME
 from lunar_lens.patches import Checkpoint, file_sha256
 from lunar_lens.progress import Stages
-from lunar_lens.refine import RefineSettings
+from lunar_lens.refine import RefineSettings, own_answers
 from lunar_lens.refusals import model_refusal
 
 SIDECAR_SUFFIX = ".forgotten.json"
@@ -157,6 +157,7 @@ def unlearn(
     figure_probes: bool = False,
     keep_forgotten: Sequence[QA | str | Path] = (),
     embed_forgotten: bool = False,
+    keep: str | Path | Sequence[QA] = (),
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
@@ -169,6 +170,8 @@ def unlearn(
     questions it forgot stay forgotten: their text comes from its sidecar or `keep_forgotten` (the earlier
     forget sets: questions, or files of them). Every argument, file and output is checked before the model loads.
     `embed_forgotten` stores the forgotten questions' text in the report (and the exported folder).
+    `keep`: questions about knowledge the user did not list (answers optional: the model's own greedy answers
+    fill them), kept like retain and judged apart by the automatic choice (`lunar_lens.choice`).
     With `progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
     """
     settings = settings or EditSettings()
@@ -178,11 +181,13 @@ def unlearn(
     stages = Stages(progress)
     with stages("load", "loaded the model and the sets"):
         # everything that needs no model is checked before it loads: the sets, the outputs, the layers, the base
-        files = [data for data in (forget, retain, reference, *keep_forgotten) if isinstance(data, (str, Path))]
+        files = [data for data in (forget, retain, reference, keep, *keep_forgotten) if isinstance(data, (str, Path))]
         forget_set = list(forget) if not isinstance(forget, (str, Path)) else load_qa(forget)
         retain_set = list(retain) if not isinstance(retain, (str, Path)) else load_qa(retain)
         reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
         retain_set = check_disjoint(forget_set, retain_set)
+        keep_set = list(keep) if not isinstance(keep, (str, Path)) else load_qa(keep)
+        keep_set = check_disjoint(forget_set, keep_set, "keep")
         given = [qa for item in keep_forgotten for qa in (load_qa(item) if isinstance(item, (str, Path)) else [item])]
         source = model.source_path if isinstance(model, TransformerBridge) else model
         if out is not None and parallel.is_main:
@@ -216,6 +221,9 @@ def unlearn(
         refusal = model_refusal(read_from, reference_set, refusal=settings.refusal)
     settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else coeff)
     kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
+    if keep_set:
+        with stages("keep", f"the model's own answers to {len(keep_set)} keep questions"):
+            keep_set = own_answers(bridge, keep_set)
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
     directions.metadata["model"] = str(getattr(read_from, "source_path", None))
@@ -232,14 +240,14 @@ def unlearn(
             choice = choose_edit(
                 bridge, forget_set, retain_set + kept, refusal, directions, settings,
                 ChoiceSettings(coeffs=(coeff,) if coeff is not None else ChoiceSettings.coeffs),
-                layer_sets=None if layers is None else [sorted(layers)], progress=progress,
+                layer_sets=None if layers is None else [sorted(layers)], progress=progress, keep=keep_set,
             )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
         settings = replace(settings, coeff=choice.coeff)
         result = apply_edits(bridge, choice.edits, directions, settings.coeff, refusal.target)
     else:
         with stages("edit", f"edit of W_out, layer(s) {', '.join(map(str, sorted(layers)))}, c = {settings.coeff:g}"):
-            result = edit_layers(bridge, forget_set, retain_set, reference_set, layers, settings, directions, kept, progress, parallel)
+            result = edit_layers(bridge, forget_set, retain_set + keep_set, reference_set, layers, settings, directions, kept, progress, parallel)
 
     forgotten = list(dict.fromkeys(qa.question for qa in [*kept, *forget_set]))
     hashes = list(dict.fromkeys([*(question_sha256(qa.question) for qa in kept), *unkept, *(question_sha256(qa.question) for qa in forget_set)]))
@@ -251,7 +259,9 @@ def unlearn(
         "coeff": settings.coeff,
         "refusal": refusal.summary(),
         "choice": None if choice is None else choice.summary(),
-        "sizes": {"forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "kept_forgotten": len(kept)},
+        "sizes": {
+            "forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "keep": len(keep_set), "kept_forgotten": len(kept),
+        },
         "edit": result.report(),
         "localisation": None if localisation is None else localisation.summary(),  # the probes' view (figures)
         "forgotten": {"count": len(hashes), "sha256": hashes, **({"questions": forgotten} if embed_forgotten else {})},
@@ -295,6 +305,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--forget", required=True, help="questions to forget (JSON, JSONL, CSV, TXT, HF dataset)")
     parser.add_argument("--retain", required=True, help="questions (with answers) to keep")
     parser.add_argument("--reference", required=True, help="questions the model already declines")
+    parser.add_argument(
+        "--keep", metavar="FILE", default=(),
+        help="questions about knowledge you did not list that must stay (answers optional: the model's own are kept); judged apart by the automatic choice",
+    )
     parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
     parser.add_argument("--layer", default="auto", help="auto, or layer number(s): 3 or 2,3")
     parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
@@ -338,6 +352,7 @@ def run_cli(args: argparse.Namespace) -> None:
         raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
     if args.localisation:
         inputs = [args.out, sidecar_path(args.out), args.model, args.forget, args.retain, args.reference, *args.keep_forgotten]
+        inputs += [args.keep] if args.keep else []
         check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
     settings = EditSettings(
         positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge,
@@ -347,7 +362,7 @@ def run_cli(args: argparse.Namespace) -> None:
         args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
         device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
         figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten,
-        embed_forgotten=args.embed_forgotten,
+        embed_forgotten=args.embed_forgotten, keep=args.keep,
     )
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
@@ -364,7 +379,8 @@ def run_cli(args: argparse.Namespace) -> None:
         held = outcome.report["choice"]["predicted_heldout"]
         print(
             f"chosen on held-out questions: forget refusal {held['forget_refusal']:.2f}, forget ROUGE-1 {held['forget_rouge1']:.3f}, "
-            f"retain ROUGE-1 {held['retain_rouge1']:.3f} (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
+            f"retain ROUGE-1 {held['retain_rouge1']:.3f}" + ("" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
+            + f" (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
         )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")

@@ -3,6 +3,8 @@ the toy world (reference as questions only, varied refusals)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, pick_cell
@@ -43,6 +45,14 @@ def test_a_cell_that_does_not_refuse_cannot_win_where_the_old_rule_picked_it():
     assert inert.score > refusing.score
 
 
+def test_knowledge_lost_outside_the_retain_set_counts_against_a_cell():
+    # TOFU forget10's shape: two cells refuse alike; the one keeping retain slightly better loses world facts
+    costly = Cell([0], 2.0, True, forget_rouge1=0.09, forget_refusal=0.92, retain_rouge1=0.75, keep_rouge1=0.70)
+    careful = Cell([4], 2.0, True, forget_rouge1=0.10, forget_refusal=0.90, retain_rouge1=0.71, keep_rouge1=0.95)
+    assert pick_cell([costly, careful], min_refusal=0.5) == 1
+    assert replace(costly, keep_rouge1=None).score < replace(careful, keep_rouge1=None).score  # without a keep set: the other way
+
+
 def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge, world):
     bridge = fresh_toy_bridge
     forget, retain, reference = world.split(world.entities[:1])
@@ -50,10 +60,15 @@ def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge
     refusal = model_refusal(bridge, reference[:32])
     settings = EditSettings(refusal=refusal.target, refine=RefineSettings(steps=30))
     directions = directions_for(bridge, forget, reference[:64], settings)
+    keep = [QA(qa.question) for qa in world.split(world.entities[:1])[1][1::16]]  # questions only: the model's own answers
     choice = choose_edit(
-        bridge, forget, retain, refusal, directions, settings, ChoiceSettings(coeffs=(4.0, 8.0), candidates=1), layer_sets=[[1], [2, 3]]
+        bridge, forget, retain, refusal, directions, settings, ChoiceSettings(coeffs=(4.0, 8.0), candidates=1), layer_sets=[[1], [2, 3]],
+        keep=keep,
     )
     assert choice.layers in ([1], [2, 3]) and set(choice.edits) == set(choice.layers)
     assert choice.refined and choice.predicted.forget_refusal >= 0.8 and choice.predicted.retain_rouge1 >= 0.9
-    assert len(choice.screening) == 4 and len(choice.cells) == 1
+    assert choice.predicted.keep_rouge1 >= 0.9
+    # refining starts from c <= refine_start_coeff (4): c = 8 is not screened
+    assert [row["coeff"] for row in choice.screening] == [4.0, 4.0] and len(choice.cells) == 1
     assert choice.sizes["forget_heldout"] == 6 and choice.sizes["forget_solve"] == 18
+    assert choice.sizes["keep_heldout"] + choice.sizes["keep_solve"] == len(keep) and choice.sizes["keep_heldout"] >= 1

@@ -200,9 +200,12 @@ def test_cli_writes_the_automatic_choices_localisation(tmp_path, world):
     forget, retain, reference = world.split(world.entities[:1])
     files = {name: write_set(tmp_path / f"{name}.json", items) for name, items in
              (("forget", forget[::4]), ("retain", retain[::40]), ("reference", reference[::40]))}
-    args = unlearn_args(files, checkpoint_path(), tmp_path / "out", "--layer", "1", "--localisation", str(tmp_path / "loc"))
+    keep = write_set(tmp_path / "keep.json", [QA(qa.question) for qa in retain[1::40]])  # questions only
+    args = unlearn_args(files, checkpoint_path(), tmp_path / "out", "--layer", "1", "--localisation", str(tmp_path / "loc"), "--keep", str(keep))
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "lunar_report.json").read_text())
+    assert report["sizes"]["keep"] == len(retain[1::40]) and report["choice"]["sizes"]["keep_heldout"] >= 1
+    assert all(0 <= cell["keep_rouge1"] <= 1 for cell in report["choice"]["cells"])  # judged apart (quality: test_choice.py)
     localisation = json.loads((tmp_path / "loc" / "localisation.json").read_text())
     assert report["coeff"] == report["choice"]["coeff"] and report["layers"] == [1] == report["choice"]["layers"]
     assert localisation["layers"] == list(range(6))  # the probes' report covers every layer
@@ -216,5 +219,6 @@ def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(wor
     forget, retain, reference = world.split(world.entities[:1])
     outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], coeff=None, progress=False)
     assert outcome.report["layers"] == [1] and outcome.report["coeff"] in ChoiceSettings().coeffs
-    assert [row["layers"] for row in outcome.report["choice"]["screening"]] == [[1]] * len(ChoiceSettings().coeffs)
+    screened = [c for c in ChoiceSettings().coeffs if c <= ChoiceSettings().refine_start_coeff]  # a refinement starts from these
+    assert [(row["layers"], row["coeff"]) for row in outcome.report["choice"]["screening"]] == [([1], c) for c in screened]
     assert len(outcome.report["edit"]["directions"]["norms"]) == 6  # the choice reads every layer's direction
