@@ -7,7 +7,8 @@ both teacher-forced, through the whole model with every other weight frozen."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,9 +20,12 @@ from transformer_lens.model_bridge import TransformerBridge
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
-from lunar_lens.model import mlp_out, mlp_post
+from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
+
+
+ACTIVATION_BYTES = 256 * 2**20  # per forward (and backward) pass: larger batches are split into passes
 
 
 @dataclass
@@ -74,21 +78,63 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple], per_row: bool = False) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active; with
-    `per_row`, each row's own mean ([batch])."""
+def answer_losses(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple]) -> tuple[Float[torch.Tensor, " batch"], Float[torch.Tensor, " batch"]]:
+    """Each row's summed cross-entropy over its answer tokens (teacher-forced, `hooks` active) and its number
+    of answer tokens. Logits are computed only from the first column holding an answer token on (the
+    vocabulary-wide logits are most of the memory), where the model's forward takes `logits_to_keep`."""
     real = batch.attention_mask.bool()
     first = int(real.any(dim=0).nonzero()[0])  # drop columns that are padding in every row
     device = bridge.cfg.device
     ids, mask = batch.input_ids[:, first:].to(device), batch.attention_mask[:, first:].to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    with bridge.hooks(fwd_hooks=hooks):
-        logits = bridge.original_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     target = batch.answer_mask[:, first + 1 :].to(device)
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none") * target
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    answered = target.any(dim=0).nonzero()
+    start = int(answered[0]) if len(answered) else target.shape[1] - 1  # first predicting column needed
+    model = bridge.original_model
+    keep = {"logits_to_keep": ids.shape[1] - start} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with bridge.hooks(fwd_hooks=hooks):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits
+    logits = logits[:, -(ids.shape[1] - start) :]  # the columns start .. end (all of them without logits_to_keep)
+    ids, target = ids[:, start + 1 :], target[:, start:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids, reduction="none") * target
+    return losses.sum(dim=1), target.sum(dim=1).to(losses.dtype)
+
+
+def rows_per_pass(bridge: TransformerBridge, batch: TokenBatch, backward: bool) -> int:
+    """How many rows of `batch` one pass takes to stay within ACTIVATION_BYTES: float32 logits over the
+    vocabulary at the answer columns, and (when a backward pass follows) every layer's saved activations."""
+    width = int(batch.attention_mask.bool().any(dim=0).sum())
+    vocabulary = bridge.original_model.get_output_embeddings().weight.shape[0]
+    answer_columns = int(batch.answer_mask.any(dim=0).sum()) + 1
+    per_row = answer_columns * vocabulary * 4 * 3  # logits, log-probabilities, their gradient
+    if backward:
+        d_mlp, d_model = w_out(bridge, 0).shape
+        per_row += width * n_layers(bridge) * (5 * d_model + 4 * d_mlp) * 4
+    return max(1, ACTIVATION_BYTES // per_row)
+
+
+def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple], per_row: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active; with
+    `per_row`, each row's own mean ([batch]). Without gradients, in passes of `rows_per_pass` rows."""
+    step = len(batch.input_ids) if torch.is_grad_enabled() else rows_per_pass(bridge, batch, backward=False)
+    parts = [answer_losses(bridge, rows_of(batch, slice(i, i + step)), hooks) for i in range(0, len(batch.input_ids), step)]
+    sums, counts = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     if per_row:
-        return losses.sum(dim=1) / target.sum(dim=1).clamp_min(1)
-    return losses.sum() / target.sum().clamp_min(1)
+        return sums / counts.clamp_min(1)
+    return sums.sum() / counts.sum().clamp_min(1)
+
+
+def backward_answer_loss(bridge: TransformerBridge, batch: TokenBatch, hooks: Callable[[], list[tuple]], weight: float = 1.0) -> float:
+    """Accumulate the gradient of `weight` × the batch's mean answer cross-entropy, in passes of
+    `rows_per_pass` rows (each builds its hooks with `hooks()`: the graph of one pass at a time); the loss."""
+    total = batch.answer_mask[:, 1:].sum().clamp_min(1)
+    step, loss = rows_per_pass(bridge, batch, backward=True), 0.0
+    for i in range(0, len(batch.input_ids), step):
+        sums, _ = answer_losses(bridge, rows_of(batch, slice(i, i + step)), hooks())
+        part = weight * sums.sum() / total.to(sums.device)
+        part.backward()
+        loss += float(part)
+    return loss
 
 
 def refine_edits(
@@ -126,12 +172,10 @@ def refine_edits(
         for _ in bar(range(settings.steps), "refining W_out" if progress else None):
             f = torch.randperm(len(forget_questions), generator=generator)[: settings.batch_rows]
             r = torch.randperm(len(retain_questions), generator=generator)[: settings.batch_rows]
-            hooks = delta_hooks(deltas())
-            loss = answer_cross_entropy(bridge, rows_of(forget, f), hooks)
-            if settings.retain_weight:
-                loss = loss + settings.retain_weight * answer_cross_entropy(bridge, rows_of(retain, r), hooks)
             optimizer.zero_grad()
-            loss.backward()
+            backward_answer_loss(bridge, rows_of(forget, f), lambda: delta_hooks(deltas()))
+            if settings.retain_weight:
+                backward_answer_loss(bridge, rows_of(retain, r), lambda: delta_hooks(deltas()), settings.retain_weight)
             optimizer.step()
     with torch.no_grad():
         return {layer: delta.detach().clone() for layer, delta in deltas().items()}

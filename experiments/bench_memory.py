@@ -1,0 +1,188 @@
+"""Host memory of `lunar-lens unlearn`, phase by phase, against a plain Hugging Face load of the same
+checkpoint — on randomly initialised Llamas of growing size (built from configs, saved as 4 safetensors
+shards), fp32 and bf16, in one run.
+
+Each measured command runs in its own process: its peak RSS is the kernel's (`wait4`'s ru_maxrss); its
+phases are the stage lines `unlearn` prints (load, refusal, directions, edit or choice, export with its
+verification), each phase's peak the highest RSS sampled (every 10 ms) while it ran. The plain load is
+`AutoModelForCausalLM.from_pretrained(folder, dtype=...)` in a fresh Python (torch and transformers
+imported, as lunar-lens imports them). Prompts: the toy world's (16 forget, 48 retain, 32 reference), the
+refusal given (`--refusal`), `--refine-steps 2` (refinement's memory does not grow with steps).
+Writes results/bench_memory.json and figures/bench_memory.png and prints a markdown table.
+
+    .venv/bin/python experiments/bench_memory.py                          # every size, fixed layer and auto
+    .venv/bin/python experiments/bench_memory.py --sizes 45M --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# name: (hidden, intermediate, layers, heads, kv heads); vocabulary 32,000, untied embeddings
+SIZES = {
+    "45M": (512, 1376, 4, 8, 8),
+    "170M": (1024, 2816, 8, 16, 16),
+    "1.1B": (2048, 5632, 22, 32, 4),
+}
+AUTO_UP_TO = 200e6  # `--layer auto` screens every layer set: on a 2-core CPU only the smaller models
+PHASES = {  # the stage line's start → phase
+    "loaded the model": "load", "the model's own refusal": "refusal", "directions from": "directions",
+    "edit of W_out": "edit", "choosing the layer": "choice", "export to": "export",
+}
+
+
+def build(name: str, dtype: str, folder: Path) -> dict:
+    """A random Llama of size `name` saved in `dtype` as 4 shards with the toy world's tokenizer (once)."""
+    if not (folder / "config.json").exists():
+        code = f"""
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from lunar_lens.toyworld import checkpoint_path
+hidden, mlp, layers, heads, kv = {SIZES[name]!r}
+config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).to(getattr(torch, {dtype!r}))
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+model.save_pretrained({str(folder)!r}, max_shard_size=size // 4 + 1)
+AutoTokenizer.from_pretrained(checkpoint_path()).save_pretrained({str(folder)!r})
+"""
+        subprocess.run([sys.executable, "-c", code], check=True)
+    files = list(folder.glob("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    hidden, mlp, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    return {"bytes": sum(f.stat().st_size for f in files), "shards": len(files), "layers": layers, "d_model": hidden, "d_mlp": mlp}
+
+
+def measure(command: list[str], log: Path) -> dict:
+    """Run `command`; its peak RSS (MB), each phase's sampled peak (MB) and seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    phases: dict[str, float] = {}
+    current = {"peak": 0.0}
+    lines: list[str] = []
+
+    def sample() -> None:
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                rss = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS"))
+            except (OSError, StopIteration):
+                break
+            current["peak"] = max(current["peak"], rss / 1024)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for line in process.stdout:
+        lines.append(line)
+        phase = next((key for start, key in PHASES.items() if line.startswith(start)), None)
+        if phase:
+            phases[phase] = max(phases.get(phase, 0.0), current["peak"])
+            current["peak"] = 0.0
+    _, status, usage = os.wait4(process.pid, 0)
+    log.write_text("".join(lines))
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} failed; see {log}:\n{''.join(lines[-20:])}")
+    return {"peak_mb": usage.ru_maxrss / 1024, "phases_mb": phases, "seconds": time.perf_counter() - started}
+
+
+def write_sets(folder: Path) -> dict[str, Path]:
+    """The toy world's prompts: 16 forget, 48 retain (with answers), 32 reference (questions only)."""
+    from lunar_lens.toyworld import build_world
+
+    world = build_world(0)
+    forget, retain, reference = world.split(world.entities[:1])
+    sets = {"forget": forget[:16], "retain": retain[::max(1, len(retain) // 48)][:48], "reference": reference[:32]}
+    paths = {}
+    for name, items in sets.items():
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps([{"question": qa.question} | ({"answer": qa.answer} if name == "retain" else {}) for qa in items]))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {', '.join(SIZES)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--work", default="/tmp/lunar-bench-memory", help="where the random checkpoints and outputs go")
+    parser.add_argument("--auto-up-to", type=float, default=AUTO_UP_TO, help="largest model (parameters) also run with --layer auto")
+    parser.add_argument("--skip", default="", help="size:dtype pairs to leave out, e.g. 1.1B:float32")
+    parser.add_argument("--name", default="bench_memory")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sets = write_sets(work)
+    data = ["--forget", str(sets["forget"]), "--retain", str(sets["retain"]), "--reference", str(sets["reference"])]
+    rows = []
+    for name in args.sizes.split(","):
+        for dtype in args.dtypes.split(","):
+            if f"{name}:{dtype}" in args.skip.split(","):
+                continue
+            folder = work / f"llama-{name}-{dtype}"
+            row = {"size": name, "dtype": dtype, **build(name, dtype, folder)}
+            row["parameters"] = row["bytes"] // (4 if dtype == "float32" else 2)
+            load = f"import torch, transformers; transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
+            row["hf_load"] = measure([sys.executable, "-c", load], work / f"{folder.name}-hf.log")
+            runs = {"fixed": ["--layer", str(row["layers"] // 2), "--coeff", "4"]}
+            if row["parameters"] <= args.auto_up_to:
+                runs["auto"] = ["--layer", "auto", "--coeff", "auto"]
+            for run, flags in runs.items():
+                command = [sys.executable, "-m", "lunar_lens", "unlearn", "--model", str(folder), *data, "--out", str(work / f"{folder.name}-{run}"),
+                           *flags, "--refusal", "I don't know.", "--refine-steps", "2", "--dtype", dtype, "--force"]
+                row[run] = measure(command, work / f"{folder.name}-{run}.log")
+                row[run]["ratio"] = row[run]["peak_mb"] / row["hf_load"]["peak_mb"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (HERE / "results" / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    plot(rows, HERE.parent / "figures" / f"{args.name}.png")
+
+
+def table(rows: list[dict]) -> str:
+    phases = ("load", "directions", "edit", "export")
+    lines = ["| model | weights MB | HF load MB | " + " | ".join(f"{p} MB" for p in phases) + " | unlearn --out MB (× HF) | --layer auto MB (× HF) |",
+             "|---" * (5 + len(phases)) + "|"]
+    for row in rows:
+        fixed, auto = row["fixed"], row.get("auto")
+        cells = [f"{row['size']} {row['dtype']} ({row['shards']} shards)", f"{row['bytes'] / 2**20:.0f}", f"{row['hf_load']['peak_mb']:.0f}",
+                 *(f"{fixed['phases_mb'].get(p, float('nan')):.0f}" for p in phases), f"{fixed['peak_mb']:.0f} ({fixed['ratio']:.2f}×)",
+                 f"{auto['peak_mb']:.0f} ({auto['ratio']:.2f}×)" if auto else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for dtype, marker in (("float32", "o"), ("bfloat16", "s")):
+        mine = sorted((row for row in rows if row["dtype"] == dtype), key=lambda row: row["parameters"])
+        if not mine:
+            continue
+        x = [row["parameters"] / 1e6 for row in mine]
+        axis.plot(x, [row["hf_load"]["peak_mb"] for row in mine], f"k{marker}--", label=f"plain HF load ({dtype})")
+        axis.plot(x, [row["fixed"]["peak_mb"] for row in mine], f"C0{marker}-", label=f"unlearn --layer L --out ({dtype})")
+        auto = [row for row in mine if "auto" in row]
+        axis.plot([row["parameters"] / 1e6 for row in auto], [row["auto"]["peak_mb"] for row in auto], f"C1{marker}-", label=f"--layer auto ({dtype})")
+    axis.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="peak host RSS (MB)", title="Host memory of unlearn vs a plain load")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Does a keep set protect knowledge the user did not list? `unlearn --layer auto --coeff auto` with and
+without `--keep`, side by side, on the realistic models (finetune.py runs: varied refusals, reference as
+questions only), each exported checkpoint scored by `lunar-lens evaluate` (greedy).
+
+The factual set (knowledge the model was trained on that neither forget nor retain names) is split by
+position: the odd questions, **questions only**, are the keep set (the model's own answers fill them);
+the even ones, never shown to the edit, are scored as "factual (held out)". Writes RUN/keep/* and
+results/keep_set_TASK.json, and prints a markdown table.
+
+    .venv/bin/python experiments/keep_set.py --run /work/runs/tofu --forget forget10.json --retain retain10.json --name tofu_forget10
+    .venv/bin/python experiments/keep_set.py --run /work/runs/pistol --name pistol
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import real_data
+
+from lunar_lens.data import load_qa
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {"without": [], "with": ["--keep"]}
+
+
+def split_factual(factual: Path, folder: Path) -> tuple[Path, Path]:
+    """(keep questions, held-out factual QA) files under `folder`: odd positions → keep, even → scored."""
+    records = load_qa(factual, require_answers=True)
+    keep, scored = folder / "keep.json", folder / "factual_heldout.json"
+    keep.write_text(json.dumps([{"question": qa.question} for qa in records[1::2]], indent=0))
+    scored.write_text(json.dumps([{"question": qa.question, "answer": qa.answer} for qa in records[::2]], indent=0))
+    return keep, scored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finetune.py run folder (model/, sets/)")
+    parser.add_argument("--forget", default="forget.json")
+    parser.add_argument("--retain", default="retain.json")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    run = Path(args.run)
+    sets, folder = run / "sets", run / "keep" / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    keep, scored = split_factual(sets / "factual.json", folder)
+    data = ["--forget", str(sets / args.forget), "--retain", str(sets / args.retain), "--reference", str(sets / "reference.json")]
+    refusals = real_data.finetune.SHARED / "lunar" / "unlearning" / "refusal_response.txt"
+    rows = {}
+    for variant, flag in VARIANTS.items():
+        out = folder / variant
+        seconds = real_data.lunar_lens(
+            ["unlearn", "--model", str(run / "model"), *data, *(flag + [str(keep)] if flag else []), "--out", str(out),
+             "--layer", "auto", "--coeff", "auto", "--force"],
+            folder / f"unlearn_{variant}.log", args.threads,
+        )
+        evaluation = folder / f"evaluate_{variant}.json"
+        real_data.lunar_lens(
+            ["evaluate", "--model", str(out), "--forget", str(sets / args.forget), "--retain", str(sets / args.retain),
+             "--factual", str(scored), "--refusals", str(refusals), "--max-new-tokens", str(args.max_new_tokens),
+             "--no-model-metrics", "--out", str(evaluation), "--force"],
+            folder / f"evaluate_{variant}.log", args.threads,
+        )
+        report, scores = json.loads((out / "lunar_report.json").read_text()), json.loads(evaluation.read_text())["evaluation"]
+        rows[variant] = {
+            "layers": report["layers"], "coeff": report["coeff"], "seconds_unlearn": seconds,
+            "predicted": report["choice"]["predicted"], "cells": report["choice"]["cells"],
+            "forget_rouge1": real_data._score(scores, "forget", "rouge1"), "forget_refusal": real_data._score(scores, "forget", "refusal_rate"),
+            "retain_rouge1": real_data._score(scores, "retain", "rouge1"), "factual_heldout_rouge1": real_data._score(scores, "factual", "rouge1"),
+            "deviation_score": scores.get("deviation_score"),
+        }
+        print(json.dumps({variant: rows[variant]}, default=str), flush=True)
+    result = HERE / "results" / f"keep_set_{args.name}.json"
+    result.write_text(json.dumps({"run": str(run), "forget": args.forget, "retain": args.retain, "rows": rows}, indent=1))
+    print("| keep set | layers | c | forget refusal | forget ROUGE-1 | retain ROUGE-1 | factual (held out) ROUGE-1 | DS | unlearn s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant, row in rows.items():
+        print(f"| {variant} | {','.join(map(str, row['layers']))} | {row['coeff']:g} | {row['forget_refusal']:.3f} | {row['forget_rouge1']:.3f} | "
+              f"{row['retain_rouge1']:.3f} | {row['factual_heldout_rouge1']:.3f} | {row['deviation_score']} | {row['seconds_unlearn']:.0f} |")
+    print(f"wrote {result}")
+
+
+if __name__ == "__main__":
+    main()
