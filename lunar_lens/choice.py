@@ -79,8 +79,8 @@ class ChoiceSettings:
 
 @dataclass
 class Cell:
-    """One simulated edit judged by greedy generation: on the held-out part (the decision) and on forget
-    questions it was solved on (what the exported model, which learns every forget question, will show)."""
+    """One simulated edit judged by greedy generation: on the held-out part (the decision) and on forget and
+    retain questions it was solved on (what the exported model, which learns every question, will show)."""
 
     layers: list[int]
     coeff: float
@@ -91,6 +91,7 @@ class Cell:
     seen_forget_rouge1: float | None = None
     seen_forget_refusal: float | None = None
     keep_rouge1: float | None = None  # held-out keep questions (None: no keep set)
+    seen_retain_rouge1: float | None = None
 
     @property
     def score(self) -> float:
@@ -98,11 +99,14 @@ class Cell:
         return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1, keep)
 
     def prediction(self) -> dict:
-        """What the exported model should measure on the user's sets: forget as seen, retain as held out."""
+        """What the exported model should measure: on the user's forget and retain sets as seen (it learns
+        every question); on knowledge it was not shown as held out (retain_heldout, keep)."""
         forget = self.seen_forget_rouge1
+        retain = self.retain_rouge1 if self.seen_retain_rouge1 is None else self.seen_retain_rouge1
         return {
-            "forget_rouge1": forget, "forget_refusal": self.seen_forget_refusal, "retain_rouge1": self.retain_rouge1,
-            "keep_rouge1": self.keep_rouge1, "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - self.retain_rouge1),
+            "forget_rouge1": forget, "forget_refusal": self.seen_forget_refusal, "retain_rouge1": retain,
+            "retain_heldout_rouge1": self.retain_rouge1, "keep_rouge1": self.keep_rouge1,
+            "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - retain),
         }
 
     def to_json(self) -> dict:
@@ -156,12 +160,12 @@ def contiguous_sets(n: int, max_width: int) -> list[list[int]]:
 @torch.no_grad()
 def judge(
     bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA],
-    refusal: ModelRefusal, tokens: int,
-) -> tuple[float, float, float, float, float, float | None]:
+    seen_retain: Sequence[QA], refusal: ModelRefusal, tokens: int,
+) -> tuple[float, float, float, float, float, float | None, float]:
     """Greedy answers with `edits` simulated, in one batch: (forget ROUGE-1, forget refusal rate) on the held-out
     `forget` questions, retain ROUGE-1 on `retain`, (forget ROUGE-1, refusal rate) on `seen` forget questions,
-    and keep ROUGE-1 on `keep` (None when empty)."""
-    groups = [list(forget), list(retain), list(seen), list(keep)]
+    keep ROUGE-1 on `keep` (None when empty) and retain ROUGE-1 on `seen_retain`."""
+    groups = [list(forget), list(retain), list(seen), list(keep), list(seen_retain)]
     items = [qa for group in groups for qa in group]
     with bridge.hooks(fwd_hooks=delta_hooks(edits)):
         answers = generate_answers(bridge, [qa.question for qa in items], tokens, batch_size=len(items))
@@ -173,7 +177,8 @@ def judge(
         part = values[bounds[group] : bounds[group + 1]]
         return sum(part) / max(1, len(part))
 
-    return mean(recall, 0), mean(refused, 0), mean(recall, 1), mean(recall, 2), mean(refused, 2), mean(recall, 3) if keep else None
+    keep_recall = mean(recall, 3) if keep else None
+    return mean(recall, 0), mean(refused, 0), mean(recall, 1), mean(recall, 2), mean(refused, 2), keep_recall, mean(recall, 4)
 
 
 def choose_edit(
@@ -198,7 +203,7 @@ def choose_edit(
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
     forget_held = own_answers(bridge, forget_held[: settings.max_eval], settings.generate_tokens)
     forget_seen = own_answers(bridge, spread(forget_solve, settings.max_eval), settings.generate_tokens)
-    retain_held = retain_held[: settings.max_eval]
+    retain_held, retain_seen = retain_held[: settings.max_eval], spread(retain_solve, settings.max_eval)
     keep = own_answers(bridge, keep, settings.generate_tokens) if keep else []
     keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
     keep_held = keep_held[: settings.max_eval]
@@ -245,7 +250,7 @@ def choose_edit(
         edits = {layer: start * units[layer] for layer in row["layers"]}
         if refining:
             edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)
-        judged = judge(bridge, edits, forget_held, forget_seen, retain_held, keep_held, refusal, settings.generate_tokens)
+        judged = judge(bridge, edits, forget_held, forget_seen, retain_held, keep_held, retain_seen, refusal, settings.generate_tokens)
         cells.append(Cell(row["layers"], start, refining, *judged))
         edits_of.append(edits)
     best = pick_cell(cells, settings.min_refusal)

@@ -67,7 +67,8 @@ def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge
     )
     assert choice.layers in ([1], [2, 3]) and set(choice.edits) == set(choice.layers)
     assert choice.refined and choice.predicted.forget_refusal >= 0.8 and choice.predicted.retain_rouge1 >= 0.9
-    assert choice.predicted.keep_rouge1 >= 0.9
+    assert choice.predicted.keep_rouge1 >= 0.9 and choice.predicted.seen_retain_rouge1 >= 0.9
+    assert choice.summary()["predicted"]["retain_rouge1"] == choice.predicted.seen_retain_rouge1  # the exported model learns every retain row
     # refining starts from c <= refine_start_coeff (4): c = 8 is not screened
     assert [row["coeff"] for row in choice.screening] == [4.0, 4.0] and len(choice.cells) == 1
     assert choice.sizes["forget_heldout"] == 6 and choice.sizes["forget_solve"] == 18
