@@ -210,8 +210,8 @@ def choose_edit(
     retain_solve, retain = retain_solve + keep_solve, retain + keep  # keep rows are retain rows, judged apart
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
     layers = sorted({layer for layer_set in sets for layer in layer_set})
-    solutions = unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit)
-    units = {layer: solution.delta for layer, solution in zip(layers, solutions)}
+    # each layer's unit edit as its factors (u, v): the dense ΔW of every layer at once would rival the weights
+    units = {layer: (solution.u, solution.v) for layer, solution in zip(layers, unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit))}
     seconds = {"statistics": time.perf_counter() - started}
 
     # 1. screening, teacher-forced: one forward per layer set, every c in it (rows repeated, scaled per row)
@@ -247,7 +247,7 @@ def choose_edit(
     edits_of: list[Edits] = []
     for row in bar(candidates, "judging candidates" if progress else None):
         start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
-        edits = {layer: start * units[layer] for layer in row["layers"]}
+        edits = {layer: start * (units[layer][0] @ units[layer][1].T) for layer in row["layers"]}
         if refining:
             edits = refine_edits(bridge, edits, *refine_rows(forget_solve, retain_solve, refusal), edit.refine, progress)
         judged = judge(bridge, edits, forget_held, forget_seen, retain_held, keep_held, retain_seen, refusal, settings.generate_tokens)

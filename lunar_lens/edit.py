@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -24,6 +24,9 @@ from lunar_lens.refusals import model_refusal
 from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_adamw, solve_closed, solve_lora
 
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
+
+
+STATISTICS_BYTES = 512 * 2**20  # the float64 Gram matrices collected in one pass (several layers' when they fit)
 
 
 def check_coeff(coeff: float) -> float:
@@ -148,12 +151,18 @@ def collect_statistics(
 def unit_solutions(
     bridge: TransformerBridge, layers: Sequence[int], forget: Sequence[QA], retain: Sequence[QA], refusal: str, directions: Directions,
     settings: EditSettings,
-) -> list[Solution]:
-    """The closed-form edit at c = 1 of each of `layers` alone, on the model as it is (statistics from the same
-    passes): at any c its ΔW is c·ΔW, since u does not depend on c."""
-    tables = [directions.shift_table(layer, 1.0) for layer in layers]
-    stats = collect_statistics(bridge, layers, forget, retain, settings, refusal, len(tables[0]))
-    return [solve_closed(layer_stats, table, settings.ridge) for layer_stats, table in zip(stats, tables)]
+) -> Iterator[Solution]:
+    """The closed-form edit at c = 1 of each of `layers` alone, on the model as it is, one layer after the other
+    (at any c its ΔW is c·ΔW, since u does not depend on c). The statistics of several layers come from the same
+    passes, as many layers per pass as keep their float64 Gram matrices within STATISTICS_BYTES."""
+    tables = {layer: directions.shift_table(layer, 1.0) for layer in layers}
+    gram_bytes = max(w_out(bridge, layer).shape[0] for layer in layers) ** 2 * 8 if layers else 1
+    per_pass = max(1, STATISTICS_BYTES // gram_bytes)
+    for start in range(0, len(layers), per_pass):
+        group = list(layers[start : start + per_pass])
+        stats = collect_statistics(bridge, group, forget, retain, settings, refusal, len(tables[group[0]]))
+        for layer in group:
+            yield solve_closed(stats.pop(0), tables[layer], settings.ridge)
 
 
 def directions_for(

@@ -44,11 +44,13 @@ class RefineSettings:
             raise LunarError("refinement needs steps >= 0, batch_rows >= 1, answer_tokens >= 1, lr > 0 and retain_weight >= 0")
 
 
-def delta_hooks(
-    edits: dict[int, Float[torch.Tensor, "d_mlp d_model"]], scale: Float[torch.Tensor, "batch"] | None = None
-) -> list[tuple]:
+Factors = tuple[Float[torch.Tensor, "d_mlp k"], Float[torch.Tensor, "d_model k"]]
+
+
+def delta_hooks(edits: dict[int, Float[torch.Tensor, "d_mlp d_model"] | Factors], scale: Float[torch.Tensor, " batch"] | None = None) -> list[tuple]:
     """Hooks that act as W_out[l] + edits[l] for every edited layer l: the MLP output gains `mlp.hook_post @ Δ`
-    (differentiable in Δ), × `scale[b]` in row b when given (one batch simulates several multiples)."""
+    (differentiable in Δ), × `scale[b]` in row b when given (one batch simulates several multiples). An edit
+    given as factors (u, v) is Δ = u·vᵀ, applied without forming it."""
     hooks = []
     for layer, delta in edits.items():
         inputs: list[torch.Tensor] = []
@@ -57,8 +59,12 @@ def delta_hooks(
             inputs[:] = [activation]
             return activation
 
-        def add(activation: torch.Tensor, hook=None, inputs: list = inputs, delta: torch.Tensor = delta) -> torch.Tensor:
-            change = inputs[0] @ delta.to(activation.device, activation.dtype)
+        def add(activation: torch.Tensor, hook=None, inputs: list = inputs, delta: torch.Tensor | Factors = delta) -> torch.Tensor:
+            if isinstance(delta, tuple):
+                u, v = (factor.to(activation.device, activation.dtype) for factor in delta)
+                change = (inputs[0] @ u) @ v.T
+            else:
+                change = inputs[0] @ delta.to(activation.device, activation.dtype)
             return activation + (change if scale is None else change * scale.to(change)[:, None, None])
 
         hooks += [(mlp_post(layer), keep), (mlp_out(layer), add)]

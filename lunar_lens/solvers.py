@@ -90,8 +90,12 @@ def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_
     _check(stats)
     used = stats.shifted_counts > 0
     lam = ridge * float(stats.gram.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(len(stats.gram), dtype=torch.float64)
-    u = torch.linalg.solve(stats.gram + lam * eye, stats.shifted_sums[used].T).float()
+    diagonal = stats.gram.diagonal().clone()
+    stats.gram.diagonal().add_(lam)  # G + λI in place (no second d_mlp² matrix), restored after
+    try:
+        u = torch.linalg.solve(stats.gram, stats.shifted_sums[used].T).float()
+    finally:
+        stats.gram.diagonal().copy_(diagonal)
     v = shifts.float()[used].T
     delta = u @ v.T  # from the float32 factors, as a patch file rebuilds it: the two agree bit for bit
     return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))

@@ -285,7 +285,7 @@ def test_delta_hooks_act_as_the_edit(toy_tokenizer, qa_sets):
     refusal = REFUSAL
     directions = compute_directions(model, [q.question for q in forget], [q.question for q in reference], refusal=refusal)
     delta, other = (unit.delta for unit in unit_solutions(model, [LAYER, 0], forget, retain, refusal, directions, settings))
-    assert torch.equal(other, unit_solutions(model, [0], forget, retain, refusal, directions, settings)[0].delta)  # one pass, two layers
+    assert torch.equal(other, next(unit_solutions(model, [0], forget, retain, refusal, directions, settings)).delta)  # one pass, two layers
     batch = tokenize(toy_tokenizer, [q.question for q in forget + retain], [q.answer for q in forget + retain])
     with torch.no_grad():
         before = model(batch.input_ids, attention_mask=batch.attention_mask)
