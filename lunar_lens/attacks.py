@@ -29,8 +29,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lunar_lens.data import QA, load_qa, load_refusals, read_text
 from lunar_lens.directions import Directions, compute_directions
-from lunar_lens.errors import LunarError
 from lunar_lens.edit import check_coeff
+from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, add_common_arguments, check_report_target, evaluate_sets
 from lunar_lens.model import check_layer, mlp_out, n_layers, resid_post, resid_pre, w_out_tensor_name
 from lunar_lens.outputs import FORMAT, write_json
@@ -68,7 +68,7 @@ def layer_skip(bridge: TransformerBridge, layers: Sequence[int]) -> Iterator[Tra
 
 
 @contextmanager
-def reverse_direction(bridge: TransformerBridge, shifts: Mapping[int, Float[torch.Tensor, "d_model"]]) -> Iterator[TransformerBridge]:
+def reverse_direction(bridge: TransformerBridge, shifts: Mapping[int, Float[torch.Tensor, " d_model"]]) -> Iterator[TransformerBridge]:
     """Subtract `shifts[l]` (the edit's c·r_l) from `hook_resid_post` of layer l at every position."""
 
     def subtract(shift: torch.Tensor) -> Callable:

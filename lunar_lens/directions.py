@@ -42,7 +42,7 @@ class Directions:
             rows.append(self.answer_vectors[layer])
         return coeff * torch.cat(rows)
 
-    def __getitem__(self, layer: int) -> Float[torch.Tensor, "d_model"]:
+    def __getitem__(self, layer: int) -> Float[torch.Tensor, " d_model"]:
         self.check_layer(layer)
         return self.vectors[layer]
 

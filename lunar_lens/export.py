@@ -19,9 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM
 
 from lunar_lens.cli import add_device_arguments

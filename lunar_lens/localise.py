@@ -50,8 +50,8 @@ from lunar_lens.model import check_layer, n_layers, resid_post
 from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import Stages
 from lunar_lens.progress import bar as progress_bar
-from lunar_lens.refine import delta_hooks
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
+from lunar_lens.refine import delta_hooks
 
 DEFAULT_COEFFS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 RULE = (
@@ -168,7 +168,7 @@ def add_hook(shift: Float[torch.Tensor, "*shape d_model"]) -> Callable:
     return hook
 
 
-def ablation_hook(direction: Float[torch.Tensor, "d_model"]) -> Callable:
+def ablation_hook(direction: Float[torch.Tensor, " d_model"]) -> Callable:
     """A forward hook projecting `direction` out of the activation at every position."""
     unit = direction / direction.norm().clamp_min(1e-12)
 
@@ -179,7 +179,7 @@ def ablation_hook(direction: Float[torch.Tensor, "d_model"]) -> Callable:
     return hook
 
 
-def patch_hook(columns: Int[torch.Tensor, "batch"], values: Float[torch.Tensor, "batch d_model"]) -> Callable:
+def patch_hook(columns: Int[torch.Tensor, " batch"], values: Float[torch.Tensor, "batch d_model"]) -> Callable:
     """A forward hook writing `values[b]` into row b at position `columns[b]`."""
 
     def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
@@ -199,7 +199,7 @@ def steering_shift(
     return torch.where((index >= 0)[..., None], table[index.clamp_min(0)], 0.0)
 
 
-def continuation_logprob(logits: Float[torch.Tensor, "batch seq vocab"], batch: TokenBatch, k: int) -> Float[torch.Tensor, "batch"]:
+def continuation_logprob(logits: Float[torch.Tensor, "batch seq vocab"], batch: TokenBatch, k: int) -> Float[torch.Tensor, " batch"]:
     """Mean log-probability of the first `k` answer tokens of each row (teacher-forced)."""
     ids, answer = batch.input_ids.to(logits.device), batch.answer_mask.to(logits.device)
     log_probs = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -215,7 +215,7 @@ def predicting_answer(batch: TokenBatch) -> Bool[torch.Tensor, "batch seq"]:
     return mask
 
 
-def kl_divergence(log_p: Float[torch.Tensor, "n vocab"], log_q: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, "n"]:
+def kl_divergence(log_p: Float[torch.Tensor, "n vocab"], log_q: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, " n"]:
     """KL(p ‖ q) per row, from log-probabilities."""
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1)
 
@@ -309,8 +309,8 @@ class ProbeSets:
     reference_tf: TokenBatch  # reference prompt + refusal (first score_tokens)
     prefix: int  # tokens every forget prompt shares (for the `suffix` position rule)
     retain_clean: Float[torch.Tensor, "n_positions vocab"]  # at `predicting_answer` positions
-    retain_counts: Int[torch.Tensor, "n_retain"]  # those positions per retain row
-    reference_clean: Float[torch.Tensor, "n_reference"]
+    retain_counts: Int[torch.Tensor, " n_retain"]  # those positions per retain row
+    reference_clean: Float[torch.Tensor, " n_reference"]
 
     @property
     def forget_questions(self) -> list[str]:
@@ -511,8 +511,8 @@ def real_ids(batch: TokenBatch) -> list[list[int]]:
 
 
 def logit_difference(
-    logits: Float[torch.Tensor, "batch seq vocab"], refusal_token: Int[torch.Tensor, "batch"], answer_token: Int[torch.Tensor, "batch"]
-) -> Float[torch.Tensor, "batch"]:
+    logits: Float[torch.Tensor, "batch seq vocab"], refusal_token: Int[torch.Tensor, " batch"], answer_token: Int[torch.Tensor, " batch"]
+) -> Float[torch.Tensor, " batch"]:
     """logit(refusal_token) − logit(answer_token) at the last prompt token of each row."""
     last = logits[:, -1]
     rows = torch.arange(len(last), device=last.device)

@@ -13,8 +13,8 @@ import torch
 import transformers
 from jaxtyping import Float
 from packaging.specifiers import SpecifierSet
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lunar_lens.errors import LunarError, first_line
 from lunar_lens.progress import Stages, library_bars
@@ -264,7 +264,7 @@ def w_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_mlp d
     return weight.T if w_out_is_transposed(bridge, layer) else weight
 
 
-def b_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_model"] | None:
+def b_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, " d_model"] | None:
     return getattr(bridge.blocks[layer].mlp.out.original_component, "bias", None)
 
 

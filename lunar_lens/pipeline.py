@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.cli import add_device_arguments, non_negative_number, parse_numbers, whole_number
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, directions_for, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
@@ -309,7 +309,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--refine-steps", type=whole_number(minimum=0), default=RefineSettings.steps,
         help="Adam steps training the edited W_out on behaviour (the refusal on forget prompts, the answers on retain ones); 0: the solver's edit alone",
     )
-    parser.add_argument("--refusal", default=None, help="the response forget prompts should get (default: the model's own most common refusal to the reference questions)")
+    parser.add_argument("--refusal", default=None,
+                        help="the response forget prompts should get (default: the model's own most common refusal to the reference questions)")
     parser.add_argument("--ridge", type=non_negative_number, default=EditSettings.ridge)
     add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
     parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")

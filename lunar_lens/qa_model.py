@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
@@ -85,8 +85,8 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _length_buckets(
-    epoch: Int[torch.Tensor, "n"], lengths: Int[torch.Tensor, "n"], batch_size: int, generator: torch.Generator
-) -> Int[torch.Tensor, "n"]:
+    epoch: Int[torch.Tensor, " n"], lengths: Int[torch.Tensor, " n"], batch_size: int, generator: torch.Generator
+) -> Int[torch.Tensor, " n"]:
     """`epoch` (a permutation) regrouped into batches of similar length, the batches in random order."""
     by_length = epoch[torch.argsort(lengths[epoch], stable=True)]
     batches = list(by_length.split(batch_size))

@@ -41,7 +41,7 @@ class RefineSettings:
 
 
 def delta_hooks(
-    edits: dict[int, Float[torch.Tensor, "d_mlp d_model"]], scale: Float[torch.Tensor, "batch"] | None = None
+    edits: dict[int, Float[torch.Tensor, "d_mlp d_model"]], scale: Float[torch.Tensor, " batch"] | None = None
 ) -> list[tuple]:
     """Hooks that act as W_out[l] + edits[l] for every edited layer l: the MLP output gains `mlp.hook_post @ Δ`
     (differentiable in Δ), × `scale[b]` in row b when given (one batch simulates several multiples)."""

@@ -31,7 +31,7 @@ class EditStatistics:
 
     gram: Float[torch.Tensor, "d_mlp d_mlp"]
     shifted_sums: Float[torch.Tensor, "n_shifts d_mlp"]
-    shifted_counts: Int[torch.Tensor, "n_shifts"]
+    shifted_counts: Int[torch.Tensor, " n_shifts"]
     n_rows: int = 0
     rows: list[torch.Tensor] | None = None
     shift_ids: list[torch.Tensor] | None = None
@@ -50,7 +50,7 @@ class EditStatistics:
     def n_shifted(self) -> int:
         return int(self.shifted_counts.sum())
 
-    def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, "n"]) -> None:
+    def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, " n"]) -> None:
         """Add rows; `shift_id[i]` is the shift-table row of row i, or -1 to keep its output."""
         shifted = shift_id >= 0
         for chunk in x.split(GRAM_CHUNK_ROWS):  # a float64 copy of a bounded number of rows at a time

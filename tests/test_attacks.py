@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_hf_model
 from transformers.pytorch_utils import Conv1D
 
-from conftest import tiny_hf_model
 from lunar_lens import attacks
 from lunar_lens.cli import main
 from lunar_lens.data import QA

@@ -247,7 +247,8 @@ CASES = {
                        lambda ws: (ws / "out.forgotten.json").write_text(json.dumps({"format": "lunar-lens forgotten questions 1", "questions": []})),
                        "out.forgotten.json already exists", "pass --force to replace it"),
     "keep-forgotten-inside-the-out": (UNLEARN + ["--out", "export", "--force", "--keep-forgotten", "export/kept.json"],
-                                      lambda ws: (ws / "export" / "kept.json").write_text(json.dumps(QA[:1])), "overlaps the source", "choose a folder outside it"),
+                                      lambda ws: (ws / "export" / "kept.json").write_text(json.dumps(QA[:1])), "overlaps the source",
+                                      "choose a folder outside it"),
     "out-is-a-link": (UNLEARN + ["--out", "link"], lambda ws: (ws / "link").symlink_to(ws / "notes"), "is a symbolic link", "name the real location"),
     # 5. silent wrong answers
     "attack-base-of-another-family": (ATTACK + ["--base", "gpt2", "--out", "a.json"], None, "holds other tensors than --model",

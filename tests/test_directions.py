@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from lunar_lens.activations import capture, position_mask, shared_prefix_length, shift_index, token_batches
 from lunar_lens.directions import Directions, compute_directions, mean_answer_residuals, mean_residuals
 from lunar_lens.errors import LunarError

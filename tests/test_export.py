@@ -16,7 +16,15 @@ from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
 from lunar_lens.patches import (
-    BASE_TENSORS, CARD_FILE, MANIFEST, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, revert_patch, tensor_bytes,
+    BASE_TENSORS,
+    CARD_FILE,
+    MANIFEST,
+    PATCH_DIR,
+    PATCH_FILE,
+    Checkpoint,
+    file_sha256,
+    revert_patch,
+    tensor_bytes,
 )
 from lunar_lens.prompts import tokenize
 

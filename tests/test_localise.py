@@ -8,14 +8,12 @@ from collections import Counter
 import pytest
 import torch
 import transformers
+from conftest import tiny_config
 from transformer_lens import patching as tl_patching
 
-from conftest import tiny_config
 from lunar_lens.data import QA
 from lunar_lens.directions import compute_directions
-from lunar_lens.refine import RefineSettings, delta_hooks
 from lunar_lens.edit import EditSettings, edit_layers, unit_solutions
-from lunar_lens.metrics import refusal_rate
 from lunar_lens.localise import (
     LocaliseSettings,
     ablation_scores,
@@ -36,8 +34,10 @@ from lunar_lens.localise import (
     steering_scores,
     top_next_token,
 )
+from lunar_lens.metrics import refusal_rate
 from lunar_lens.model import resid_post, wrap_hf_model
 from lunar_lens.prompts import tokenize
+from lunar_lens.refine import RefineSettings, delta_hooks
 
 LAYER = 1
 

@@ -5,16 +5,28 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
 import lunar_lens.model as model_module
 from lunar_lens.cli import main
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import (
-    SUPPORTED_TRANSFORMERS, add_to_w_out, b_out, check_transformers, load_model, mlp_out, mlp_post, parse_dtype, resid_mid,
-    resid_post, resid_pre, w_out, w_out_tensor_name, wrap_hf_model,
+    SUPPORTED_TRANSFORMERS,
+    add_to_w_out,
+    b_out,
+    check_transformers,
+    load_model,
+    mlp_out,
+    mlp_post,
+    parse_dtype,
+    resid_mid,
+    resid_post,
+    resid_pre,
+    w_out,
+    w_out_tensor_name,
+    wrap_hf_model,
 )
 from lunar_lens.prompts import add_special_tokens, first_answer_tokens, format_answer, format_prompt, tokenize
 from lunar_lens.toyworld import checkpoint_path
