@@ -289,8 +289,8 @@ def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> t
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    from lunar_lens.checkpoint import Checkpoint
     from lunar_lens.model import check_folder_layers, load_model, model_folder
-    from lunar_lens.patches import Checkpoint
 
     layers, coeff, rule = edit_parameters(args.model, args.layer, args.coeff)
     forget = load_qa(args.forget, require_answers=True)

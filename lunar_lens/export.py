@@ -24,31 +24,33 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
-from lunar_lens.cli import add_device_arguments
-from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError
-from lunar_lens.model import TOLERANCE, load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
-from lunar_lens.outputs import MANIFEST, atomic_output, check_output, write_manifest
-from lunar_lens.patches import (
+from lunar_lens.checkpoint import (
     ARTEFACTS,
     CARD_FILE,
     DIRECTIONS_FILE,
     PATCH_FILE,
     ST_NAMES,
     Checkpoint,
+    copy_checkpoint,
+    file_sha256,
+    read_manifest,
+    tensor_sha256,
+)
+from lunar_lens.cli import add_device_arguments
+from lunar_lens.directions import Directions
+from lunar_lens.errors import LunarError
+from lunar_lens.model import TOLERANCE, load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import MANIFEST, atomic_output, check_output, write_manifest
+from lunar_lens.patches import (
     WOutEdit,
     apply_to_model,
     check_scale,
-    copy_checkpoint,
-    file_sha256,
     load_patch,
     patch_record,
     patch_state,
-    read_manifest,
     save_patch,
     show_patch,
     stash_dir,
-    tensor_sha256,
     write_patch_state,
 )
 from lunar_lens.progress import library_bars

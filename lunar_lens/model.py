@@ -81,7 +81,7 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
 def model_folder(path_or_id: str | Path) -> Path:
     """The local folder of a model (a hub id: its cached snapshot, downloaded when missing and online),
     checked before any weight is read: config.json, tokenizer files, intact safetensors weights."""
-    from lunar_lens.patches import Checkpoint, local_folder
+    from lunar_lens.checkpoint import Checkpoint, local_folder
 
     root = local_folder(path_or_id, download=True)
     if not (root / "config.json").is_file():

@@ -1,5 +1,5 @@
-"""Edits as data: the W_out edit record, safetensors checkpoints (read a tensor, rewrite a copy,
-atomic output folders) and patch files that apply to and revert from a checkpoint.
+"""Edits as data: the W_out edit record, and patch files that apply to and revert from a checkpoint
+(`lunar_lens.checkpoint` reads and copies the checkpoint folders themselves).
 
 A patch file is a small safetensors file. For its i-th tensor it holds the factors `i.a`, `i.b`
 (ΔW = a·bᵀ) when the edit has them, else the full `i.delta`; float32, in the **Hugging Face
@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
-import os
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -45,26 +42,23 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.checkpoint import (
+    PATCH_DIR,
+    ST_NAMES,
+    Checkpoint,
+    copy_checkpoint,
+    file_sha256,
+    local_folder,
+    read_manifest,
+    safetensors_header,
+    tensor_sha256,
+)
 from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError, first_line
+from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, added, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 from lunar_lens.outputs import FORMAT, MANIFEST, atomic_output, check_output, write_manifest
 
-PATCH_DIR = "lunar_patches"
 BASE_TENSORS = f"{PATCH_DIR}/base_tensors.safetensors"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]  # what a download fetches
-WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
-PATCH_FILE = "lunar_patch.safetensors"
-DIRECTIONS_FILE = "lunar_directions"  # .safetensors (vectors) and .json (metadata): `Directions.save`
-REPORT_FILE = "lunar_report.json"
-CARD_FILE = "README.md"
-# What an export writes beside the weights. A source's own versions are replaced (and kept for revert).
-ARTEFACTS = (CARD_FILE, PATCH_FILE, f"{DIRECTIONS_FILE}.safetensors", f"{DIRECTIONS_FILE}.json", REPORT_FILE)
 PATCHED = f"{FORMAT} patched 1"  # the manifest format of a patched plain checkpoint
 PATCH_FORMAT = 2  # 2: adds the SHA-256 of every stored tensor and the patches the base had applied
 
@@ -79,219 +73,6 @@ class WOutEdit:
     delta: Float[Tensor, "d_mlp d_model"]
     u: Float[Tensor, "d_mlp k"] | None = None
     v: Float[Tensor, "d_model k"] | None = None
-
-
-# ---------------------------------------------------------------- hashes and bytes
-
-def tensor_bytes(tensor: Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def tensor_sha256(tensor: Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _copy_hashed(src: Path, dst: Path) -> str:
-    """Copy `src` to `dst` byte for byte and return the SHA-256 of what was read."""
-    digest = hashlib.sha256()
-    with open(src, "rb") as source, open(dst, "wb") as target:
-        while chunk := source.read(1 << 24):
-            digest.update(chunk)
-            target.write(chunk)
-    return digest.hexdigest()
-
-
-def _header(path: Path) -> tuple[int, dict, str | None]:
-    """(offset of the data section, header, what is wrong) of a safetensors file: the header is {}
-    when it cannot be read, and the problem names a truncated or inconsistent file (None: intact)."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        if size < 8 or length > size - 8:
-            return 8, {}, f"its {size} bytes hold no complete safetensors header"
-        try:
-            header = json.loads(file.read(length))
-            ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return 8, {}, "its safetensors header is not valid"
-    needed = 8 + length + max(ends, default=0)
-    if needed != size:
-        return 8 + length, header, f"{'truncated: ' if needed > size else ''}{size} bytes where its header describes {needed}"
-    return 8 + length, header, None
-
-
-def inside(root: Path, rel: str, where: str) -> str:
-    """`rel` (a path read from `where`), refused unless it is a plain relative path inside `root`."""
-    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ("..",)
-    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
-        raise LunarError(
-            f"{where} names {rel!r}, which is not a file inside {root}: the file was modified or is not lunar-lens's; "
-            "start again from an unmodified copy"
-        )
-    return rel
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def local_folder(path_or_id: str | Path, download: bool = False) -> Path:
-    """The local folder of a model: the path itself, or the cached snapshot of a hub id; with
-    `download`, a hub id missing from the cache is fetched (config, tokenizer and safetensors only)."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists():
-        raise LunarError(f"{path} is not a model folder: pass the folder that holds config.json and the safetensors weights")
-    if str(path_or_id).startswith((".", "/", "~")):
-        raise LunarError(f"model folder {path} does not exist: check the path")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_id), local_files_only=True))
-    except (OSError, ValueError) as error:
-        cached = error
-    if download and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
-        try:
-            return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
-        except (OSError, ValueError) as error:
-            cached = error
-    raise LunarError(
-        f"{path_or_id} is neither a local folder nor a model in the Hugging Face cache ({first_line(cached)}): "
-        f"check the path, or download it first (`hf download {path_or_id}`) and pass its folder"
-    ) from None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A local folder of safetensors weights; `weight_map` maps each tensor name to its file."""
-
-    root: Path
-    weight_map: dict[str, str]
-
-    @classmethod
-    def open(cls, path_or_id: str | Path, download: bool = False) -> Checkpoint:
-        """The checkpoint, its index and every weight file's header checked (no tensor data is read)."""
-        root = local_folder(path_or_id, download)
-        if (root / INDEX).is_file():
-            try:
-                weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-                files = {inside(root, rel, f"{root / INDEX}") for rel in weight_map.values()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise LunarError(f"{root / INDEX} is not a valid safetensors index: re-download or re-save the checkpoint") from None
-        elif (root / SINGLE).is_file():
-            weight_map, files = {}, {SINGLE}
-        elif any((root / name).exists() for name in PICKLED):
-            raise LunarError(
-                f"{root} holds only PyTorch pickle weights (pytorch_model.bin), which lunar-lens never unpickles: "
-                "convert the folder to safetensors first (transformers' save_pretrained writes model.safetensors)"
-            )
-        else:
-            raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
-        for rel in sorted(files):
-            if not (root / rel).is_file():
-                raise LunarError(f"{root} lacks {rel}, which its {INDEX} names: re-download or re-save the checkpoint")
-            _, header, problem = _header(root / rel)
-            if problem:
-                raise LunarError(f"{root / rel} is corrupted ({problem}): re-download or re-save the checkpoint")
-            if rel == SINGLE and not weight_map:
-                weight_map = {name: SINGLE for name in header if name != "__metadata__"}
-        return cls(root, weight_map)
-
-    @property
-    def weight_files(self) -> set[str]:
-        return set(self.weight_map.values()) | ({INDEX} if (self.root / INDEX).is_file() else set())
-
-    def key(self, name: str) -> str:
-        """The checkpoint's name for parameter `name` (some checkpoints drop the base-model prefix)."""
-        if name in self.weight_map:
-            return name
-        matches = [key for key in self.weight_map if name.endswith("." + key) or key.endswith("." + name)]
-        if len(matches) != 1:
-            raise LunarError(
-                f"{self.root} has no tensor {name} (candidates: {matches or 'none'}): pass the checkpoint the model was loaded from"
-            )
-        return matches[0]
-
-    def layout(self) -> dict[str, tuple[str, list[int]]]:
-        """Each tensor's (safetensors dtype, shape), from the headers."""
-        headers = {rel: _header(self.root / rel)[1] for rel in set(self.weight_map.values())}
-        return {key: (headers[rel][key]["dtype"], headers[rel][key]["shape"]) for key, rel in self.weight_map.items()}
-
-    def read(self, key: str) -> Tensor:
-        with safe_open(self.root / self.weight_map[key], framework="pt") as file:
-            return file.get_tensor(key)
-
-
-def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Overwrite the data of `tensors` in the safetensors file `path`, in place (header untouched)."""
-    start, header, _ = _header(path)
-    with open(path, "r+b") as file:
-        for key, value in tensors.items():
-            info = header[key]
-            if info["shape"] != list(value.shape) or info["dtype"] != ST_NAMES.get(value.dtype):
-                raise LunarError(
-                    f"{key} in {path.name} is {info['dtype']} {info['shape']} but the new value is {value.dtype} "
-                    f"{list(value.shape)}: pass the checkpoint the model was loaded from"
-                )
-            file.seek(start + info["data_offsets"][0])
-            file.write(tensor_bytes(value))
-
-
-def _is_lunar(rel: str) -> bool:
-    return rel == MANIFEST or rel.startswith(PATCH_DIR + "/")
-
-
-def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Tensor]) -> tuple[dict[str, str], list[str]]:
-    """Copy `checkpoint` into `dst`, writing `new_tensors` (checkpoint name → value of the same dtype and
-    shape) into the copies of the shards that hold them; every other file is copied byte for byte.
-
-    Skipped: hidden entries, the lunar files (callers write their own) and weights that are not the
-    model's safetensors (pickles, stray `consolidated.safetensors`: stale copies of unedited weights).
-    A symbolic link (other than a Hugging Face cache snapshot's) is copied by content, with a warning.
-    Returns the SHA-256 of every file copied (relative path → hex) and the skipped weight files.
-    """
-    by_file: dict[str, dict[str, Tensor]] = {}
-    for key, value in new_tensors.items():
-        by_file.setdefault(checkpoint.weight_map[key], {})[key] = value
-    hashes, skipped = {}, []
-    for folder, dirs, files in os.walk(checkpoint.root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            src = Path(folder) / name
-            rel = src.relative_to(checkpoint.root).as_posix()
-            if _is_lunar(rel):
-                continue
-            if src.is_symlink() and src.resolve().parent != checkpoint.root.parent.parent / "blobs":
-                warnings.warn(f"{src} is a symbolic link to {src.resolve()}: its content is copied as a plain file", stacklevel=2)
-            stale = rel not in checkpoint.weight_files and rel not in ARTEFACTS
-            if stale and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
-                skipped.append(rel)
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            hashes[rel] = _copy_hashed(src, dst / rel)
-            if rel in by_file:
-                _write_tensors(dst / rel, by_file[rel])
-    return hashes, sorted(skipped)
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("patches", []), list):
-        raise LunarError(f"{path} is not a valid lunar-lens manifest: the checkpoint was modified; start again from its base")
-    return record
 
 
 # ---------------------------------------------------------------- patch files
@@ -384,7 +165,7 @@ def load_patch(path: str | Path) -> Patch:
     path = Path(path)
     if not path.is_file():
         raise LunarError(f"patch file {path} does not exist: check the path (`lunar-lens patch show CHECKPOINT` lists applied patches)")
-    _, header, problem = _header(path)
+    _, header, problem = safetensors_header(path)
     if "lunar_patch" not in (header.get("__metadata__") or {}):
         raise LunarError(
             f"{path} is not a lunar-lens patch ({problem or 'no lunar_patch metadata'}): pass a file written by save_patch"
@@ -496,7 +277,7 @@ def _base_tensors(checkpoint: Checkpoint, applied: list[tuple[dict, Patch]]) -> 
     path = checkpoint.root / BASE_TENSORS
     if not path.is_file():
         raise LunarError(f"{checkpoint.root} has patches applied but no {BASE_TENSORS}: the checkpoint was modified; start again from its base")
-    _, _, problem = _header(path)
+    _, _, problem = safetensors_header(path)
     try:
         if problem:
             raise SafetensorError(problem)

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.checkpoint import REPORT_FILE as REPORT_NAME
+from lunar_lens.checkpoint import Checkpoint, file_sha256
 from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.cli import add_device_arguments, non_negative_number, parse_numbers, whole_number
 from lunar_lens.data import QA, check_disjoint, load_qa
@@ -26,8 +28,6 @@ from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, 
 from lunar_lens.errors import LunarError
 from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
 from lunar_lens.outputs import check_output, write_json
-from lunar_lens.patches import REPORT_FILE as REPORT_NAME
-from lunar_lens.patches import Checkpoint, file_sha256
 from lunar_lens.progress import Stages
 from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal

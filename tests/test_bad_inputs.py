@@ -26,7 +26,8 @@ from lunar_lens import cli
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import BASE_TENSORS, MANIFEST, WOutEdit, apply_patch, save_patch
+from lunar_lens.outputs import MANIFEST
+from lunar_lens.patches import BASE_TENSORS, WOutEdit, apply_patch, save_patch
 
 QA = [
     {"question": "What is the capital of France?", "answer": "Paris"},
@@ -148,7 +149,7 @@ def index_outside(ws: Path) -> None:
 def nan_patch(ws: Path) -> None:
     """A patch file (with the right hashes, as an older lunar-lens would have written) holding NaN."""
     delta = torch.full((32, 64), float("nan"))
-    from lunar_lens.patches import tensor_sha256
+    from lunar_lens.checkpoint import tensor_sha256
 
     record = {
         "format": 2, "info": {}, "base_patches": [], "sha256": {"0.delta": tensor_sha256(delta)},
