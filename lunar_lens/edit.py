@@ -53,9 +53,9 @@ class EditSettings:
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_RULES:
-            raise LunarError(f"unknown --positions {self.positions!r}: use one of {', '.join(POSITION_RULES)}")
+            raise LunarError(f"unknown {{positions}} {self.positions!r}: use one of {', '.join(POSITION_RULES)}", ("positions",))
         if self.solver not in SOLVERS:
-            raise LunarError(f"unknown --solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+            raise LunarError(f"unknown {{solver}} {self.solver!r}: use one of {', '.join(SOLVERS)}", ("solver",))
         for name in ("batch_size", "lora_rank"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LunarError(f"{{{name}}} {getattr(self, name)} is not a whole number ≥ 1: e.g. 32", (name,))
@@ -204,14 +204,16 @@ def edit_layers(
         raise LunarError("the retain set is empty: give the questions whose answers must stay")
     layers = sorted({check_layer(bridge, layer) for layer in layers})
     if not layers:
-        raise LunarError("no layer to edit: pass --layer N or --layer auto")
+        raise LunarError("no layer to edit: give at least one layer in {layers}", ("layers",))
     refusal = refusal_target(bridge, reference, settings)
     settings = replace(settings, refusal=refusal)
     with_answer = settings.positions.endswith("+answer")
     if directions is None:
         directions = directions_for(bridge, forget, reference, settings, progress, parallel, deepest_layer=layers[-1])
     if with_answer and directions.answer_vectors is None:
-        raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
+        raise LunarError(
+            f"{{positions}} {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)", ("positions",)
+        )
     result = EditResult([], directions, refusal=refusal)
     # earlier forgotten questions are kept where the model now puts them: answering with the refusal
     keep = list(retain) + [QA(qa.question, qa.answer or refusal) for qa in keep_forgotten]

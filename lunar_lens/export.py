@@ -8,7 +8,6 @@ applied to the source, so `lunar-lens patch revert` gives the source back), the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -36,20 +35,16 @@ from lunar_lens.checkpoint import (
     read_manifest,
     tensor_sha256,
 )
-from lunar_lens.cli import add_device_arguments
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import TOLERANCE, load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
-from lunar_lens.outputs import MANIFEST, atomic_output, check_output, write_manifest
+from lunar_lens.model import TOLERANCE, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import MANIFEST, atomic_output, write_manifest
 from lunar_lens.patches import (
     WOutEdit,
-    apply_to_model,
-    check_scale,
     load_patch,
     patch_record,
     patch_state,
     save_patch,
-    show_patch,
     stash_dir,
     write_patch_state,
 )
@@ -328,35 +323,3 @@ def export_checkpoint(
         write_manifest(tmp, record)
     rewritten = sorted({checkpoint.weight_map[e.key] for e in edited})
     return ExportResult(Path(out_dir), [e.key for e in edited], rewritten, verification, record)
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="apply a saved patch to a model and export it as a verified checkpoint")
-    parser.add_argument("--model", required=True, help="the patch's base: HF model folder or cached hub id")
-    parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
-    parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    parser.add_argument("--scale", type=float, default=1.0, help="apply S·ΔW (0: the base, 1: the whole edit)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-    add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    check_scale(args.scale)
-    edit = load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads
-    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.edit])
-    bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=True)
-    patch = apply_to_model(bridge, edit, args.scale)
-    result = export_checkpoint(
-        bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=args.force,
-        verify=not args.no_verify, trust_remote_code=args.trust_remote_code, patch=args.edit, scale=args.scale,
-    )
-    check = result.verification
-    verified = "not verified"
-    if check is not None:
-        verified = f"verified: max |Δ logit| {check['max_abs_logit_diff']:.2g} on {check['prompts']} prompts"
-    print(f"wrote {result.out_dir} (edited {', '.join(result.edited_tensors)}; {verified})")

@@ -25,7 +25,6 @@ The selection rule (`rank_layers`, then `choose_edit`) is written out in `RULE` 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -39,7 +38,6 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.activations import capture, shared_prefix_length, shift_index
-from lunar_lens.cli import add_device_arguments, parse_numbers, whole_number
 from lunar_lens.data import QA, spread
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.edit import EditSettings, refusal_target, unit_solutions
@@ -47,8 +45,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import refusal_rate, rouge_recall
 from lunar_lens.model import check_layer, n_layers, resid_post
-from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
-from lunar_lens.progress import Stages
+from lunar_lens.outputs import FORMAT, atomic_output, write_manifest
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 from lunar_lens.refine import delta_hooks
@@ -644,7 +641,7 @@ def choose_edit(
 def check_coeffs(coeffs: Sequence[float]) -> list[float]:
     """The coefficients c to try, sorted, refused unless there is one and each is a finite number > 0."""
     if not coeffs or not all(math.isfinite(c) and c > 0 for c in coeffs):
-        raise LunarError(f"coefficients {list(coeffs)} must be finite positive numbers: e.g. --coeffs 1,2,4,8")
+        raise LunarError(f"coefficients {list(coeffs)} must be finite positive numbers: e.g. {{coeffs}} 1,2,4,8", ("coeffs",))
     return sorted({float(c) for c in coeffs})
 
 
@@ -762,42 +759,3 @@ def save_localisation(loc: Localisation | None, out_dir: str | Path, force: bool
             names["choice"] = "choice.png"
         write_manifest(tmp, {"format": f"{FORMAT} localisation 1"})
     return {kind: Path(out_dir) / name for kind, name in names.items()}
-
-
-# ---------------------------------------------------------------- command line
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "localise",
-        help="rank layers by steering, directional ablation and activation patching",
-        description="Score every layer with steering, directional ablation, activation patching and retain KL, check "
-        "the best layers' edits, and choose the layer and coefficient c; writes localisation.json and two figures.",
-    )
-    parser.add_argument("--model", required=True, help="HF model folder or hub id")
-    parser.add_argument("--forget", required=True, help="questions to forget (JSON, JSONL, CSV, TXT, HF dataset)")
-    parser.add_argument("--retain", required=True, help="questions whose answers must stay")
-    parser.add_argument("--reference", required=True, help="questions the model already declines")
-    parser.add_argument("--out", required=True, help="folder for localisation.json and the figures")
-    parser.add_argument("--layers", default=None, help="comma-separated layers to probe (default: all)")
-    parser.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS), help="comma-separated coefficients c")
-    parser.add_argument("--max-prompts", type=whole_number(), default=LocaliseSettings.max_prompts, help="prompts per set (evenly spread)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-    add_device_arguments(parser)
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    from lunar_lens.data import check_disjoint, load_qa
-    from lunar_lens.model import load_model
-
-    forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
-    retain = check_disjoint(forget, retain)
-    layers = None if args.layers is None else parse_numbers(args.layers, int, "--layers")
-    coeffs = check_coeffs(parse_numbers(args.coeffs, float, "--coeffs"))
-    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.forget, args.retain, args.reference])
-    bridge = load_model(args.model, args.device, args.dtype, progress=True)
-    with Stages()("localise", "localisation (steering, ablation, patching, edit check)"):
-        loc = localise(bridge, forget, retain, reference, coeffs, layers, LocaliseSettings(max_prompts=args.max_prompts), progress=True)
-    paths = save_localisation(loc, args.out, force=args.force)
-    print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")
-    print("\n".join(f"wrote {path}" for path in paths.values()))

@@ -127,7 +127,7 @@ def load_model(
     """
     check_transformers()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+        raise LunarError("{device} cuda was asked for but no CUDA device is available: use {device} cpu", ("device",))
     torch_dtype = parse_dtype(dtype)
     folder = model_folder(path_or_id)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -295,7 +295,7 @@ def add_to_w_out(bridge: TransformerBridge, layer: int, delta: Float[torch.Tenso
     if view.is_meta:
         raise LunarError(
             f"W_out of layer {layer} is offloaded to disk by the device map, so it cannot be edited in place: "
-            "map that layer to a GPU or the CPU (or use --device-map auto with enough GPU/CPU memory)"
+            "map that layer to a GPU or the CPU (or use {device_map} auto with enough GPU/CPU memory)", ("device_map",)
         )
     view.copy_(added(view, [delta]))
 

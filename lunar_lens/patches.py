@@ -26,7 +26,6 @@ Only safetensors are read; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -475,34 +474,3 @@ def applied(
             for edit in change:
                 add_to_w_out(bridge, edit.layer, scale * edit.delta)
         yield bridge
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("patch", help="apply, revert or show unlearning patches on a checkpoint")
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, verb in (("apply", "with"), ("revert", "without")):
-        sub = actions.add_parser(name, help=f"write a copy of CHECKPOINT {verb} PATCH to --out")
-        sub.add_argument("checkpoint", help="a Hugging Face model folder (safetensors)")
-        sub.add_argument("patch", help="a patch file (`lunar-lens patch show CHECKPOINT` lists the applied ones)")
-        sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-        sub.set_defaults(func=run_cli)
-    actions.choices["apply"].add_argument(
-        "--scale", type=float, default=1.0, help="apply S·ΔW: 0 leaves the base as it is, 1 is the whole edit (recorded; revert stays exact)"
-    )
-    show = actions.add_parser("show", help="print a patch file, or the patches applied to a checkpoint folder")
-    show.add_argument("path")
-    show.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    if args.action == "show":
-        print(json.dumps(show_patch(args.path), indent=2))
-        return
-    if args.action == "apply":
-        out = apply_patch(args.checkpoint, args.patch, args.out, force=args.force, scale=args.scale)
-    else:
-        out = revert_patch(args.checkpoint, args.patch, args.out, force=args.force)
-    print(f"{args.action}: wrote {out}")

@@ -81,7 +81,7 @@ class Solution:
 
 def _check(stats: EditStatistics) -> None:
     if stats.n_shifted == 0:
-        raise LunarError("no forget position was selected for redirection: check the forget set and the --positions rule")
+        raise LunarError("no forget position was selected for redirection: check the forget set and the {positions} rule", ("positions",))
 
 
 def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_model"], ridge: float = 1e-4) -> Solution:

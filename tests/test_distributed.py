@@ -16,12 +16,13 @@ from conftest import tiny_hf_model
 from safetensors.torch import load_file
 
 from lunar_lens.cli import build_parser
+from lunar_lens.cli.arguments import parse_device_map
 from lunar_lens.directions import compute_directions
 from lunar_lens.distributed import SINGLE, DataParallel, init_from_env
 from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, load_model, load_tokenizer, mlp_post, resid_post, w_out, wrap_hf_model
-from lunar_lens.pipeline import parse_device_map, unlearn
+from lunar_lens.pipeline import unlearn
 from lunar_lens.prompts import tokenize
 from lunar_lens.refine import RefineSettings
 from lunar_lens.toyworld import build_world, checkpoint_path

@@ -88,7 +88,7 @@ def test_bad_edit_requests_are_clear_errors(tiny):
         edit_layers(tiny, FORGET, [], REFERENCE, [1])
     with pytest.raises(LunarError, match="reference set is empty"):
         edit_layers(tiny, FORGET, RETAIN, [], [1])
-    with pytest.raises(LunarError, match="unknown --positions"):
+    with pytest.raises(LunarError, match="unknown positions"):
         EditSettings(positions="everywhere")
 
 
