@@ -69,7 +69,7 @@ def _run(tmp: Path, out: Path, sets: dict, forget: list, retain: list, reference
     print("\n".join(sample_lines(before, after, "retain", 3)))
 
     figures = [plot_before_after(before, after, tmp / "before_after.png")]
-    from lunar_lens.localise import save_localisation
+    from lunar_lens.figures import save_localisation
 
     written = save_localisation(outcome.localisation, tmp / "localisation", choice=outcome.report["choice"])
     figures += [path for path in written.values() if path.suffix == ".png"]

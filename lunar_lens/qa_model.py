@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
-from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.metrics import mean_rouge1, refusal_rate
 from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import tokenize
@@ -178,9 +178,8 @@ def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequ
     """Greedy ROUGE-1 recall and exact-match rate on `known`, and the refusal rate on `unknown` when given."""
     answers = generate_answers(bridge, [qa.question for qa in known], max_new_tokens=max_new_tokens)
     references = [qa.answer for qa in known]
-    recall = rouge_recall(answers, references)["rouge1"]
     scores = {
-        "rouge1_recall": sum(recall) / len(recall),
+        "rouge1_recall": mean_rouge1(answers, references),
         "exact_match": sum(a == r for a, r in zip(answers, references)) / len(references),
     }
     if unknown:

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from lunar_lens.data import check_disjoint, load_qa
-    from lunar_lens.localise import LocaliseSettings, check_coeffs, localise, save_localisation
+    from lunar_lens.figures import save_localisation
+    from lunar_lens.localise import LocaliseSettings, check_coeffs, localise
     from lunar_lens.model import load_model
     from lunar_lens.outputs import check_output
     from lunar_lens.progress import Stages

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.localise import save_localisation
+    from lunar_lens.figures import save_localisation
     from lunar_lens.outputs import check_output
     from lunar_lens.pipeline import sidecar_path, unlearn
     from lunar_lens.refine import RefineSettings
