@@ -39,15 +39,8 @@ from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
 from lunar_lens.model import TOLERANCE, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 from lunar_lens.outputs import MANIFEST, atomic_output, write_manifest
-from lunar_lens.patches import (
-    WOutEdit,
-    load_patch,
-    patch_record,
-    patch_state,
-    save_patch,
-    stash_dir,
-    write_patch_state,
-)
+from lunar_lens.patched import patch_record, patch_state, stash_dir, write_patch_state
+from lunar_lens.patches import WOutEdit, load_patch, save_patch
 from lunar_lens.progress import library_bars
 from lunar_lens.prompts import tokenize
 

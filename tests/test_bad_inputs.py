@@ -27,7 +27,8 @@ from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
 from lunar_lens.outputs import MANIFEST
-from lunar_lens.patches import BASE_TENSORS, WOutEdit, apply_patch, save_patch
+from lunar_lens.patched import BASE_TENSORS, apply_patch
+from lunar_lens.patches import WOutEdit, save_patch
 
 QA = [
     {"question": "What is the capital of France?", "answer": "Paris"},
@@ -367,16 +368,16 @@ def test_checks_come_before_any_weight_is_read(ws, capsys):
 
 def test_sigterm_during_export_leaves_nothing_half_written(ws, capsys, monkeypatch):
     """SIGTERM arrives while the checkpoint is copied: exit 143, one line, no partial folder."""
-    import lunar_lens.patches as patches
+    import lunar_lens.patched as patched
 
-    copy = patches.copy_checkpoint
+    copy = patched.copy_checkpoint
 
     def copy_then_terminate(*args, **kwargs):
         result = copy(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(patches, "copy_checkpoint", copy_then_terminate)
+    monkeypatch.setattr(patched, "copy_checkpoint", copy_then_terminate)
     before = snapshot(ws)
     assert cli.main(["patch", "apply", "model", "patch.safetensors", "--out", "out"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "lunar-lens patch: terminated (nothing half-written was left)"

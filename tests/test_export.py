@@ -17,7 +17,7 @@ from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
 from lunar_lens.outputs import MANIFEST
-from lunar_lens.patches import BASE_TENSORS, revert_patch
+from lunar_lens.patched import BASE_TENSORS, revert_patch
 from lunar_lens.prompts import tokenize
 
 PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]

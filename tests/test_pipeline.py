@@ -16,7 +16,7 @@ from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model
-from lunar_lens.patches import revert_patch
+from lunar_lens.patched import revert_patch
 from lunar_lens.pipeline import SIDECAR_FORMAT, question_sha256, sidecar_path
 from lunar_lens.toyworld import checkpoint_path
 

@@ -24,13 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens import patches
+    from lunar_lens import patched, patches
 
     if args.action == "show":
         print(json.dumps(patches.show_patch(args.path), indent=2))
         return
     if args.action == "apply":
-        out = patches.apply_patch(args.checkpoint, args.patch, args.out, force=args.force, scale=args.scale)
+        out = patched.apply_patch(args.checkpoint, args.patch, args.out, force=args.force, scale=args.scale)
     else:
-        out = patches.revert_patch(args.checkpoint, args.patch, args.out, force=args.force)
+        out = patched.revert_patch(args.checkpoint, args.patch, args.out, force=args.force)
     print(f"{args.action}: wrote {out}")
