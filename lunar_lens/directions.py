@@ -159,31 +159,6 @@ def residual_means(
     return prompt_mean, parallel.sum(answer_total[:, :n_answer].contiguous()) / len(questions)
 
 
-def mean_residuals(
-    bridge: TransformerBridge,
-    questions: list[str],
-    rule: str = "last",
-    layers: list[int] | None = None,
-    batch_size: int = 32,
-    desc: str | None = None,
-    parallel: DataParallel = SINGLE,
-) -> Float[torch.Tensor, "n_layers d_model"]:
-    """The prompt means of `residual_means`."""
-    return residual_means(bridge, questions, rule, None, layers, batch_size, desc, parallel)[0]
-
-
-def mean_answer_residuals(
-    bridge: TransformerBridge,
-    questions: list[str],
-    answer: str,
-    batch_size: int = 32,
-    desc: str | None = None,
-    parallel: DataParallel = SINGLE,
-) -> Float[torch.Tensor, "n_layers n_answer d_model"]:
-    """The per-answer-token means of `residual_means`."""
-    return residual_means(bridge, questions, "last", answer, None, batch_size, desc, parallel)[1]
-
-
 def compute_directions(
     bridge: TransformerBridge,
     forget_questions: list[str],

@@ -21,7 +21,7 @@ from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, 
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
-from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_adamw, solve_closed, solve_lora
+from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_closed
 
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
 
@@ -221,17 +221,13 @@ def edit_layers(
     for layer in layers:
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
+        solver = SOLVERS[settings.solver]
         stats = collect_statistics(
-            bridge, [layer], forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress,
+            bridge, [layer], forget, keep, settings, refusal, len(shifts), keep_rows=solver.needs_rows, progress=progress,
             parallel=parallel,
         )[0]
         collected = time.perf_counter()
-        if settings.solver == "closed":
-            solution = solve_closed(stats, shifts, settings.ridge)
-        elif settings.solver == "adamw":
-            solution = solve_adamw(stats, shifts, w_out(bridge, layer), seed=settings.seed)
-        else:
-            solution = solve_lora(stats, shifts, settings.lora_rank, seed=settings.seed)
+        solution = solver.solve(stats, shifts, w_out(bridge, layer), settings.ridge, settings.lora_rank, settings.seed)
         solved = time.perf_counter()
         add_to_w_out(bridge, layer, solution.delta)
         ratio = float(solution.delta.norm() / (w_out(bridge, layer).detach().float().cpu() - solution.delta).norm())

@@ -37,7 +37,7 @@ from lunar_lens.checkpoint import (
 )
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import TOLERANCE, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.model import TOLERANCE, loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 from lunar_lens.outputs import MANIFEST, atomic_output, write_manifest
 from lunar_lens.patched import patch_record, patch_state, stash_dir, write_patch_state
 from lunar_lens.patches import WOutEdit, load_patch, save_patch
@@ -259,7 +259,7 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write the in-memory model, whose W_out of `edited_layers` was edited, as a checkpoint folder.
 
-    The source is `bridge.source_path` (a local folder of safetensors, or a hub id found in the local
+    The source is where the bridge was loaded from (`model.loaded_from`: a local folder of safetensors, or a hub id found in the local
     cache). `manifest`: the run's record (coefficient, direction norms, solver, seed, metrics…), stored
     under "run"; `extra_files`: more JSON files to write into the folder. `patch`: the edit as written
     to `lunar_patch.safetensors` — the edits themselves (their factors are stored, with `patch_info`), the
@@ -268,11 +268,12 @@ def export_checkpoint(
     model card. An existing `out_dir` is replaced only with `force`, and only when lunar-lens wrote it;
     one overlapping the source is refused (`lunar_lens.outputs`).
     """
-    if getattr(bridge, "source_path", None) is None:
+    source = loaded_from(bridge)
+    if source is None:
         raise LunarError(
             "this model has no source folder (it was built in memory): load it with lunar_lens.model.load_model(folder) to export it"
         )
-    checkpoint = Checkpoint.open(bridge.source_path)
+    checkpoint = Checkpoint.open(source)
     edited = [_edited_tensor(bridge, checkpoint, layer) for layer in sorted(set(edited_layers))]
     with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         hashes, skipped = copy_checkpoint(checkpoint, tmp, {e.key: e.value for e in edited})
@@ -300,7 +301,7 @@ def export_checkpoint(
             "format": "lunar-lens export 1",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {
-                "path": str(bridge.source_path), "folder": str(checkpoint.root), "sha256": hashes,
+                "path": str(source), "folder": str(checkpoint.root), "sha256": hashes,
                 "skipped_weight_files": skipped, "lunar_manifest": read_manifest(checkpoint.root) or None,
             },
             "edited_tensors": [_edit_record(e, checkpoint) for e in edited],

@@ -39,7 +39,7 @@ from lunar_lens.checkpoint import (
 )
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.model import add_to_w_out, loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
 from lunar_lens.outputs import atomic_output, check_output
 
 PATCH_FORMAT = 2  # 2: adds the SHA-256 of every stored tensor and the patches the base had applied
@@ -228,7 +228,7 @@ def check_scale(scale: float) -> float:
 def apply_to_model(bridge: TransformerBridge, patch_path: str | Path | Patch, scale: float = 1.0) -> Patch:
     """Add `scale`·a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
     scale = check_scale(scale)
-    checkpoint = Checkpoint.open(bridge.source_path)
+    checkpoint = Checkpoint.open(loaded_from(bridge))
     patch = patch_path if isinstance(patch_path, Patch) else load_patch(patch_path)
     check_base(patch, checkpoint)
     for entry in patch.entries:

@@ -24,7 +24,7 @@ from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
+from lunar_lens.model import check_folder_layers, check_layer, load_model, loaded_from, model_folder
 from lunar_lens.outputs import check_output, write_json
 from lunar_lens.progress import Stages
 from lunar_lens.refusals import model_refusal
@@ -174,7 +174,7 @@ def unlearn(
         reference_set = list(reference) if not isinstance(reference, (str, Path)) else load_qa(reference)
         retain_set = check_disjoint(forget_set, retain_set)
         given = [qa for item in keep_forgotten for qa in (load_qa(item) if isinstance(item, (str, Path)) else [item])]
-        source = model.source_path if isinstance(model, TransformerBridge) else model
+        source = loaded_from(model) if isinstance(model, TransformerBridge) else model
         if out is not None and parallel.is_main:
             inputs = [i for i in (source, *files) if i is not None]
             check_output(out, folder=True, force=force, inputs=inputs)
@@ -208,7 +208,7 @@ def unlearn(
     kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
-    directions.metadata["model"] = str(getattr(read_from, "source_path", None))
+    directions.metadata["model"] = str(loaded_from(read_from))
     localisation = choice = None
     if figure_probes:
         from lunar_lens.localise import LocaliseSettings, localise

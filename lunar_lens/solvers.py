@@ -13,6 +13,7 @@ so they are streamed and memory does not grow with the data. The exact minimiser
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,6 @@ from jaxtyping import Float, Int
 
 from lunar_lens.errors import LunarError
 
-SOLVERS = ("closed", "adamw", "lora")
 GRAM_CHUNK_ROWS = 4096
 
 
@@ -160,3 +160,20 @@ def solve_lora(
     u, v = a.detach().float(), b.detach().float()
     delta = u @ v.T
     return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: `solve(stats, shifts, w_out, ridge, rank, seed)`, and whether it needs the
+    activation rows themselves (`EditStatistics.rows`), not only their sums."""
+
+    solve: Callable[..., Solution]
+    needs_rows: bool = False
+
+
+# the solvers by name (`EditSettings.solver`, `--solver`)
+SOLVERS: dict[str, Solver] = {
+    "closed": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_closed(stats, shifts, ridge)),
+    "adamw": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_adamw(stats, shifts, w_out, seed=seed), needs_rows=True),
+    "lora": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_lora(stats, shifts, rank, seed=seed)),
+}
