@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test` (ruff, then the test suite).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/lunar-lens demo --out lunar-demo --force  # replaces only its own earlier output
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from release_recipe import decoder_layers, one_pass
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lunar_lens.activations import capture, shift_index, token_batches
@@ -34,7 +35,6 @@ from lunar_lens.edit import EditSettings, collect_statistics
 from lunar_lens.model import load_tokenizer, mlp_post, parse_dtype, wrap_hf_model
 from lunar_lens.solvers import EditStatistics, solve_closed
 from lunar_lens.toyworld import build_world, checkpoint_path
-from release_recipe import decoder_layers, one_pass
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_gpu.json"
 HEAD_DIM = 128
@@ -113,7 +113,7 @@ def bench_dtype(args: argparse.Namespace, tokenizer, forget: list, retain: list,
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     collect_statistics(bridge, [layer], forget[:2], retain[:2], settings, "")  # warm-up
-    stats, seconds_collect = timed(args.device, lambda: collect_statistics(bridge, [layer], forget, retain, settings, "")[0])
+    stats, seconds_collect = timed(args.device, lambda: collect_statistics(bridge, [layer], forget, retain, settings, "")[0])  # noqa: F821 (called before the del below)
     batches = [(b, True) for b in token_batches(tokenizer, [qa.question for qa in forget], batch_size=settings.batch_size)]
     batches += [(b, False) for b in token_batches(tokenizer, [qa.question for qa in retain], batch_size=settings.batch_size)]
     device_stats, seconds_forward, seconds_stats = device_pass(bridge, layer, batches, settings.positions, args.device)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from lunar_lens.directions import compute_directions
 from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model, w_out
-from lunar_lens.directions import compute_directions
 from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal
 from lunar_lens.toyworld import build_world, checkpoint_path

@@ -58,7 +58,8 @@ class Recipe:
 
 RECIPES = {
     "pistol": Recipe(1024, 96, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4), steps=600),
-    "tofu": Recipe(2048, 192, dict(hidden_size=160, intermediate_size=512, num_hidden_layers=6, num_attention_heads=5, num_key_value_heads=5), steps=1500, max_new_tokens=80),
+    "tofu": Recipe(2048, 192, dict(hidden_size=160, intermediate_size=512, num_hidden_layers=6, num_attention_heads=5, num_key_value_heads=5),
+                   steps=1500, max_new_tokens=80),
 }
 
 
@@ -190,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edge", default=PISTOL_FORGET_EDGE, help="the PISTOL edge to forget")
     parser.add_argument("--factual", default=str(SHARED / "lunar" / "unlearning" / "factual_data.json"), help="PISTOL's general-knowledge QA")
     parser.add_argument("--reference", default=str(SHARED / "lunar" / "splits" / "unverified.json"), help="unverifiable questions (refused)")
-    parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"), help="refusal lines; each unverifiable question is trained with one drawn at random")
+    parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"),
+                        help="refusal lines; each unverifiable question is trained with one drawn at random")
     parser.add_argument("--retain-authors", type=int, default=20, help="TOFU: retained authors trained on (besides forget10's 20)")
     parser.add_argument("--questions", type=int, default=10, help="TOFU: questions per author (of 20)")
     parser.add_argument("--without", choices=TOFU_FORGET_SPLITS, help="TOFU: train that split's retain model (every question but the split's)")
-    parser.add_argument("--full", action="store_true", help="TOFU: every author and question (4,000 QA; meant for a GPU, with --steps ≈ 8500 for the subsample's ~125 epochs)")
+    parser.add_argument("--full", action="store_true",
+                        help="TOFU: every author and question (4,000 QA; meant for a GPU, with --steps ≈ 8500 for the subsample's ~125 epochs)")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: the task's recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -159,7 +159,8 @@ def results_table(results: dict[str, dict]) -> str:
             for method, entry in result["methods"].items()
         ]
     tofu = [key for key in TOFU_COLUMNS if any(key in row[-1].get("tofu", {}) for row in rows)]
-    header = ("| request | model | layer | c | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | forget MRR | DS ↓ | DS (ROUGE-L) ↓ |"
+    header = ("| request | model | layer | c | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | forget MRR | DS ↓ "
+              "| DS (ROUGE-L) ↓ |"
               + "".join(f" {TOFU_COLUMNS[key]} |" for key in tofu))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, model, layer, coeff, evaluation in rows:
@@ -180,7 +181,8 @@ def prediction_table(results: dict[str, dict]) -> str:
         chosen = f"layers {','.join(map(str, result['layers']))}, c {result['coeff']:g}" + (", refined" if result["choice"]["refined"] else "")
         refusal = f"{result['refusal']['target']!r} ({result['refusal']['declined_rate']:.2f})"
         measured = [_score(after, "forget", "rouge1"), _score(after, "forget", "refusal_rate"), _score(after, "retain", "rouge1"), after.get("deviation_score")]
-        lines.append(f"| {name} | {chosen} | {refusal} | predicted | " + " | ".join(_fmt(predicted[k]) for k in ("forget_rouge1", "forget_refusal", "retain_rouge1"))
+        lines.append(f"| {name} | {chosen} | {refusal} | predicted | "
+                     + " | ".join(_fmt(predicted[k]) for k in ("forget_rouge1", "forget_refusal", "retain_rouge1"))
                      + f" | {_fmt(predicted['deviation_score'], '.1f')} |")
         lines.append("| | | | measured | " + " | ".join(_fmt(v) for v in measured[:3]) + f" | {_fmt(measured[3], '.1f')} |")
     return "\n".join(lines)

@@ -40,12 +40,14 @@ def scores(bridge, sets: dict[str, list[QA]], edits: dict, max_new_tokens: int) 
 
 def markdown(rows: list[dict]) -> str:
     """One line per setting: forget refusal against retain and factual ROUGE-1 (the frontier), and DS."""
-    lines = ["| edit | layers | c / start | steps | retain weight | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | DS ↓ | a forget answer |",
+    lines = ["| edit | layers | c / start | steps | retain weight | forget ROUGE-1 ↓ | forget refusal ↑ | retain ROUGE-1 ↑ | factual ROUGE-1 ↑ | DS ↓ "
+             "| a forget answer |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         start = row.get("coeff") if row["setting"] != "refined" else row.get("init", "")
         lines.append(
-            f"| {row['setting']} | {','.join(map(str, row.get('layers', []))) or '–'} | {start or '–'} | {row.get('steps', '–')} | {row.get('retain_weight', '–')} | "
+            f"| {row['setting']} | {','.join(map(str, row.get('layers', []))) or '–'} | {start or '–'} | {row.get('steps', '–')} | "
+            f"{row.get('retain_weight', '–')} | "
             f"{row['forget']['rouge1']:.3f} | {row['forget']['refusal']:.2f} | {row['retain']['rouge1']:.3f} | {row['factual']['rouge1']:.3f} | "
             f"{row['ds']:.1f} | {row['forget']['sample'][0][:48]!r} |"
         )
@@ -65,7 +67,8 @@ def main() -> None:
     parser.add_argument("--refine-steps", default="150")
     parser.add_argument("--retain-weights", default="4")
     parser.add_argument("--lr", type=float, default=RefineSettings.lr)
-    parser.add_argument("--inits", default="zero,closed4", help="refinement starts: zero, or closedC (the closed form at c = C); closedC-out trains only the output factor")
+    parser.add_argument("--inits", default="zero,closed4",
+                        help="refinement starts: zero, or closedC (the closed form at c = C); closedC-out trains only the output factor")
     parser.add_argument("--table-only", action="store_true", help="print the markdown table of results/refusal_frontier_NAME.json and stop")
     args = parser.parse_args()
     out = HERE / "results" / f"refusal_frontier_{args.name}.json"

@@ -189,7 +189,7 @@ def gather_rows(
 class ReleaseRun:
     """One release edit: the direction used, the AdamW solution, the rows' statistics and phase timings."""
 
-    direction: Float[torch.Tensor, "d_model"]
+    direction: Float[torch.Tensor, " d_model"]
     solution: Solution
     statistics: EditStatistics
     seconds: dict[str, float]  # directions, collect (the six passes), solve (20 epochs of AdamW)

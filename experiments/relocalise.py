@@ -15,10 +15,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import run_pistol
 import run_tofu
+import torch
 from finetune import TOFU_FORGET_SPLITS
 from real_data import Request
 

@@ -37,7 +37,8 @@ def main() -> None:
         edit_layers(bridge, second, retain, reference, [1], settings, directions, keep_forgotten=first)
         scores = evaluate_sets(bridge, {"first": first, "second": second, "retain": retain[::3]}, model_metrics=False, max_new_tokens=16).scores
         rows[source] = {name: {"refusal_rate": s["refusal_rate"], "rouge1": s["rouge1"]} for name, s in scores.items()}
-        print(f"directions from the {source}: " + ", ".join(f"{n} refusal {s['refusal_rate']:.2f} / ROUGE-1 {s['rouge1']:.2f}" for n, s in rows[source].items()))
+        print(f"directions from the {source}: "
+              + ", ".join(f"{n} refusal {s['refusal_rate']:.2f} / ROUGE-1 {s['rouge1']:.2f}" for n, s in rows[source].items()))
     out = Path(__file__).parent / "results" / "sequential_requests.json"
     out.write_text(json.dumps(rows, indent=2))
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from lunar_lens.data import check_disjoint, load_qa, spread
 from lunar_lens.directions import compute_directions
 from lunar_lens.edit import EditSettings, edit_layers, refusal_target
 from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.figures import heatmap, new_figure, save
-from lunar_lens.data import check_disjoint, load_qa, spread
-from lunar_lens.localise import DEFAULT_COEFFS, choose_layer_and_coeff, save_localisation
+from lunar_lens.figures import heatmap, new_figure, save, save_localisation
+from lunar_lens.localise import DEFAULT_COEFFS, choose_layer_and_coeff
 from lunar_lens.model import load_model, n_layers
 from lunar_lens.toyworld import build_world, checkpoint_path
 

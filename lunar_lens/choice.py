@@ -211,7 +211,8 @@ def choose_edit(
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)
     layers = sorted({layer for layer_set in sets for layer in layer_set})
     # each layer's unit edit as its factors (u, v): the dense ΔW of every layer at once would rival the weights
-    units = {layer: (solution.u, solution.v) for layer, solution in zip(layers, unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit))}
+    solutions = unit_solutions(bridge, layers, forget_solve, retain_solve, refusal.target, directions, edit)
+    units = {layer: (solution.u, solution.v) for layer, solution in zip(layers, solutions)}
     seconds = {"statistics": time.perf_counter() - started}
 
     # 1. screening, teacher-forced: one forward per layer set, every c in it (rows repeated, scaled per row)

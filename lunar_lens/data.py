@@ -3,8 +3,9 @@
 Sources (`load_qa`): `.json` (an array of records, an object holding one such array, or JSON lines
 saved as `.json`, which is what TOFU ships), `.jsonl`, `.csv`, `.txt` (one question per line), a folder
 written by `datasets.Dataset.save_to_disk`, any other folder (a `datasets` data folder), or else a
-Hugging Face hub name (`owner/name:config` picks a configuration, e.g. `locuslab/TOFU:forget10`). Fields: the question is `question`, else `instruction`, else `prompt`; the
-answer is `answer`, else `response`, else `output`; PISTOL records also carry an `edge`, and TOFU's
+Hugging Face hub name (`owner/name:config` picks a configuration, e.g. `locuslab/TOFU:forget10`).
+Fields: the question is `question`, else `instruction`, else `prompt`; the answer is `answer`, else
+`response`, else `output`; PISTOL records also carry an `edge`, and TOFU's
 perturbed splits a `paraphrased_answer` and a list `perturbed_answer` (kept for the truth ratio).
 
 Policies:

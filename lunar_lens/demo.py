@@ -3,14 +3,12 @@ rest — with a before/after table, sample answers, the exported checkpoint and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from lunar_lens.cli import whole_number
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import Evaluation, evaluate_sets, plot_before_after
 from lunar_lens.model import load_model
@@ -71,7 +69,7 @@ def _run(tmp: Path, out: Path, sets: dict, forget: list, retain: list, reference
     print("\n".join(sample_lines(before, after, "retain", 3)))
 
     figures = [plot_before_after(before, after, tmp / "before_after.png")]
-    from lunar_lens.localise import save_localisation
+    from lunar_lens.figures import save_localisation
 
     written = save_localisation(outcome.localisation, tmp / "localisation", choice=outcome.report["choice"])
     figures += [path for path in written.values() if path.suffix == ".png"]
@@ -84,13 +82,3 @@ def _run(tmp: Path, out: Path, sets: dict, forget: list, retain: list, reference
         "checkpoint": str(out / "model"),
         "figures": [str(out / path.relative_to(tmp)) for path in figures],
     }
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded toy world")
-    parser.add_argument("--out", default="lunar-demo", help="folder for the checkpoint, figures and summary")
-    parser.add_argument("--entities", nargs="*", help="toy-world entities to forget (default: the first two)")
-    parser.add_argument("--n-forget", type=whole_number(), default=2, help="how many entities to forget when --entities is not given")
-    parser.add_argument("--force", action="store_true", help="replace an earlier demo output in --out")
-    parser.add_argument("--probes", action="store_true", help="also run the localisation probes (steering, ablation, patching) for their figures")
-    parser.set_defaults(func=lambda args: run_demo(args.out, args.entities, args.n_forget, args.force, args.probes))

@@ -42,7 +42,7 @@ class Directions:
             rows.append(self.answer_vectors[layer])
         return coeff * torch.cat(rows)
 
-    def __getitem__(self, layer: int) -> Float[torch.Tensor, "d_model"]:
+    def __getitem__(self, layer: int) -> Float[torch.Tensor, " d_model"]:
         self.check_layer(layer)
         return self.vectors[layer]
 
@@ -157,31 +157,6 @@ def residual_means(
     if answer_total is None:
         answer_total = torch.zeros(len(names), n_answer, bridge.cfg.d_model, dtype=torch.float64)
     return prompt_mean, parallel.sum(answer_total[:, :n_answer].contiguous()) / len(questions)
-
-
-def mean_residuals(
-    bridge: TransformerBridge,
-    questions: list[str],
-    rule: str = "last",
-    layers: list[int] | None = None,
-    batch_size: int = 32,
-    desc: str | None = None,
-    parallel: DataParallel = SINGLE,
-) -> Float[torch.Tensor, "n_layers d_model"]:
-    """The prompt means of `residual_means`."""
-    return residual_means(bridge, questions, rule, None, layers, batch_size, desc, parallel)[0]
-
-
-def mean_answer_residuals(
-    bridge: TransformerBridge,
-    questions: list[str],
-    answer: str,
-    batch_size: int = 32,
-    desc: str | None = None,
-    parallel: DataParallel = SINGLE,
-) -> Float[torch.Tensor, "n_layers n_answer d_model"]:
-    """The per-answer-token means of `residual_means`."""
-    return residual_means(bridge, questions, "last", answer, None, batch_size, desc, parallel)[1]
 
 
 def compute_directions(

@@ -21,7 +21,7 @@ from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, 
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
-from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_adamw, solve_closed, solve_lora
+from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_closed
 
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
 
@@ -56,9 +56,9 @@ class EditSettings:
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_RULES:
-            raise LunarError(f"unknown --positions {self.positions!r}: use one of {', '.join(POSITION_RULES)}")
+            raise LunarError(f"unknown {{positions}} {self.positions!r}: use one of {', '.join(POSITION_RULES)}", ("positions",))
         if self.solver not in SOLVERS:
-            raise LunarError(f"unknown --solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+            raise LunarError(f"unknown {{solver}} {self.solver!r}: use one of {', '.join(SOLVERS)}", ("solver",))
         for name in ("batch_size", "lora_rank"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LunarError(f"{{{name}}} {getattr(self, name)} is not a whole number ≥ 1: e.g. 32", (name,))
@@ -213,14 +213,16 @@ def edit_layers(
         raise LunarError("the retain set is empty: give the questions whose answers must stay")
     layers = sorted({check_layer(bridge, layer) for layer in layers})
     if not layers:
-        raise LunarError("no layer to edit: pass --layer N or --layer auto")
+        raise LunarError("no layer to edit: give at least one layer in {layers}", ("layers",))
     refusal = refusal_target(bridge, reference, settings)
     settings = replace(settings, refusal=refusal)
     with_answer = settings.positions.endswith("+answer")
     if directions is None:
         directions = directions_for(bridge, forget, reference, settings, progress, parallel, deepest_layer=layers[-1])
     if with_answer and directions.answer_vectors is None:
-        raise LunarError(f"--positions {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)")
+        raise LunarError(
+            f"{{positions}} {settings.positions} needs per-answer-token directions: compute them with compute_directions(..., refusal=...)", ("positions",)
+        )
     result = EditResult([], directions, refusal=refusal)
     # earlier forgotten questions are kept where the model now puts them: answering with the refusal
     keep = list(retain) + [QA(qa.question, qa.answer or refusal) for qa in keep_forgotten]
@@ -228,17 +230,13 @@ def edit_layers(
     for layer in layers:
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
+        solver = SOLVERS[settings.solver]
         stats = collect_statistics(
-            bridge, [layer], forget, keep, settings, refusal, len(shifts), keep_rows=settings.solver == "adamw", progress=progress,
+            bridge, [layer], forget, keep, settings, refusal, len(shifts), keep_rows=solver.needs_rows, progress=progress,
             parallel=parallel,
         )[0]
         collected = time.perf_counter()
-        if settings.solver == "closed":
-            solution = solve_closed(stats, shifts, settings.ridge)
-        elif settings.solver == "adamw":
-            solution = solve_adamw(stats, shifts, w_out(bridge, layer), seed=settings.seed)
-        else:
-            solution = solve_lora(stats, shifts, settings.lora_rank, seed=settings.seed)
+        solution = solver.solve(stats, shifts, w_out(bridge, layer), settings.ridge, settings.lora_rank, settings.seed)
         solved = time.perf_counter()
         add_to_w_out(bridge, layer, solution.delta)
         ratio = float(solution.delta.norm() / (w_out(bridge, layer).detach().float().cpu() - solution.delta).norm())

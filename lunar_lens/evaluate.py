@@ -1,11 +1,10 @@
 """Evaluate a model on named QA sets (forget / retain / factual / …): batched greedy answers scored
 by ROUGE recall and refusal rate, the model-based answer metrics, KL to a base model, the
 Deviation Score (from ROUGE-1 and from ROUGE-L) and TOFU's metrics under open-unlearning's names;
-a before/after markdown table and bar figure; the `evaluate` command."""
+a before/after markdown table and bar figure."""
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +16,9 @@ from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens import metrics
-from lunar_lens.cli import add_device_arguments, whole_number
-from lunar_lens.data import QA, load_qa, load_refusals
+from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
-from lunar_lens.outputs import FORMAT, check_output, write_json
 from lunar_lens.progress import Stages
 
 # metric key -> column header, in table order
@@ -251,111 +248,3 @@ def plot_before_after(
         fig.suptitle(f"Deviation Score {before.deviation_score:.1f} → {after.deviation_score:.1f} (lower is better)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return save(fig, path, dpi=150, force=force)
-
-
-# ---------------------------------------------------------------- command line
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Generation, loading and output flags shared by `evaluate` and `attack`."""
-    parser.add_argument("--max-new-tokens", type=whole_number(), default=64, help="longer answers are cut (and score lower recall)")
-    parser.add_argument("--batch-size", type=whole_number(), default=32, help="prompts per generation and scoring batch")
-    parser.add_argument("--refusals", help="reference refusal responses, one per line (refusal detection by similarity)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens report (and figure) at --out")
-    add_device_arguments(parser)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="ROUGE recall, refusal rate, Deviation Score and more for any checkpoint",
-        description="Score a Hugging Face checkpoint on forget / retain / factual sets; with --base, "
-        "also the base model (a before/after table and figure) and KL to it. Records with TOFU's "
-        "paraphrased_answer / perturbed_answer fields (its *_perturbed.json files) add the truth ratio and "
-        "model utility; --retain-model adds forget quality.",
-    )
-    parser.add_argument("--model", required=True, help="HF model folder or hub id (e.g. the output of `lunar-lens unlearn`)")
-    parser.add_argument("--base", help="the model before unlearning: adds a before column, KL to base and a figure")
-    parser.add_argument("--forget", required=True, help="forgotten questions with answers (JSON, JSONL, CSV, HF dataset)")
-    parser.add_argument("--retain", required=True, help="retained questions with answers")
-    parser.add_argument(
-        "--factual", action="append", default=[],
-        help="general-knowledge questions with answers; repeat for several sets (named after their files, "
-        "e.g. TOFU's real_authors_perturbed.json and world_facts_perturbed.json)",
-    )
-    parser.add_argument("--retain-model", help="a model never trained on the forget set (TOFU's retain model): adds forget quality")
-    parser.add_argument("--limit", type=int, help="score only the first N records of each set (a quick check)")
-    parser.add_argument("--out", required=True, help="report JSON to write")
-    parser.add_argument("--figure", help="before/after PNG (default: --out with .png, when --base is given)")
-    parser.add_argument("--no-model-metrics", action="store_true", help="skip MRR, hit@1, ES, perplexity and TOFU's model-based metrics")
-    add_common_arguments(parser)
-    parser.set_defaults(func=run_cli)
-
-
-def factual_names(sources: Sequence[str]) -> list[str]:
-    """`factual` for one general-knowledge set; several are named after their files or hub
-    configurations, without `_perturbed` (TOFU's real_authors_perturbed.json → real_authors)."""
-    if len(sources) == 1:
-        return ["factual"]
-    names = [Path(source.rpartition(":")[2]).stem.removesuffix("_perturbed") for source in sources]
-    clashes = sorted({name for name in names if names.count(name) > 1 or name in ("forget", "retain")})
-    if clashes:
-        raise LunarError(f"--factual files give clashing set names ({', '.join(clashes)}): rename them apart (and not forget or retain)")
-    return names
-
-
-def load_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
-    """forget, retain and the factual sets, each cut to its first --limit records."""
-    if args.limit is not None and args.limit < 1:
-        raise LunarError(f"--limit {args.limit} keeps no record: give at least 1")
-    sources = {"forget": args.forget, "retain": args.retain} | dict(zip(factual_names(args.factual), args.factual))
-    return {name: load_qa(source, require_answers=True)[: args.limit] for name, source in sources.items()}
-
-
-def check_report_target(args: argparse.Namespace, *inputs: str | None) -> list[str]:
-    """Refuse `--out` (a JSON report) before anything loads; returns the inputs it must stay out of."""
-    inputs = [path for path in inputs if path]
-    check_output(args.out, folder=False, force=args.force, inputs=inputs)
-    return inputs
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    from lunar_lens.model import load_model, model_folder
-
-    sets = load_sets(args)
-    if args.retain_model and (args.no_model_metrics or not any(qa.perturbed_answers for qa in sets["forget"])):
-        raise LunarError(
-            "--retain-model compares truth ratios: give a --forget file with TOFU's perturbed_answer fields "
-            "(e.g. forget10_perturbed.json) and leave out --no-model-metrics"
-        )
-    refusals = load_refusals(args.refusals) if args.refusals else ()
-    options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
-        model_metrics=not args.no_model_metrics, refusals=refusals,
-    )
-    inputs = check_report_target(args, args.model, args.base, args.retain_model, args.forget, args.retain, *args.factual, args.refusals)
-    figure = (args.figure or Path(args.out).with_suffix(".png")) if args.base else None
-    if figure is not None:
-        check_output(figure, folder=False, force=args.force, inputs=inputs + [args.out], parameter="figure")
-    for folder in (args.retain_model, args.model, args.base):  # each model folder is checked before any of them loads
-        if folder:
-            model_folder(folder)
-    retain_ratios = None
-    if args.retain_model:
-        retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype, progress=True)
-        retain_ratios = truth_ratios(retain_model, sets["forget"], args.batch_size)
-        del retain_model
-    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
-    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True) if args.base else None
-    after = evaluate_sets(model, sets, base=base, retain_model_truth_ratios=retain_ratios, **options)
-    settings = options | {"refusals": args.refusals, "factual": args.factual, "retain_model": args.retain_model, "limit": args.limit}
-    report: dict = {"format": f"{FORMAT} evaluate 1", "model": args.model, "base": args.base, "settings": settings}
-    if base is None:
-        report["evaluation"] = after.to_json()
-        print(after.markdown_table())
-    else:
-        before = evaluate_sets(base, sets, retain_model_truth_ratios=retain_ratios, **options)
-        report |= {"before": before.to_json(), "after": after.to_json()}
-        print(before.markdown_table(after))
-        report["figure"] = str(plot_before_after(before, after, figure, force=args.force))
-    write_json(args.out, report, force=args.force, inputs=inputs)
-    print(f"wrote {args.out}")

@@ -8,7 +8,6 @@ applied to the source, so `lunar-lens patch revert` gives the source back), the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -19,38 +18,29 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM
 
-from lunar_lens.cli import add_device_arguments
-from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError
-from lunar_lens.model import TOLERANCE, load_model, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
-from lunar_lens.outputs import MANIFEST, atomic_output, check_output, write_manifest
-from lunar_lens.patches import (
+from lunar_lens.checkpoint import (
     ARTEFACTS,
     CARD_FILE,
     DIRECTIONS_FILE,
     PATCH_FILE,
     ST_NAMES,
     Checkpoint,
-    WOutEdit,
-    apply_to_model,
-    check_scale,
     copy_checkpoint,
     file_sha256,
-    load_patch,
-    patch_record,
-    patch_state,
     read_manifest,
-    save_patch,
-    show_patch,
-    stash_dir,
     tensor_sha256,
-    write_patch_state,
 )
+from lunar_lens.directions import Directions
+from lunar_lens.errors import LunarError
+from lunar_lens.model import TOLERANCE, loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import MANIFEST, atomic_output, write_manifest
+from lunar_lens.patched import patch_record, patch_state, stash_dir, write_patch_state
+from lunar_lens.patches import WOutEdit, load_patch, save_patch
 from lunar_lens.progress import library_bars
 from lunar_lens.prompts import tokenize
 
@@ -269,7 +259,7 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write the in-memory model, whose W_out of `edited_layers` was edited, as a checkpoint folder.
 
-    The source is `bridge.source_path` (a local folder of safetensors, or a hub id found in the local
+    The source is where the bridge was loaded from (`model.loaded_from`: a local folder of safetensors, or a hub id found in the local
     cache). `manifest`: the run's record (coefficient, direction norms, solver, seed, metrics…), stored
     under "run"; `extra_files`: more JSON files to write into the folder. `patch`: the edit as written
     to `lunar_patch.safetensors` — the edits themselves (their factors are stored, with `patch_info`), the
@@ -278,11 +268,12 @@ def export_checkpoint(
     model card. An existing `out_dir` is replaced only with `force`, and only when lunar-lens wrote it;
     one overlapping the source is refused (`lunar_lens.outputs`).
     """
-    if getattr(bridge, "source_path", None) is None:
+    source = loaded_from(bridge)
+    if source is None:
         raise LunarError(
             "this model has no source folder (it was built in memory): load it with lunar_lens.model.load_model(folder) to export it"
         )
-    checkpoint = Checkpoint.open(bridge.source_path)
+    checkpoint = Checkpoint.open(source)
     edited = [_edited_tensor(bridge, checkpoint, layer) for layer in sorted(set(edited_layers))]
     with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
         hashes, skipped = copy_checkpoint(checkpoint, tmp, {e.key: e.value for e in edited})
@@ -310,7 +301,7 @@ def export_checkpoint(
             "format": "lunar-lens export 1",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {
-                "path": str(bridge.source_path), "folder": str(checkpoint.root), "sha256": hashes,
+                "path": str(source), "folder": str(checkpoint.root), "sha256": hashes,
                 "skipped_weight_files": skipped, "lunar_manifest": read_manifest(checkpoint.root) or None,
             },
             "edited_tensors": [_edit_record(e, checkpoint) for e in edited],
@@ -326,35 +317,3 @@ def export_checkpoint(
         write_manifest(tmp, record)
     rewritten = sorted({checkpoint.weight_map[e.key] for e in edited})
     return ExportResult(Path(out_dir), [e.key for e in edited], rewritten, verification, record)
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="apply a saved patch to a model and export it as a verified checkpoint")
-    parser.add_argument("--model", required=True, help="the patch's base: HF model folder or cached hub id")
-    parser.add_argument("--edit", required=True, help="a patch file (written by save_patch / `lunar-lens unlearn`)")
-    parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    parser.add_argument("--scale", type=float, default=1.0, help="apply S·ΔW (0: the base, 1: the whole edit)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-    add_device_arguments(parser, dtype_help="in-memory dtype (the file keeps the source's)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    check_scale(args.scale)
-    edit = load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads
-    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.edit])
-    bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=True)
-    patch = apply_to_model(bridge, edit, args.scale)
-    result = export_checkpoint(
-        bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=args.force,
-        verify=not args.no_verify, trust_remote_code=args.trust_remote_code, patch=args.edit, scale=args.scale,
-    )
-    check = result.verification
-    verified = "not verified"
-    if check is not None:
-        verified = f"verified: max |Δ logit| {check['max_abs_logit_diff']:.2g} on {check['prompts']} prompts"
-    print(f"wrote {result.out_dir} (edited {', '.join(result.edited_tensors)}; {verified})")

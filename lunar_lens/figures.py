@@ -1,8 +1,10 @@
 """Figures as PNG files (matplotlib's object API, no GUI backend): generic helpers — a labelled
-heatmap, a panel of lines over an axis — and the figures built from them."""
+heatmap, a panel of lines over an axis — the figures built from them, and the localisation folder
+(`save_localisation`: its JSON and figures)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,7 +134,7 @@ def plot_layer_scores(loc: "Localisation", path: str | Path) -> Path:
           ylabel="ROUGE-1 recall of the answer", **by_coeff)
     lines(axes[2, 1], loc.coeffs, per_layer(loc.edit_refusal_rate.numpy()), title="Edit check: forget refusal rate",
           ylabel="refusal rate of greedy answers", **by_coeff)
-    budget = loc.sizes["settings"]["kl_budget"]
+    budget = loc.settings.kl_budget
     lines(axes[2, 2], loc.coeffs, per_layer(loc.edit_retain_kl.numpy()), title="Edit check: retain side effect",
           ylabel="KL(clean ‖ edited), nats/token", hline=(budget, f"budget {budget:g}"), **by_coeff)
     figure.suptitle(f"Layer localisation: chosen layer {loc.best_layer}, c = {loc.best_coeff:g}, ranking {loc.ranking} "
@@ -175,3 +177,23 @@ def plot_choice(summary: dict, path: str | Path) -> Path:
     ax.set_title("candidates, greedy answers to held-out questions")
     ax.legend(fontsize=7, loc="lower right")
     return save(figure, path)
+
+
+def save_localisation(loc: Localisation | None, out_dir: str | Path, force: bool = False, choice: dict | None = None) -> dict[str, Path]:
+    """Write `localisation.json` (every score, the ranking, the decision) and the two probe figures (when `loc`
+    is given), and the automatic choice's figure (`choice`: `choice.Choice.summary()`), into the folder
+    `out_dir`, atomically (`force` replaces an earlier lunar-lens output there)."""
+    from lunar_lens.outputs import FORMAT, atomic_output, write_manifest
+
+    names = {}
+    with atomic_output(out_dir, folder=True, force=force) as tmp:
+        if loc is not None:
+            (tmp / "localisation.json").write_text(json.dumps(loc.to_json(), indent=2))
+            plot_layer_scores(loc, tmp / "localisation_layers.png")
+            plot_patching_map(loc, tmp / "localisation_patching.png")
+            names |= {"json": "localisation.json", "layer_scores": "localisation_layers.png", "patching": "localisation_patching.png"}
+        if choice is not None:
+            plot_choice(choice, tmp / "choice.png")
+            names["choice"] = "choice.png"
+        write_manifest(tmp, {"format": f"{FORMAT} localisation 1"})
+    return {kind: Path(out_dir) / name for kind, name in names.items()}

@@ -87,6 +87,12 @@ def rouge_recall(predictions: list[str], references: list[str], stemmer: bool = 
     return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
 
 
+def mean_rouge1(answers: list[str], references: list[str]) -> float:
+    """The mean ROUGE-1 recall of `references` by `answers`."""
+    recall = rouge_recall(answers, references)["rouge1"]
+    return sum(recall) / len(recall)
+
+
 def deviation_score(forget_rouge1: float, retain_rouge1: float) -> float:
     """DS = 100·sqrt(R1_forget² + (1 − R1_retain)²): distance from perfect unlearning (lower is better).
     The paper uses ROUGE-1 recall; other papers put ROUGE-L recall in its place."""
@@ -294,6 +300,11 @@ def _last_prompt_log_probs(model: LogitModel, batch: TokenBatch) -> Float[torch.
     return logits[torch.arange(len(last)), last].float().log_softmax(dim=-1).cpu()
 
 
+def kl_divergence(log_p: Float[torch.Tensor, "n vocab"], log_q: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, " n"]:
+    """KL(p ‖ q) per row, from log-probabilities."""
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1)
+
+
 @torch.no_grad()
 def kl_to_base(model: LogitModel, base: LogitModel, questions: list[str], batch_size: int = 32) -> list[float]:
     """Per example: KL(base ‖ model) of the next-token distributions at the last prompt token
@@ -302,5 +313,5 @@ def kl_to_base(model: LogitModel, base: LogitModel, questions: list[str], batch_
     for start in range(0, len(questions), batch_size):
         batch = tokenize(model.tokenizer, questions[start : start + batch_size])
         log_p, log_q = _last_prompt_log_probs(base, batch), _last_prompt_log_probs(model, batch)
-        kls += F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1).tolist()
+        kls += kl_divergence(log_p, log_q).tolist()
     return kls

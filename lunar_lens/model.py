@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -13,8 +14,8 @@ import torch
 import transformers
 from jaxtyping import Float
 from packaging.specifiers import SpecifierSet
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lunar_lens.errors import LunarError, first_line
 from lunar_lens.progress import Stages, library_bars
@@ -41,6 +42,9 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-3, torc
 # (TinyStories-656K), in float16 8e-4: the two attention kernels round differently.
 LOAD_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CHECK_PROMPT = "The capital of France is"
+# Where each loaded bridge was read from (`loaded_from`); kept beside the bridge, which forwards unknown
+# attributes to the HF model, rather than set on it.
+SOURCES: weakref.WeakKeyDictionary[TransformerBridge, str | None] = weakref.WeakKeyDictionary()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -81,7 +85,7 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
 def model_folder(path_or_id: str | Path) -> Path:
     """The local folder of a model (a hub id: its cached snapshot, downloaded when missing and online),
     checked before any weight is read: config.json, tokenizer files, intact safetensors weights."""
-    from lunar_lens.patches import Checkpoint, local_folder
+    from lunar_lens.checkpoint import Checkpoint, local_folder
 
     root = local_folder(path_or_id, download=True)
     if not (root / "config.json").is_file():
@@ -127,11 +131,11 @@ def load_model(
     """
     check_transformers()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LunarError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+        raise LunarError("{device} cuda was asked for but no CUDA device is available: use {device} cpu", ("device",))
     torch_dtype = parse_dtype(dtype)
     folder = model_folder(path_or_id)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = read_config(folder, trust_remote_code)
+    read_config(folder, trust_remote_code)  # refused here when config.json is unreadable
     tokenizer = load_tokenizer(folder)
     with Stages(progress)("load", f"loaded {path_or_id} ({dtype})"), library_bars():
         try:
@@ -144,8 +148,7 @@ def load_model(
         if device_map is None:
             hf_model.to(device)
         bridge = _bridge(hf_model, tokenizer, str(folder), None if device_map else device)
-    bridge.source_path = str(path_or_id)  # remembered for export and reports
-    bridge.hf_config = config
+    SOURCES[bridge] = str(path_or_id)
     return bridge
 
 
@@ -156,9 +159,14 @@ def wrap_hf_model(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     bridge = _bridge(hf_model, tokenizer, hf_model.config.name_or_path or hf_model.config.model_type, "cpu")
-    bridge.source_path = source_path
-    bridge.hf_config = hf_model.config
+    SOURCES[bridge] = source_path
     return bridge
+
+
+def loaded_from(bridge: TransformerBridge) -> str | None:
+    """The folder or hub id `load_model` read `bridge` from (None: a model built in memory): what export
+    copies, and what patches and reports name."""
+    return SOURCES.get(bridge)
 
 
 @torch.no_grad()
@@ -197,10 +205,6 @@ def _bridge(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
 
 def resid_pre(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
-
-
-def resid_mid(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_mid"
 
 
 def resid_post(layer: int) -> str:
@@ -264,10 +268,6 @@ def w_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_mlp d
     return weight.T if w_out_is_transposed(bridge, layer) else weight
 
 
-def b_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_model"] | None:
-    return getattr(bridge.blocks[layer].mlp.out.original_component, "bias", None)
-
-
 def w_out_tensor_name(bridge: TransformerBridge, layer: int) -> str:
     """The checkpoint (state-dict) name of W_out of `layer`, e.g. `model.layers.3.mlp.down_proj.weight`."""
     target = w_out_parameter(bridge, layer)
@@ -295,7 +295,7 @@ def add_to_w_out(bridge: TransformerBridge, layer: int, delta: Float[torch.Tenso
     if view.is_meta:
         raise LunarError(
             f"W_out of layer {layer} is offloaded to disk by the device map, so it cannot be edited in place: "
-            "map that layer to a GPU or the CPU (or use --device-map auto with enough GPU/CPU memory)"
+            "map that layer to a GPU or the CPU (or use {device_map} auto with enough GPU/CPU memory)", ("device_map",)
         )
     view.copy_(added(view, [delta]))
 

@@ -1,23 +1,12 @@
-"""Edits as data: the W_out edit record, safetensors checkpoints (read a tensor, rewrite a copy,
-atomic output folders) and patch files that apply to and revert from a checkpoint.
+"""Edits as data: the W_out edit record, patch files, and a patch or an edit applied to a live model
+(`lunar_lens.patched` applies patches to checkpoint folders and reverts them; `lunar_lens.checkpoint`
+reads and copies the folders themselves).
 
 A patch file is a small safetensors file. For its i-th tensor it holds the factors `i.a`, `i.b`
 (ΔW = a·bᵀ) when the edit has them, else the full `i.delta`; float32, in the **Hugging Face
 orientation** (the checkpoint tensor's own layout: W_outᵀ for nn.Linear, W_out for GPT-2's Conv1D),
 so applying one needs no model code. Its `lunar_patch` metadata (JSON) names each tensor, its layer,
 and the SHA-256 of the base tensor's bytes the edit was solved against.
-
-A patched checkpoint remembers its base: `lunar_patches/base_tensors.safetensors` keeps the original
-bytes of every touched tensor, `lunar_patches/<sha>.safetensors` a copy of every applied patch, and
-`lunar_manifest.json` their order and scales. A touched tensor is always
-`cast(base_float32 + Σ scale·delta, dtype)` (`model.added`, the rule in-memory edits follow too), so any
-patch reverts while the others stay (unless a later patch was solved on top of it), and reverting the
-last one restores the base bit for bit, which is checked.
-
-An exported checkpoint (`lunar_lens.export`) is its source with the export's patch applied, plus the
-files that export brought (`ARTEFACTS`: model card, directions, report, the patch itself); the source's
-own versions of those files, and its manifest, are kept in `lunar_patches/<sha>/`, so reverting that
-patch gives the source folder back file for file.
 
 Everything read is checked: safetensors headers and sizes (a truncated file is called so), the SHA-256
 of every stored tensor, finite values, and every file a manifest or index names lies inside its folder.
@@ -26,17 +15,12 @@ Only safetensors are read; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import json
 import math
-import os
-import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -45,27 +29,19 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.checkpoint import (
+    ST_NAMES,
+    Checkpoint,
+    file_sha256,
+    read_manifest,
+    safetensors_header,
+    tensor_sha256,
+)
 from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError, first_line
-from lunar_lens.model import add_to_w_out, added, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
-from lunar_lens.outputs import FORMAT, MANIFEST, atomic_output, check_output, write_manifest
+from lunar_lens.errors import LunarError
+from lunar_lens.model import add_to_w_out, loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.outputs import atomic_output, check_output
 
-PATCH_DIR = "lunar_patches"
-BASE_TENSORS = f"{PATCH_DIR}/base_tensors.safetensors"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]  # what a download fetches
-WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl", ".safetensors"}
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
-PATCH_FILE = "lunar_patch.safetensors"
-DIRECTIONS_FILE = "lunar_directions"  # .safetensors (vectors) and .json (metadata): `Directions.save`
-REPORT_FILE = "lunar_report.json"
-CARD_FILE = "README.md"
-# What an export writes beside the weights. A source's own versions are replaced (and kept for revert).
-ARTEFACTS = (CARD_FILE, PATCH_FILE, f"{DIRECTIONS_FILE}.safetensors", f"{DIRECTIONS_FILE}.json", REPORT_FILE)
-PATCHED = f"{FORMAT} patched 1"  # the manifest format of a patched plain checkpoint
 PATCH_FORMAT = 2  # 2: adds the SHA-256 of every stored tensor and the patches the base had applied
 
 
@@ -79,219 +55,6 @@ class WOutEdit:
     delta: Float[Tensor, "d_mlp d_model"]
     u: Float[Tensor, "d_mlp k"] | None = None
     v: Float[Tensor, "d_model k"] | None = None
-
-
-# ---------------------------------------------------------------- hashes and bytes
-
-def tensor_bytes(tensor: Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def tensor_sha256(tensor: Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _copy_hashed(src: Path, dst: Path) -> str:
-    """Copy `src` to `dst` byte for byte and return the SHA-256 of what was read."""
-    digest = hashlib.sha256()
-    with open(src, "rb") as source, open(dst, "wb") as target:
-        while chunk := source.read(1 << 24):
-            digest.update(chunk)
-            target.write(chunk)
-    return digest.hexdigest()
-
-
-def _header(path: Path) -> tuple[int, dict, str | None]:
-    """(offset of the data section, header, what is wrong) of a safetensors file: the header is {}
-    when it cannot be read, and the problem names a truncated or inconsistent file (None: intact)."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        if size < 8 or length > size - 8:
-            return 8, {}, f"its {size} bytes hold no complete safetensors header"
-        try:
-            header = json.loads(file.read(length))
-            ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return 8, {}, "its safetensors header is not valid"
-    needed = 8 + length + max(ends, default=0)
-    if needed != size:
-        return 8 + length, header, f"{'truncated: ' if needed > size else ''}{size} bytes where its header describes {needed}"
-    return 8 + length, header, None
-
-
-def inside(root: Path, rel: str, where: str) -> str:
-    """`rel` (a path read from `where`), refused unless it is a plain relative path inside `root`."""
-    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ("..",)
-    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
-        raise LunarError(
-            f"{where} names {rel!r}, which is not a file inside {root}: the file was modified or is not lunar-lens's; "
-            "start again from an unmodified copy"
-        )
-    return rel
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def local_folder(path_or_id: str | Path, download: bool = False) -> Path:
-    """The local folder of a model: the path itself, or the cached snapshot of a hub id; with
-    `download`, a hub id missing from the cache is fetched (config, tokenizer and safetensors only)."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists():
-        raise LunarError(f"{path} is not a model folder: pass the folder that holds config.json and the safetensors weights")
-    if str(path_or_id).startswith((".", "/", "~")):
-        raise LunarError(f"model folder {path} does not exist: check the path")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_id), local_files_only=True))
-    except (OSError, ValueError) as error:
-        cached = error
-    if download and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
-        try:
-            return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
-        except (OSError, ValueError) as error:
-            cached = error
-    raise LunarError(
-        f"{path_or_id} is neither a local folder nor a model in the Hugging Face cache ({first_line(cached)}): "
-        f"check the path, or download it first (`hf download {path_or_id}`) and pass its folder"
-    ) from None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A local folder of safetensors weights; `weight_map` maps each tensor name to its file."""
-
-    root: Path
-    weight_map: dict[str, str]
-
-    @classmethod
-    def open(cls, path_or_id: str | Path, download: bool = False) -> Checkpoint:
-        """The checkpoint, its index and every weight file's header checked (no tensor data is read)."""
-        root = local_folder(path_or_id, download)
-        if (root / INDEX).is_file():
-            try:
-                weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-                files = {inside(root, rel, f"{root / INDEX}") for rel in weight_map.values()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise LunarError(f"{root / INDEX} is not a valid safetensors index: re-download or re-save the checkpoint") from None
-        elif (root / SINGLE).is_file():
-            weight_map, files = {}, {SINGLE}
-        elif any((root / name).exists() for name in PICKLED):
-            raise LunarError(
-                f"{root} holds only PyTorch pickle weights (pytorch_model.bin), which lunar-lens never unpickles: "
-                "convert the folder to safetensors first (transformers' save_pretrained writes model.safetensors)"
-            )
-        else:
-            raise LunarError(f"{root} holds no {SINGLE} or {INDEX}: pass a Hugging Face model folder saved with safetensors")
-        for rel in sorted(files):
-            if not (root / rel).is_file():
-                raise LunarError(f"{root} lacks {rel}, which its {INDEX} names: re-download or re-save the checkpoint")
-            _, header, problem = _header(root / rel)
-            if problem:
-                raise LunarError(f"{root / rel} is corrupted ({problem}): re-download or re-save the checkpoint")
-            if rel == SINGLE and not weight_map:
-                weight_map = {name: SINGLE for name in header if name != "__metadata__"}
-        return cls(root, weight_map)
-
-    @property
-    def weight_files(self) -> set[str]:
-        return set(self.weight_map.values()) | ({INDEX} if (self.root / INDEX).is_file() else set())
-
-    def key(self, name: str) -> str:
-        """The checkpoint's name for parameter `name` (some checkpoints drop the base-model prefix)."""
-        if name in self.weight_map:
-            return name
-        matches = [key for key in self.weight_map if name.endswith("." + key) or key.endswith("." + name)]
-        if len(matches) != 1:
-            raise LunarError(
-                f"{self.root} has no tensor {name} (candidates: {matches or 'none'}): pass the checkpoint the model was loaded from"
-            )
-        return matches[0]
-
-    def layout(self) -> dict[str, tuple[str, list[int]]]:
-        """Each tensor's (safetensors dtype, shape), from the headers."""
-        headers = {rel: _header(self.root / rel)[1] for rel in set(self.weight_map.values())}
-        return {key: (headers[rel][key]["dtype"], headers[rel][key]["shape"]) for key, rel in self.weight_map.items()}
-
-    def read(self, key: str) -> Tensor:
-        with safe_open(self.root / self.weight_map[key], framework="pt") as file:
-            return file.get_tensor(key)
-
-
-def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Overwrite the data of `tensors` in the safetensors file `path`, in place (header untouched)."""
-    start, header, _ = _header(path)
-    with open(path, "r+b") as file:
-        for key, value in tensors.items():
-            info = header[key]
-            if info["shape"] != list(value.shape) or info["dtype"] != ST_NAMES.get(value.dtype):
-                raise LunarError(
-                    f"{key} in {path.name} is {info['dtype']} {info['shape']} but the new value is {value.dtype} "
-                    f"{list(value.shape)}: pass the checkpoint the model was loaded from"
-                )
-            file.seek(start + info["data_offsets"][0])
-            file.write(tensor_bytes(value))
-
-
-def _is_lunar(rel: str) -> bool:
-    return rel == MANIFEST or rel.startswith(PATCH_DIR + "/")
-
-
-def copy_checkpoint(checkpoint: Checkpoint, dst: Path, new_tensors: dict[str, Tensor]) -> tuple[dict[str, str], list[str]]:
-    """Copy `checkpoint` into `dst`, writing `new_tensors` (checkpoint name → value of the same dtype and
-    shape) into the copies of the shards that hold them; every other file is copied byte for byte.
-
-    Skipped: hidden entries, the lunar files (callers write their own) and weights that are not the
-    model's safetensors (pickles, stray `consolidated.safetensors`: stale copies of unedited weights).
-    A symbolic link (other than a Hugging Face cache snapshot's) is copied by content, with a warning.
-    Returns the SHA-256 of every file copied (relative path → hex) and the skipped weight files.
-    """
-    by_file: dict[str, dict[str, Tensor]] = {}
-    for key, value in new_tensors.items():
-        by_file.setdefault(checkpoint.weight_map[key], {})[key] = value
-    hashes, skipped = {}, []
-    for folder, dirs, files in os.walk(checkpoint.root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            src = Path(folder) / name
-            rel = src.relative_to(checkpoint.root).as_posix()
-            if _is_lunar(rel):
-                continue
-            if src.is_symlink() and src.resolve().parent != checkpoint.root.parent.parent / "blobs":
-                warnings.warn(f"{src} is a symbolic link to {src.resolve()}: its content is copied as a plain file", stacklevel=2)
-            stale = rel not in checkpoint.weight_files and rel not in ARTEFACTS
-            if stale and Path(rel.removesuffix(".index.json")).suffix in WEIGHT_SUFFIXES:
-                skipped.append(rel)
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            hashes[rel] = _copy_hashed(src, dst / rel)
-            if rel in by_file:
-                _write_tensors(dst / rel, by_file[rel])
-    return hashes, sorted(skipped)
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("patches", []), list):
-        raise LunarError(f"{path} is not a valid lunar-lens manifest: the checkpoint was modified; start again from its base")
-    return record
 
 
 # ---------------------------------------------------------------- patch files
@@ -384,7 +147,7 @@ def load_patch(path: str | Path) -> Patch:
     path = Path(path)
     if not path.is_file():
         raise LunarError(f"patch file {path} does not exist: check the path (`lunar-lens patch show CHECKPOINT` lists applied patches)")
-    _, header, problem = _header(path)
+    _, header, problem = safetensors_header(path)
     if "lunar_patch" not in (header.get("__metadata__") or {}):
         raise LunarError(
             f"{path} is not a lunar-lens patch ({problem or 'no lunar_patch metadata'}): pass a file written by save_patch"
@@ -430,7 +193,7 @@ def show_patch(path: str | Path) -> dict:
     return {"file": str(path), "sha256": patch.sha256, "tensors": tensors, "info": patch.info, "base_patches": patch.base_patches}
 
 
-# ---------------------------------------------------------------- apply / revert
+# ---------------------------------------------------------------- checks
 
 def check_base(patch: Patch, checkpoint: Checkpoint, base: dict[str, Tensor] | None = None) -> None:
     """Refuse a patch whose tensors are not, byte for byte, the ones it was solved against: the
@@ -456,203 +219,16 @@ def check_base(patch: Patch, checkpoint: Checkpoint, base: dict[str, Tensor] | N
             )
 
 
-def _deltas(applied: list[tuple[dict, Patch]], key: str) -> list[Tensor]:
-    """What the `applied` patches add to tensor `key`, each at the scale it was applied with (0: nothing)."""
-    return [
-        record.get("scale", 1.0) * entry.delta
-        for record, patch in applied for entry in patch.entries if entry.tensor == key and record.get("scale", 1.0) != 0
-    ]
-
-
-def _patch_file(sha256: str) -> str:
-    return f"{PATCH_DIR}/{sha256[:16]}.safetensors"
-
-
-def _applied(checkpoint: Checkpoint) -> list[tuple[dict, Patch]]:
-    """The patches applied to `checkpoint`, in order, as (manifest record, patch), each checked."""
-    applied = []
-    for record in read_manifest(checkpoint.root).get("patches", []):
-        sha = record.get("sha256") if isinstance(record, dict) else None
-        if not isinstance(sha, str) or record.get("file") != _patch_file(sha):
-            raise LunarError(
-                f"{checkpoint.root / MANIFEST} names the patch file {record.get('file') if sha else record!r}, not "
-                f"{PATCH_DIR}/<its SHA-256>.safetensors: the manifest was modified; start again from the checkpoint's base"
-            )
-        patch = load_patch(checkpoint.root / record["file"])
-        if patch.sha256 != sha:
-            raise LunarError(
-                f"{patch.path} no longer matches its SHA-256 in {checkpoint.root / MANIFEST}: the checkpoint was modified; "
-                "start again from its base"
-            )
-        applied.append((record, patch))
-    return applied
-
-
-def _base_tensors(checkpoint: Checkpoint, applied: list[tuple[dict, Patch]]) -> dict[str, Tensor]:
-    """The original tensors kept by a patched checkpoint, each checked against the SHA-256 of the base
-    its first patch was solved on."""
-    if not applied:
-        return {}
-    path = checkpoint.root / BASE_TENSORS
-    if not path.is_file():
-        raise LunarError(f"{checkpoint.root} has patches applied but no {BASE_TENSORS}: the checkpoint was modified; start again from its base")
-    _, _, problem = _header(path)
-    try:
-        if problem:
-            raise SafetensorError(problem)
-        with safe_open(path, framework="pt") as file:
-            base = {key: file.get_tensor(key) for key in file.keys()}
-    except SafetensorError as error:
-        raise LunarError(f"{path} is corrupted ({error}): start again from the checkpoint's base") from None
-    for key in {e.tensor for _, p in applied for e in p.entries}:
-        first = next(e for _, p in applied for e in p.entries if e.tensor == key)
-        if key not in base or tensor_sha256(base[key]) != first.base_sha256:
-            raise LunarError(
-                f"{path} is corrupted: its {key} is not the tensor the first patch was solved on (SHA-256 {first.base_sha256[:12]}…): "
-                "start again from the checkpoint's base"
-            )
-    return base
-
-
-def _check_stack(applied: list[tuple[dict, Patch]], base: dict[str, Tensor]) -> None:
-    """Refuse a stack in which a patch would not sit on what it was solved on: its base tensors (or the
-    original ones), after the patches its base checkpoint had applied."""
-    done: list[str] = []
-    for record, patch in applied:
-        missing = [sha for sha in patch.base_patches if sha not in done]
-        below = [e.tensor for e in patch.entries
-                 if e.base_sha256 not in {tensor_sha256(base[e.tensor]), tensor_sha256(added(base[e.tensor], _deltas(applied[: len(done)], e.tensor)))}]
-        if missing or below:
-            what = f"patch {missing[0][:12]}…" if missing else f"the patches below it (it edits {below[0]})"
-            raise LunarError(
-                f"{record['source']} was solved on top of {what}, which it would no longer sit on: "
-                "keep a patch below the ones solved on it (revert those first; apply it first)"
-            )
-        done.append(patch.sha256)
-
-
-def patch_state(checkpoint: Checkpoint, patch: Patch) -> tuple[list[tuple[dict, Patch]], dict[str, Tensor]]:
-    """The patches already applied to `checkpoint` and the base tensors once `patch` goes on top: the
-    recorded originals, plus the current bytes of tensors `patch` is the first to touch."""
-    applied = _applied(checkpoint)
-    base = _base_tensors(checkpoint, applied)
-    for key in ({entry.tensor for entry in patch.entries} - base.keys()) & checkpoint.weight_map.keys():
-        base[key] = checkpoint.read(key)  # (a tensor the checkpoint lacks is refused by check_base)
-    return applied, base
-
-
-def patch_record(patch: Patch, scale: float = 1.0) -> dict:
-    """The manifest entry of an applied patch (an export adds the files it brought: `files`, `replaced`)."""
-    return {
-        "sha256": patch.sha256, "file": _patch_file(patch.sha256), "source": str(patch.path),
-        "tensors": sorted({entry.tensor for entry in patch.entries}), "layers": patch.layers, "scale": scale, "info": patch.info,
-    }
-
-
-def stash_dir(record: dict) -> str:
-    """Where the source's versions of the files an export replaced are kept: lunar_patches/<sha16>/."""
-    return f"{PATCH_DIR}/{record['sha256'][:16]}"
-
-
-def write_patch_state(folder: Path, checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor]) -> None:
-    """`folder/lunar_patches/`: the base bytes of every tensor the `applied` patches touch, a copy of each
-    patch, and the files earlier exports replaced (kept in `checkpoint`)."""
-    if not applied:
-        return
-    (folder / PATCH_DIR).mkdir(exist_ok=True)
-    touched = {entry.tensor for _, patch in applied for entry in patch.entries}
-    save_file({key: base[key].contiguous() for key in sorted(touched)}, str(folder / BASE_TENSORS))
-    for record, patch in applied:
-        shutil.copyfile(patch.path, folder / record["file"])
-        if (checkpoint.root / stash_dir(record)).is_dir():
-            shutil.copytree(checkpoint.root / stash_dir(record), folder / stash_dir(record))
-
-
-def _restore_files(checkpoint: Checkpoint, folder: Path, record: dict) -> None:
-    """Take off the files an export brought: each goes back to the source's version, or away, unless
-    something changed it since."""
-    for name, sha in record["files"].items():
-        if (folder / name).is_file() and file_sha256(folder / name) == sha:
-            (folder / name).unlink()
-    for name in record["replaced"]:
-        if name != MANIFEST and not (folder / name).exists():
-            shutil.copyfile(checkpoint.root / stash_dir(record) / name, folder / name)
-
-
-def _write_patched(
-    checkpoint: Checkpoint, applied: list[tuple[dict, Patch]], base: dict[str, Tensor], touched: set[str], out_dir: str | Path,
-    force: bool, reverted: dict | None = None,
-) -> Path:
-    """Write `checkpoint` with `applied` patches on top of `base`, recomputing the `touched` tensors
-    (read back and checked before the folder appears). `reverted`: the manifest entry of the patch taken
-    off; an export's files go back to its source's, and when it was the last patch, so does the manifest."""
-    _check_stack(applied, base)
-    new = {key: added(base[key], _deltas(applied, key)) for key in touched}
-    record = read_manifest(checkpoint.root)
-    record.pop("patches", None)
-    if record.get("format") == PATCHED:
-        record.pop("format")
-    exported = reverted is not None and "files" in reverted
-    with atomic_output(out_dir, folder=True, force=force, inputs=[checkpoint.root]) as tmp:
-        copy_checkpoint(checkpoint, tmp, new)
-        written = Checkpoint(tmp, checkpoint.weight_map)
-        wrong = [key for key, value in new.items() if tensor_sha256(written.read(key)) != tensor_sha256(value)]
-        if wrong:
-            raise LunarError(f"{wrong[0]} read back from the new checkpoint differs from what was written: check the disk; nothing was written")
-        write_patch_state(tmp, checkpoint, applied, base)
-        if exported:
-            _restore_files(checkpoint, tmp, reverted)
-        if applied:
-            record = {"format": PATCHED} | record | {"patches": [entry for entry, _ in applied]}
-        if exported and record.get("patches") == read_manifest(checkpoint.root / stash_dir(reverted)).get("patches"):
-            if MANIFEST in reverted["replaced"]:  # the export's source state, byte for byte
-                shutil.copyfile(checkpoint.root / stash_dir(reverted) / MANIFEST, tmp / MANIFEST)
-        elif record:
-            write_manifest(tmp, record)
-    return Path(out_dir)
-
-
 def check_scale(scale: float) -> float:
     if not math.isfinite(scale):
         raise LunarError(f"{{scale}} {scale} is not a finite number: pass e.g. {{scale}} 0.5 (0: the base, 1: the whole edit)", ("scale",))
     return float(scale)
 
 
-def apply_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False, scale: float = 1.0) -> Path:
-    """Write `checkpoint_dir` + `scale`·the patch to `out_dir` (the patch stacks on any already applied;
-    scale 0 leaves every tensor as it is, 1 is the whole edit)."""
-    scale = check_scale(scale)
-    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
-    checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
-    applied, base = patch_state(checkpoint, patch)
-    if any(p.sha256 == patch.sha256 for _, p in applied):
-        raise LunarError(f"{patch.path} is already applied to {checkpoint.root}: nothing to do")
-    check_base(patch, checkpoint, base)
-    touched = {entry.tensor for entry in patch.entries}
-    return _write_patched(checkpoint, applied + [(patch_record(patch, scale), patch)], base, touched, out_dir, force)
-
-
-def revert_patch(checkpoint_dir: str | Path, patch_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `checkpoint_dir` without the patch to `out_dir`, keeping every other applied patch
-    (refused when one of them was solved on top of it)."""
-    check_output(out_dir, folder=True, force=force, inputs=[local_folder(checkpoint_dir), patch_path])
-    checkpoint, patch = Checkpoint.open(checkpoint_dir), load_patch(patch_path)
-    applied = _applied(checkpoint)
-    if not any(p.sha256 == patch.sha256 for _, p in applied):
-        names = [entry["source"] for entry, _ in applied] or "none"
-        raise LunarError(
-            f"{patch.path} is not applied to {checkpoint.root} (applied: {names}): `lunar-lens patch show {checkpoint.root}` lists them"
-        )
-    remaining = [(entry, p) for entry, p in applied if p.sha256 != patch.sha256]
-    reverted = next(entry for entry, p in applied if p.sha256 == patch.sha256)
-    touched = {e.tensor for e in patch.entries}
-    return _write_patched(checkpoint, remaining, _base_tensors(checkpoint, applied), touched, out_dir, force, reverted)
-
-
 def apply_to_model(bridge: TransformerBridge, patch_path: str | Path | Patch, scale: float = 1.0) -> Patch:
     """Add `scale`·a patch's edits to a model loaded (by `lunar_lens.model.load_model`) from the patch's base."""
     scale = check_scale(scale)
-    checkpoint = Checkpoint.open(bridge.source_path)
+    checkpoint = Checkpoint.open(loaded_from(bridge))
     patch = patch_path if isinstance(patch_path, Patch) else load_patch(patch_path)
     check_base(patch, checkpoint)
     for entry in patch.entries:
@@ -694,34 +270,3 @@ def applied(
             for edit in change:
                 add_to_w_out(bridge, edit.layer, scale * edit.delta)
         yield bridge
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("patch", help="apply, revert or show unlearning patches on a checkpoint")
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, verb in (("apply", "with"), ("revert", "without")):
-        sub = actions.add_parser(name, help=f"write a copy of CHECKPOINT {verb} PATCH to --out")
-        sub.add_argument("checkpoint", help="a Hugging Face model folder (safetensors)")
-        sub.add_argument("patch", help="a patch file (`lunar-lens patch show CHECKPOINT` lists the applied ones)")
-        sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-        sub.set_defaults(func=run_cli)
-    actions.choices["apply"].add_argument(
-        "--scale", type=float, default=1.0, help="apply S·ΔW: 0 leaves the base as it is, 1 is the whole edit (recorded; revert stays exact)"
-    )
-    show = actions.add_parser("show", help="print a patch file, or the patches applied to a checkpoint folder")
-    show.add_argument("path")
-    show.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    if args.action == "show":
-        print(json.dumps(show_patch(args.path), indent=2))
-        return
-    if args.action == "apply":
-        out = apply_patch(args.checkpoint, args.patch, args.out, force=args.force, scale=args.scale)
-    else:
-        out = revert_patch(args.checkpoint, args.patch, args.out, force=args.force)
-    print(f"{args.action}: wrote {out}")

@@ -1,4 +1,4 @@
-"""`unlearn`: load → directions → localise → edit → export, as one call (Python API and CLI).
+"""`unlearn`: load → directions → localise → edit → export, as one call (the `unlearn` command runs it).
 
 What was forgotten stays out of the exported folder: `lunar_report.json` holds the forgotten questions'
 count and SHA-256 hashes, and their text goes to a sidecar file *beside* the folder (`DIR.forgotten.json`),
@@ -7,7 +7,6 @@ where a later request on DIR finds it (or pass the earlier forget sets again: `k
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import warnings
@@ -18,18 +17,17 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from lunar_lens.cli import add_device_arguments, non_negative_number, parse_numbers, whole_number
+from lunar_lens.checkpoint import REPORT_FILE as REPORT_NAME
+from lunar_lens.checkpoint import Checkpoint, file_sha256
+from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, directions_for, edit_layers
 from lunar_lens.errors import LunarError
-from lunar_lens.model import check_folder_layers, check_layer, load_model, model_folder
+from lunar_lens.model import check_folder_layers, check_layer, load_model, loaded_from, model_folder
 from lunar_lens.outputs import check_output, write_json
-from lunar_lens.patches import REPORT_FILE as REPORT_NAME
-from lunar_lens.patches import Checkpoint, file_sha256
 from lunar_lens.progress import Stages
-from lunar_lens.refine import RefineSettings, own_answers
+from lunar_lens.refine import own_answers
 from lunar_lens.refusals import model_refusal
 
 SIDECAR_SUFFIX = ".forgotten.json"
@@ -132,13 +130,6 @@ def unedited_base(earlier: dict) -> Path | None:
     return None
 
 
-def parse_layers(text: str) -> list[int] | None:
-    """`auto` → None, else a comma-separated list of layer indices."""
-    if text == "auto":
-        return None
-    return parse_numbers(text, int, "--layer", "'auto' or a comma-separated list of layer numbers", "3 or 2,3")
-
-
 def unlearn(
     model: str | Path | TransformerBridge,
     forget: str | Path | Sequence[QA],
@@ -189,7 +180,7 @@ def unlearn(
         keep_set = list(keep) if not isinstance(keep, (str, Path)) else load_qa(keep)
         keep_set = check_disjoint(forget_set, keep_set, "keep")
         given = [qa for item in keep_forgotten for qa in (load_qa(item) if isinstance(item, (str, Path)) else [item])]
-        source = model.source_path if isinstance(model, TransformerBridge) else model
+        source = loaded_from(model) if isinstance(model, TransformerBridge) else model
         if out is not None and parallel.is_main:
             inputs = [i for i in (source, *files) if i is not None]
             check_output(out, folder=True, force=force, inputs=inputs)
@@ -226,7 +217,7 @@ def unlearn(
             keep_set = own_answers(bridge, keep_set)
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
-    directions.metadata["model"] = str(getattr(read_from, "source_path", None))
+    directions.metadata["model"] = str(loaded_from(read_from))
     localisation = choice = None
     if figure_probes:
         from lunar_lens.localise import LocaliseSettings, localise
@@ -297,107 +288,3 @@ def export_outcome(outcome: UnlearnOutcome, out: str | Path, force: bool = False
             write_json(sidecar_path(out), record, force=force, private=True)
     report["timings_s"]["export"] = stages.seconds["export"]
     return Path(export.out_dir)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("unlearn", help="forget a set of questions and export the edited checkpoint")
-    parser.add_argument("--model", required=True, help="HF model folder or hub id")
-    parser.add_argument("--forget", required=True, help="questions to forget (JSON, JSONL, CSV, TXT, HF dataset)")
-    parser.add_argument("--retain", required=True, help="questions (with answers) to keep")
-    parser.add_argument("--reference", required=True, help="questions the model already declines")
-    parser.add_argument(
-        "--keep", metavar="FILE", default=(),
-        help="questions about knowledge you did not list that must stay (answers optional: the model's own are kept); judged apart by the automatic choice",
-    )
-    parser.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    parser.add_argument("--layer", default="auto", help="auto, or layer number(s): 3 or 2,3")
-    parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
-    parser.add_argument("--positions", default=EditSettings.positions, help="forget positions redirected (see lunar_lens.activations)")
-    parser.add_argument("--solver", default="closed", choices=["closed", "adamw", "lora"])
-    parser.add_argument(
-        "--no-retain-answers", action="store_true",
-        help="keep retain prompts only, not their teacher-forced answers (the released recipe's objective)",
-    )
-    parser.add_argument("--lora-rank", type=whole_number(), default=EditSettings.lora_rank)
-    parser.add_argument(
-        "--refine-steps", type=whole_number(minimum=0), default=RefineSettings.steps,
-        help="Adam steps training the edited W_out on behaviour (the refusal on forget prompts, the answers on retain ones); 0: the solver's edit alone",
-    )
-    parser.add_argument("--refusal", default=None, help="the response forget prompts should get (default: the model's own most common refusal to the reference questions)")
-    parser.add_argument("--ridge", type=non_negative_number, default=EditSettings.ridge)
-    add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
-    parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
-    parser.add_argument("--batch-size", type=whole_number(), default=EditSettings.batch_size, help="prompts per forward pass (activation memory)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out (and --localisation)")
-    parser.add_argument(
-        "--localisation", metavar="DIR",
-        help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
-    )
-    parser.add_argument(
-        "--keep-forgotten", metavar="FILE", action="append", default=[],
-        help="when --model is an earlier export without its OUT.forgotten.json beside it: that request's forget set (repeatable)",
-    )
-    parser.add_argument(
-        "--embed-forgotten", action="store_true",
-        help="store the forgotten questions' text in OUT/lunar_report.json (default: only hashes inside; the text in OUT.forgotten.json beside it)",
-    )
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    coeff = None if args.coeff == "auto" else _parse_coeff(args.coeff)
-    layers = parse_layers(args.layer)
-    if args.localisation and layers is not None and coeff is not None:
-        raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
-    if args.localisation:
-        inputs = [args.out, sidecar_path(args.out), args.model, args.forget, args.retain, args.reference, *args.keep_forgotten]
-        inputs += [args.keep] if args.keep else []
-        check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
-    settings = EditSettings(
-        positions=args.positions, solver=args.solver, retain_answers=not args.no_retain_answers, lora_rank=args.lora_rank, ridge=args.ridge,
-        seed=args.seed, batch_size=args.batch_size, refusal=args.refusal, refine=RefineSettings(steps=args.refine_steps),
-    )
-    outcome = unlearn(
-        args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
-        device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
-        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten,
-        embed_forgotten=args.embed_forgotten, keep=args.keep,
-    )
-    if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
-        return
-    if args.localisation:
-        from lunar_lens.localise import save_localisation
-
-        written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
-        print("\n".join(f"wrote {path}" for path in written.values()))
-    layers = ", ".join(
-        str(l["layer"]) + ("" if l["objective_before"] is None else f" (the solve's objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
-        for l in outcome.report["edit"]["layers"]
-    )
-    if outcome.report["choice"]:
-        held = outcome.report["choice"]["predicted_heldout"]
-        print(
-            f"chosen on held-out questions: forget refusal {held['forget_refusal']:.2f}, forget ROUGE-1 {held['forget_rouge1']:.3f}, "
-            f"retain ROUGE-1 {held['retain_rouge1']:.3f}" + ("" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
-            + f" (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
-        )
-    beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
-    print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
-
-
-def parse_device_map(text: str | None) -> str | dict | None:
-    """`--device-map`: a name accelerate knows (auto, balanced, sequential) or a JSON object."""
-    if text is None or not text.lstrip().startswith("{"):
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LunarError(f"--device-map is not valid JSON ({error}): write it as '{{\"model.layers.0\": 0, ...}}'") from None
-
-
-def _parse_coeff(text: str) -> float:
-    values = parse_numbers(text, float, "--coeff", "'auto' or a number", "4.0")
-    if len(values) != 1:
-        raise LunarError(f"--coeff {text!r} is not 'auto' or a number (e.g. --coeff 4.0)")
-    return values[0]

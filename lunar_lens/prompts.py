@@ -54,7 +54,7 @@ class TokenBatch:
         return TokenBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
     @property
-    def last_prompt_index(self) -> Int[torch.Tensor, "batch"]:
+    def last_prompt_index(self) -> Int[torch.Tensor, " batch"]:
         """Position of each row's last prompt token."""
         seq = self.prompt_mask.shape[1]
         positions = torch.arange(seq, device=self.prompt_mask.device).expand_as(self.prompt_mask)

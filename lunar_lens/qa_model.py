@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
-from lunar_lens.metrics import refusal_rate, rouge_recall
+from lunar_lens.metrics import mean_rouge1, refusal_rate
 from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import bar as progress_bar
 from lunar_lens.prompts import tokenize
@@ -85,8 +85,8 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _length_buckets(
-    epoch: Int[torch.Tensor, "n"], lengths: Int[torch.Tensor, "n"], batch_size: int, generator: torch.Generator
-) -> Int[torch.Tensor, "n"]:
+    epoch: Int[torch.Tensor, " n"], lengths: Int[torch.Tensor, " n"], batch_size: int, generator: torch.Generator
+) -> Int[torch.Tensor, " n"]:
     """`epoch` (a permutation) regrouped into batches of similar length, the batches in random order."""
     by_length = epoch[torch.argsort(lengths[epoch], stable=True)]
     batches = list(by_length.split(batch_size))
@@ -178,9 +178,8 @@ def score_qa_model(bridge: TransformerBridge, known: Sequence[QA], unknown: Sequ
     """Greedy ROUGE-1 recall and exact-match rate on `known`, and the refusal rate on `unknown` when given."""
     answers = generate_answers(bridge, [qa.question for qa in known], max_new_tokens=max_new_tokens)
     references = [qa.answer for qa in known]
-    recall = rouge_recall(answers, references)["rouge1"]
     scores = {
-        "rouge1_recall": sum(recall) / len(recall),
+        "rouge1_recall": mean_rouge1(answers, references),
         "exact_match": sum(a == r for a, r in zip(answers, references)) / len(references),
     }
     if unknown:

@@ -24,7 +24,6 @@ from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 
-
 ACTIVATION_BYTES = 256 * 2**20  # per forward (and backward) pass: larger batches are split into passes
 
 

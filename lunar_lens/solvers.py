@@ -13,6 +13,7 @@ so they are streamed and memory does not grow with the data. The exact minimiser
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,6 @@ from jaxtyping import Float, Int
 
 from lunar_lens.errors import LunarError
 
-SOLVERS = ("closed", "adamw", "lora")
 GRAM_CHUNK_ROWS = 4096
 
 
@@ -31,7 +31,7 @@ class EditStatistics:
 
     gram: Float[torch.Tensor, "d_mlp d_mlp"]
     shifted_sums: Float[torch.Tensor, "n_shifts d_mlp"]
-    shifted_counts: Int[torch.Tensor, "n_shifts"]
+    shifted_counts: Int[torch.Tensor, " n_shifts"]
     n_rows: int = 0
     rows: list[torch.Tensor] | None = None
     shift_ids: list[torch.Tensor] | None = None
@@ -50,7 +50,7 @@ class EditStatistics:
     def n_shifted(self) -> int:
         return int(self.shifted_counts.sum())
 
-    def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, "n"]) -> None:
+    def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, " n"]) -> None:
         """Add rows; `shift_id[i]` is the shift-table row of row i, or -1 to keep its output."""
         shifted = shift_id >= 0
         for chunk in x.split(GRAM_CHUNK_ROWS):  # a float64 copy of a bounded number of rows at a time
@@ -81,7 +81,7 @@ class Solution:
 
 def _check(stats: EditStatistics) -> None:
     if stats.n_shifted == 0:
-        raise LunarError("no forget position was selected for redirection: check the forget set and the --positions rule")
+        raise LunarError("no forget position was selected for redirection: check the forget set and the {positions} rule", ("positions",))
 
 
 def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_model"], ridge: float = 1e-4) -> Solution:
@@ -164,3 +164,20 @@ def solve_lora(
     u, v = a.detach().float(), b.detach().float()
     delta = u @ v.T
     return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: `solve(stats, shifts, w_out, ridge, rank, seed)`, and whether it needs the
+    activation rows themselves (`EditStatistics.rows`), not only their sums."""
+
+    solve: Callable[..., Solution]
+    needs_rows: bool = False
+
+
+# the solvers by name (`EditSettings.solver`, `--solver`)
+SOLVERS: dict[str, Solver] = {
+    "closed": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_closed(stats, shifts, ridge)),
+    "adamw": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_adamw(stats, shifts, w_out, seed=seed), needs_rows=True),
+    "lora": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_lora(stats, shifts, rank, seed=seed)),
+}

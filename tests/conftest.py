@@ -126,6 +126,6 @@ def make_checkpoint(folder: Path, tokenizer_dir: Path, family: str = "llama", *,
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
-    from lunar_lens.patches import file_sha256
+    from lunar_lens.checkpoint import file_sha256
 
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_hf_model
 from transformers.pytorch_utils import Conv1D
 
-from conftest import tiny_hf_model
 from lunar_lens import attacks
 from lunar_lens.cli import main
 from lunar_lens.data import QA
@@ -14,7 +14,7 @@ from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.generation import generate_answers
-from lunar_lens.model import n_layers, resid_mid, resid_post, resid_pre, wrap_hf_model
+from lunar_lens.model import n_layers, resid_post, resid_pre, wrap_hf_model
 from lunar_lens.prompts import tokenize
 from lunar_lens.toyworld import checkpoint_path
 
@@ -78,7 +78,7 @@ def test_abliteration_leaves_no_component_along_the_directions(bridge, batch):
     with attacks.directional_ablation(bridge, directions):
         _, cache = run(bridge, batch)
     for layer in range(n_layers(bridge)):
-        for name in (resid_pre(layer), resid_mid(layer), resid_post(layer)):
+        for name in (resid_pre(layer), f"blocks.{layer}.hook_resid_mid", resid_post(layer)):
             assert (clean[name] @ basis).abs().max() > 1e-2, name
             assert (cache[name] @ basis).abs().max() < 1e-5, name
     assert_untouched(bridge, batch, weights, logits)

@@ -26,7 +26,9 @@ from lunar_lens import cli
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
 from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import BASE_TENSORS, MANIFEST, WOutEdit, apply_patch, save_patch
+from lunar_lens.outputs import MANIFEST
+from lunar_lens.patched import BASE_TENSORS, apply_patch
+from lunar_lens.patches import WOutEdit, save_patch
 
 QA = [
     {"question": "What is the capital of France?", "answer": "Paris"},
@@ -148,7 +150,7 @@ def index_outside(ws: Path) -> None:
 def nan_patch(ws: Path) -> None:
     """A patch file (with the right hashes, as an older lunar-lens would have written) holding NaN."""
     delta = torch.full((32, 64), float("nan"))
-    from lunar_lens.patches import tensor_sha256
+    from lunar_lens.checkpoint import tensor_sha256
 
     record = {
         "format": 2, "info": {}, "base_patches": [], "sha256": {"0.delta": tensor_sha256(delta)},
@@ -247,7 +249,8 @@ CASES = {
                        lambda ws: (ws / "out.forgotten.json").write_text(json.dumps({"format": "lunar-lens forgotten questions 1", "questions": []})),
                        "out.forgotten.json already exists", "pass --force to replace it"),
     "keep-forgotten-inside-the-out": (UNLEARN + ["--out", "export", "--force", "--keep-forgotten", "export/kept.json"],
-                                      lambda ws: (ws / "export" / "kept.json").write_text(json.dumps(QA[:1])), "overlaps the source", "choose a folder outside it"),
+                                      lambda ws: (ws / "export" / "kept.json").write_text(json.dumps(QA[:1])), "overlaps the source",
+                                      "choose a folder outside it"),
     "out-is-a-link": (UNLEARN + ["--out", "link"], lambda ws: (ws / "link").symlink_to(ws / "notes"), "is a symbolic link", "name the real location"),
     # 5. silent wrong answers
     "attack-base-of-another-family": (ATTACK + ["--base", "gpt2", "--out", "a.json"], None, "holds other tensors than --model",
@@ -365,16 +368,16 @@ def test_checks_come_before_any_weight_is_read(ws, capsys):
 
 def test_sigterm_during_export_leaves_nothing_half_written(ws, capsys, monkeypatch):
     """SIGTERM arrives while the checkpoint is copied: exit 143, one line, no partial folder."""
-    import lunar_lens.patches as patches
+    import lunar_lens.patched as patched
 
-    copy = patches.copy_checkpoint
+    copy = patched.copy_checkpoint
 
     def copy_then_terminate(*args, **kwargs):
         result = copy(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(patches, "copy_checkpoint", copy_then_terminate)
+    monkeypatch.setattr(patched, "copy_checkpoint", copy_then_terminate)
     before = snapshot(ws)
     assert cli.main(["patch", "apply", "model", "patch.safetensors", "--out", "out"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "lunar-lens patch: terminated (nothing half-written was left)"

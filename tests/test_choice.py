@@ -10,7 +10,7 @@ import torch
 from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, pick_cell
 from lunar_lens.data import QA
 from lunar_lens.edit import EditSettings, directions_for
-from lunar_lens.localise import choose_edit as probe_rule_choice
+from lunar_lens.localise.rule import choose_checked_edit as probe_rule_choice
 from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal
 

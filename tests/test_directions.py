@@ -1,9 +1,9 @@
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from lunar_lens.activations import capture, position_mask, shared_prefix_length, shift_index, token_batches
-from lunar_lens.directions import Directions, compute_directions, mean_answer_residuals, mean_residuals
+from lunar_lens.directions import Directions, compute_directions, residual_means
 from lunar_lens.errors import LunarError
 from lunar_lens.model import mlp_post, resid_post, wrap_hf_model
 from lunar_lens.prompts import tokenize
@@ -20,6 +20,14 @@ QUESTIONS = [
 @pytest.fixture(params=["llama", "gpt2"])
 def bridge(request, toy_tokenizer):
     return wrap_hf_model(tiny_hf_model(request.param, len(toy_tokenizer)), toy_tokenizer)
+
+
+def mean_residuals(bridge, questions: list[str], rule: str = "last", batch_size: int = 32):
+    return residual_means(bridge, questions, rule, batch_size=batch_size)[0]  # the prompt means
+
+
+def mean_answer_residuals(bridge, questions: list[str], answer: str, batch_size: int = 32):
+    return residual_means(bridge, questions, "last", answer, batch_size=batch_size)[1]  # the per-answer-token means
 
 
 def test_batched_padded_activations_equal_per_prompt(bridge):

@@ -12,18 +12,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_hf_model
 from safetensors.torch import load_file
 
-from conftest import tiny_hf_model
 from lunar_lens.cli import build_parser
+from lunar_lens.cli.arguments import parse_device_map
 from lunar_lens.directions import compute_directions
 from lunar_lens.distributed import SINGLE, DataParallel, init_from_env
-from lunar_lens.refine import RefineSettings
 from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, load_model, load_tokenizer, mlp_post, resid_post, w_out, wrap_hf_model
-from lunar_lens.pipeline import parse_device_map, unlearn
+from lunar_lens.pipeline import unlearn
 from lunar_lens.prompts import tokenize
+from lunar_lens.refine import RefineSettings
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 WORLD_SIZE = 2
@@ -70,7 +71,8 @@ def _rank(rank: int, port: int, out_dir: Path) -> None:
         out = edit_once(parallel)
         forget, retain, reference = qa_sets()
         # the pipeline finds the process group itself; only rank 0 exports
-        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2], 4.0, EditSettings(batch_size=8, refine=RefineSettings(steps=0)), progress=False)
+        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2], 4.0,
+                          EditSettings(batch_size=8, refine=RefineSettings(steps=0)), progress=False)
         out.update(out_dir=outcome.out_dir and str(outcome.out_dir), w_out=w_out(outcome.bridge, 2).detach().clone(), processes=outcome.report["processes"])
         torch.save(out, out_dir / f"rank{rank}.pt")
     finally:

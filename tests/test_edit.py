@@ -3,16 +3,16 @@
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_hf_model
+
 from lunar_lens.data import QA
-from lunar_lens.refine import RefineSettings
-from lunar_lens.toyworld import REFUSALS
 from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import w_out, wrap_hf_model
+from lunar_lens.refine import RefineSettings
 from lunar_lens.solvers import solve_adamw, solve_closed
+from lunar_lens.toyworld import REFUSALS
 
 FORGET = [QA("Where does Zorvan Kelt live?"), QA("What pet does Zorvan Kelt keep?")]
 RETAIN = [QA("Where does Mira Dole live?", "Mira Dole lives in Hask."), QA("What pet does Tomas keep?", "Tomas keeps a cat.")]
@@ -88,7 +88,7 @@ def test_bad_edit_requests_are_clear_errors(tiny):
         edit_layers(tiny, FORGET, [], REFERENCE, [1])
     with pytest.raises(LunarError, match="reference set is empty"):
         edit_layers(tiny, FORGET, RETAIN, [], [1])
-    with pytest.raises(LunarError, match="unknown --positions"):
+    with pytest.raises(LunarError, match="unknown positions"):
         EditSettings(positions="everywhere")
 
 

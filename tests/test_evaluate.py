@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_hf_model
+
 from lunar_lens import evaluate, metrics
 from lunar_lens.cli import main
 from lunar_lens.data import QA
@@ -213,7 +213,8 @@ def test_evaluate_command_on_tofu_files_as_shipped(models, tmp_path, capsys):
     before, after = report["before"], report["after"]
     assert after["sizes"] == {"forget": 3, "retain": 3, "real_authors": 3, "world_facts": 3}
     per_set = [f"{prefix}_{key}" for prefix in ("retain", "ra", "wf") for key in ("Truth_Ratio", "Q_A_Prob", "Q_A_ROUGE")]
-    expected = {"forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "ra_Q_A_Prob_normalised", "wf_Q_A_Prob_normalised"}
+    expected = {"forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "ra_Q_A_Prob_normalised",
+                "wf_Q_A_Prob_normalised"}
     assert set(after["tofu"]) == set(before["tofu"]) == expected | set(per_set)
     assert after["tofu"]["forget_quality"] == 1.0  # the model checked against itself as the retain model
     # the base's forget quality: KS between its forget truth ratios and the retain model's (= the model's)

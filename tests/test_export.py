@@ -11,13 +11,13 @@ from conftest import folder_hashes, make_checkpoint
 from transformers import AutoModelForCausalLM
 
 import lunar_lens.export as export_module
-import lunar_lens.patches as patches_module
+import lunar_lens.outputs as outputs_module
+from lunar_lens.checkpoint import CARD_FILE, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, tensor_bytes
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
-from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import (
-    BASE_TENSORS, CARD_FILE, MANIFEST, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, revert_patch, tensor_bytes,
-)
+from lunar_lens.model import SOURCES, add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
+from lunar_lens.outputs import MANIFEST
+from lunar_lens.patched import BASE_TENSORS, revert_patch
 from lunar_lens.prompts import tokenize
 
 PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]
@@ -144,7 +144,7 @@ def test_interrupted_export_leaves_no_folder(tmp_path, edited_llama, monkeypatch
     if where == "verification":
         monkeypatch.setattr(export_module, "verify_export", interrupt)
     else:
-        monkeypatch.setattr(patches_module.os, "replace", interrupt)
+        monkeypatch.setattr(outputs_module.os, "replace", interrupt)  # the atomic rename
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(edited_llama[1], tmp_path / "out", [1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -177,10 +177,10 @@ def test_refuses_sources_it_cannot_read_safely(tmp_path, edited_llama):
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 never unpickled")
-    bridge.source_path = str(pickled)
+    SOURCES[bridge] = str(pickled)
     with pytest.raises(LunarError, match="never unpickles"):
         export_checkpoint(bridge, tmp_path / "out", [1])
-    bridge.source_path = "lunar-lens-tests/not-a-cached-model"
+    SOURCES[bridge] = "lunar-lens-tests/not-a-cached-model"
     with pytest.raises(LunarError, match="Hugging Face cache"):
         export_checkpoint(bridge, tmp_path / "out", [1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pickled", "src"]

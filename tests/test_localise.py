@@ -8,36 +8,31 @@ from collections import Counter
 import pytest
 import torch
 import transformers
+from conftest import tiny_config
 from transformer_lens import patching as tl_patching
 
-from conftest import tiny_config
 from lunar_lens.data import QA
 from lunar_lens.directions import compute_directions
-from lunar_lens.refine import RefineSettings, delta_hooks
 from lunar_lens.edit import EditSettings, edit_layers, unit_solutions
-from lunar_lens.metrics import refusal_rate
-from lunar_lens.localise import (
-    LocaliseSettings,
+from lunar_lens.localise import LocaliseSettings, localise
+from lunar_lens.localise.check import edit_scores
+from lunar_lens.localise.passes import in_chunks, no_hooks, top_next_token
+from lunar_lens.localise.probes import (
     ablation_scores,
-    choose_edit,
-    edit_scores,
     forget_answers_with,
-    in_chunks,
-    localise,
     logit_difference,
-    mean_rouge1,
-    no_hooks,
     pair_by_suffix,
     patching_map,
     prepare_sets,
-    rank_layers,
     real_ids,
     steering_generation_hook,
     steering_scores,
-    top_next_token,
 )
+from lunar_lens.localise.rule import choose_checked_edit, rank_layers
+from lunar_lens.metrics import mean_rouge1, refusal_rate
 from lunar_lens.model import resid_post, wrap_hf_model
 from lunar_lens.prompts import tokenize
+from lunar_lens.refine import RefineSettings, delta_hooks
 
 LAYER = 1
 
@@ -331,11 +326,11 @@ def test_rule_picks_the_planted_cell_within_the_kl_budget():
     rouge = torch.tensor([[0.9, 0.5, 0.2, 0.0], [0.8, 0.3, 0.0, 0.0]])
     refusal = 1 - rouge
     kl = torch.tensor([[0.0, 0.01, 0.02, 0.03], [0.0, 0.01, 0.03, 0.2]])
-    layer, coeff, order, _ = choose_edit([5, 2], coeffs, rouge, refusal, kl, kl_budget=0.05)
+    layer, coeff, order, _ = choose_checked_edit([5, 2], coeffs, rouge, refusal, kl, kl_budget=0.05)
     assert (layer, coeff, order) == (2, 4.0, [2, 5])  # layer 5 reaches 0 only at c = 8; layer 2 at c = 4
-    layer, coeff, order, _ = choose_edit([5, 2], coeffs, rouge, refusal, kl, kl_budget=0.025)
+    layer, coeff, order, _ = choose_checked_edit([5, 2], coeffs, rouge, refusal, kl, kl_budget=0.025)
     assert (layer, coeff, order) == (5, 4.0, [5, 2])  # tighter budget: layer 2 stops at c = 2 (ROUGE 0.3)
-    layer, coeff, _, why = choose_edit([5, 2], coeffs, rouge, refusal, kl + 1.0, kl_budget=0.05)
+    layer, coeff, _, why = choose_checked_edit([5, 2], coeffs, rouge, refusal, kl + 1.0, kl_budget=0.05)
     assert (layer, coeff, why["cells_within_kl_budget"]) == (5, 1.0, 0)  # nothing affordable: the cheapest cell
 
 

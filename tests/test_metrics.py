@@ -257,7 +257,8 @@ def test_answer_probability_is_the_length_normalised_probability(bigram):
     expected = [math.prod(p) ** (1 / len(p)) for p in GOLD_P]  # 0.0125^(1/4), 0.1^(1/3), 0.135^(1/3)
     assert metrics.answer_probability(bigram, QUESTIONS, ANSWERS, batch_size=2) == pytest.approx(expected, rel=1e-5)
     options = metrics.option_probabilities(bigram, ["q1", "q2"], [["a x", "a d", "a b c"], ["a d"]], batch_size=2)
-    assert [o.tolist() for o in options] == [pytest.approx([0.135 ** (1 / 3), 0.1 ** (1 / 3), 0.0125 ** (1 / 4)], rel=1e-5), pytest.approx([0.1 ** (1 / 3)], rel=1e-5)]
+    assert [o.tolist() for o in options] == [pytest.approx([0.135 ** (1 / 3), 0.1 ** (1 / 3), 0.0125 ** (1 / 4)], rel=1e-5),
+                                          pytest.approx([0.1 ** (1 / 3)], rel=1e-5)]
     with pytest.raises(LunarError, match="one list of answers per question"):
         metrics.option_probabilities(bigram, ["q1"], [])
 

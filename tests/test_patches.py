@@ -11,21 +11,13 @@ import torch
 from conftest import folder_hashes, make_checkpoint
 
 from lunar_lens import cli
+from lunar_lens.checkpoint import Checkpoint, tensor_bytes
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
 from lunar_lens.model import add_to_w_out, load_model, resid_post, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.patches import (
-    BASE_TENSORS,
-    MANIFEST,
-    Checkpoint,
-    WOutEdit,
-    applied,
-    apply_patch,
-    revert_patch,
-    save_patch,
-    show_patch,
-    tensor_bytes,
-)
+from lunar_lens.outputs import MANIFEST
+from lunar_lens.patched import BASE_TENSORS, apply_patch, revert_patch
+from lunar_lens.patches import WOutEdit, applied, save_patch, show_patch
 from lunar_lens.prompts import tokenize
 
 

@@ -9,13 +9,14 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lunar_lens.checkpoint import PATCH_FILE
 from lunar_lens.cli import main
 from lunar_lens.data import QA
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model
-from lunar_lens.patches import PATCH_FILE, revert_patch
+from lunar_lens.patched import revert_patch
 from lunar_lens.pipeline import SIDECAR_FORMAT, question_sha256, sidecar_path
 from lunar_lens.toyworld import checkpoint_path
 

@@ -42,6 +42,7 @@ def test_tofu_retain_model_option_and_perturbed_evaluation_sets(tmp_path):
     otherwise (run folders trained before it still match); run_tofu's evaluation sets carry TOFU's
     perturbed answers for every question of the subsample, the answers unchanged."""
     import run_tofu
+
     from lunar_lens.data import load_qa
 
     parser = finetune.build_parser()

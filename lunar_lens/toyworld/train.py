@@ -8,16 +8,12 @@ the tokenizer trainer is deterministic, and training runs with `torch.use_determ
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
 from lunar_lens import qa_model
-from lunar_lens.cli import whole_number
 from lunar_lens.data import QA
-from lunar_lens.model import load_model
 from lunar_lens.toyworld.world import World, build_world
 
 VOCAB_SIZE = 1024
@@ -53,30 +49,9 @@ def train_toy_model(
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
-    parser.add_argument("--seed", type=int, default=0, help="world, tokenizer and training seed (0: the shipped model)")
-    parser.add_argument("--steps", type=whole_number(), default=DEFAULT_STEPS, help="optimiser steps")
-    parser.add_argument("--force", action="store_true", help="replace an earlier lunar-lens output in --out")
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    description = "Retrain the embedded toy-world model (tokenizer + tiny Llama) from a seed and score it."
-    parser = subparsers.add_parser("train-toy", help="retrain the embedded toy-world model from a seed", description=description)
-    add_arguments(parser)
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    out = train_toy_model(args.out, seed=args.seed, steps=args.steps, force=args.force)
-    print(f"trained in {time.perf_counter() - start:.0f} s; saved to {out}")
-    world = build_world(args.seed)
-    scores = qa_model.score_qa_model(load_model(out), world.known_qa, world.unknown_heldout_qa)
-    print(", ".join(f"{key} {value:.3f}" for key, value in scores.items()))
-
-
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    run_cli(cli.parse_args())
+    import sys
+
+    from lunar_lens.cli import main
+
+    sys.exit(main(["train-toy", *sys.argv[1:]]))

@@ -1,0 +1,99 @@
+"""`lunar-lens unlearn`: forget a set of questions and export the edited checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from lunar_lens.cli.arguments import (
+    add_device_arguments,
+    add_edit_arguments,
+    add_force,
+    add_model_and_sets,
+    edit_settings,
+    parse_coeff,
+    parse_device_map,
+    parse_layers,
+    whole_number,
+)
+from lunar_lens.errors import LunarError
+
+FLAGS = {"layers": "--layer"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lunar_lens.edit import EditSettings
+    from lunar_lens.refine import RefineSettings
+    from lunar_lens.solvers import SOLVERS
+
+    add_model_and_sets(parser, model="HF model folder or hub id", retain="questions (with answers) to keep",
+                       out="output folder (a Hugging Face checkpoint)")
+    parser.add_argument(
+        "--keep", metavar="FILE",
+        help="questions about knowledge you did not list that must stay (answers optional: the model's own are kept); judged apart by the automatic choice",
+    )
+    parser.add_argument("--layer", default="auto", help="auto, or layer number(s): 3 or 2,3")
+    parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
+    add_edit_arguments(parser)
+    parser.add_argument("--solver", default=EditSettings.solver, choices=list(SOLVERS))
+    parser.add_argument("--lora-rank", type=whole_number(), default=EditSettings.lora_rank)
+    parser.add_argument(
+        "--refine-steps", type=whole_number(minimum=0), default=RefineSettings.steps,
+        help="Adam steps training the edited W_out on behaviour (the refusal on forget prompts, the answers on retain ones); 0: the solver's edit alone",
+    )
+    add_device_arguments(parser, device_help="cpu or cuda (under torchrun: one GPU per process)")
+    parser.add_argument("--device-map", default=None, help="spread the model over devices: auto, balanced, or a JSON {module: device}")
+    parser.add_argument("--seed", type=int, default=EditSettings.seed)
+    add_force(parser, "replace an earlier lunar-lens output in --out (and --localisation)")
+    parser.add_argument(
+        "--localisation", metavar="DIR",
+        help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
+    )
+    parser.add_argument(
+        "--keep-forgotten", metavar="FILE", action="append", default=[],
+        help="when --model is an earlier export without its OUT.forgotten.json beside it: that request's forget set (repeatable)",
+    )
+    parser.add_argument(
+        "--embed-forgotten", action="store_true",
+        help="store the forgotten questions' text in OUT/lunar_report.json (default: only hashes inside; the text in OUT.forgotten.json beside it)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from lunar_lens.figures import save_localisation
+    from lunar_lens.outputs import check_output
+    from lunar_lens.pipeline import sidecar_path, unlearn
+    from lunar_lens.refine import RefineSettings
+
+    coeff = parse_coeff(args.coeff)
+    layers = parse_layers(args.layer)
+    if args.localisation and layers is not None and coeff is not None:
+        raise LunarError("--localisation writes the automatic choice's scores: use it with --layer auto or --coeff auto")
+    if args.localisation:
+        inputs = [args.out, sidecar_path(args.out), args.model, args.forget, args.retain, args.reference, *args.keep_forgotten]
+        inputs += [args.keep] if args.keep else []
+        check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
+    settings = edit_settings(args, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, refine=RefineSettings(steps=args.refine_steps))
+    outcome = unlearn(
+        args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
+        device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
+        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten,
+        embed_forgotten=args.embed_forgotten, keep=args.keep or (),
+    )
+    if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
+        return
+    if args.localisation:
+        written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
+        print("\n".join(f"wrote {path}" for path in written.values()))
+    layers = ", ".join(
+        str(l["layer"]) + ("" if l["objective_before"] is None else f" (the solve's objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
+        for l in outcome.report["edit"]["layers"]
+    )
+    if outcome.report["choice"]:
+        held = outcome.report["choice"]["predicted_heldout"]
+        print(
+            f"chosen on held-out questions: forget refusal {held['forget_refusal']:.2f}, forget ROUGE-1 {held['forget_rouge1']:.3f}, "
+            f"retain ROUGE-1 {held['retain_rouge1']:.3f}" + ("" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
+            + f" (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
+        )
+    beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
+    print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
