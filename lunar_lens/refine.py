@@ -138,7 +138,7 @@ def backward_answer_loss(bridge: TransformerBridge, batch: TokenBatch, hooks: Ca
         sums, _ = answer_losses(bridge, rows_of(batch, slice(i, i + step)), hooks())
         part = weight * sums.sum() / total.to(sums.device)
         part.backward()
-        loss += float(part)
+        loss += float(part.detach())
     return loss
 
 
