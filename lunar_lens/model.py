@@ -268,12 +268,17 @@ def w_out(bridge: TransformerBridge, layer: int) -> Float[torch.Tensor, "d_mlp d
     return weight.T if w_out_is_transposed(bridge, layer) else weight
 
 
+def hf_name(name: str) -> str:
+    """A parameter's Hugging Face name: the bridge wraps the HF modules in place (`…._original_component.…`)."""
+    return name.replace("._original_component", "")
+
+
 def w_out_tensor_name(bridge: TransformerBridge, layer: int) -> str:
     """The checkpoint (state-dict) name of W_out of `layer`, e.g. `model.layers.3.mlp.down_proj.weight`."""
     target = w_out_parameter(bridge, layer)
     for name, param in bridge.original_model.named_parameters(remove_duplicate=False):
         if param is target:
-            return name.replace("._original_component", "")
+            return hf_name(name)
     raise LunarError(f"could not find W_out of layer {layer} among the model's parameters")
 
 

@@ -24,7 +24,9 @@ from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 
-ACTIVATION_BYTES = 256 * 2**20  # per forward (and backward) pass: larger batches are split into passes
+# the activations of one forward (and backward) pass: a tenth of the weights' bytes, within these bounds;
+# larger batches are split into passes (bench_memory.py: unsplit, a 45M model's refinement took 2.6x its weights)
+ACTIVATION_SHARE, ACTIVATION_BYTES = 0.1, (16 * 2**20, 256 * 2**20)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def answer_losses(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tupl
 
 
 def rows_per_pass(bridge: TransformerBridge, batch: TokenBatch, backward: bool) -> int:
-    """How many rows of `batch` one pass takes to stay within ACTIVATION_BYTES: float32 logits over the
+    """How many rows of `batch` one pass takes to stay within the activation budget: float32 logits over the
     vocabulary at the answer columns, and (when a backward pass follows) every layer's saved activations."""
     width = int(batch.attention_mask.bool().any(dim=0).sum())
     vocabulary = bridge.original_model.get_output_embeddings().weight.shape[0]
@@ -115,7 +117,9 @@ def rows_per_pass(bridge: TransformerBridge, batch: TokenBatch, backward: bool) 
     if backward:
         d_mlp, d_model = w_out(bridge, 0).shape
         per_row += width * n_layers(bridge) * (5 * d_model + 4 * d_mlp) * 4
-    return max(1, ACTIVATION_BYTES // per_row)
+    weights = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
+    budget = min(max(ACTIVATION_SHARE * weights, ACTIVATION_BYTES[0]), ACTIVATION_BYTES[1])
+    return max(1, int(budget // per_row))
 
 
 def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple], per_row: bool = False) -> torch.Tensor:

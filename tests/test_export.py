@@ -61,8 +61,11 @@ def test_round_trip(tmp_path, tokenizer_dir, family, sharded, source_dtype, dtyp
     before = folder_hashes(src)
     bridge = load_model(src, dtype=dtype)
     edit_randomly(bridge, layers)
+    in_memory = {name: p.detach().clone() for name, p in bridge.original_model.named_parameters()}
     result = export_checkpoint(bridge, tmp_path / "out", layers, manifest={"coeff": 4.0})
     out = tmp_path / "out"
+    # the verification released the in-memory weights for the reload and gave them back bit for bit
+    assert all(torch.equal(p, in_memory[name]) for name, p in bridge.original_model.named_parameters())
 
     assert folder_hashes(src) == before
     after = folder_hashes(out)
@@ -157,6 +160,36 @@ def test_verification_fails_loudly(tmp_path, edited_llama):
         export_checkpoint(bridge, tmp_path / "out", [1])
     assert not (tmp_path / "out").exists()
     assert export_checkpoint(bridge, tmp_path / "out", [0, 1]).verification["max_abs_logit_diff"] <= 1e-4
+
+
+def test_the_reload_runs_while_the_in_memory_weights_are_released(tmp_path, edited_llama, monkeypatch):
+    _, bridge = edited_llama
+    held = []
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    class Counting:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            held.append(sum(p.numel() for p in bridge.original_model.parameters()))
+            return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "AutoModelForCausalLM", Counting)
+    total = sum(p.numel() for p in bridge.original_model.parameters())
+    result = export_checkpoint(bridge, tmp_path / "out", [1])
+    assert held == [0]  # no weight in the model while the folder is reloaded (the edited W_out held apart)
+    assert sum(p.numel() for p in bridge.original_model.parameters()) == total
+    assert result.verification["tensors_checked"] == len(Checkpoint.open(tmp_path / "out").weight_map)
+
+
+def test_verification_catches_a_hook_left_on_the_model(tmp_path, edited_llama):
+    _, bridge = edited_llama
+    handle = bridge.original_model.lm_head.register_forward_hook(lambda module, inputs, output: output + 0.5)
+    try:
+        with pytest.raises(LunarError, match="logits differ"):  # every tensor equal: the reload's logits tell
+            export_checkpoint(bridge, tmp_path / "out", [1])
+    finally:
+        handle.remove()
+    assert not (tmp_path / "out").exists()
 
 
 def test_skips_stale_weights_and_writes_extra_files(tmp_path, edited_llama):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lunar_lens.refine as refine_module
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import w_out
-from lunar_lens.prompts import tokenize
-from lunar_lens.refine import RefineSettings, answer_cross_entropy, delta_hooks, refine_edits
+from lunar_lens.prompts import first_answer_tokens, tokenize
+from lunar_lens.refine import RefineSettings, answer_cross_entropy, backward_answer_loss, delta_hooks, frozen, refine_edits, rows_per_pass
 
 
 def test_delta_hooks_act_as_the_edited_weight(fresh_toy_bridge, world):
@@ -21,6 +22,30 @@ def test_delta_hooks_act_as_the_edited_weight(fresh_toy_bridge, world):
         bridge.blocks[2].mlp.W_out.data += delta  # a live view of the HF parameter
         edited = answer_cross_entropy(bridge, batch, [])
     assert torch.allclose(hooked, edited, atol=1e-5)
+
+
+def test_passes_split_by_the_activation_budget_give_the_same_losses_and_gradients(fresh_toy_bridge, world, monkeypatch):
+    bridge = fresh_toy_bridge
+    items = world.known_qa[:6]
+    batch = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in items], [qa.answer for qa in items]), 8, bridge.tokenizer.pad_token_id)
+    delta = torch.nn.Parameter(torch.randn_like(w_out(bridge, 2)) * 0.01)
+
+    def measured() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            per_row = answer_cross_entropy(bridge, batch, delta_hooks({2: delta.detach()}), per_row=True)
+        delta.grad = None
+        with frozen(bridge.original_model):
+            loss = backward_answer_loss(bridge, batch, lambda: delta_hooks({2: delta}), weight=2.0)
+        return per_row, torch.tensor(loss), delta.grad.clone()
+
+    whole = measured()
+    assert rows_per_pass(bridge, batch, backward=True) >= len(items)  # the toy model: one pass
+    monkeypatch.setattr(refine_module, "ACTIVATION_BYTES", (1, 1))
+    assert rows_per_pass(bridge, batch, backward=True) == 1
+    split = measured()  # one row per pass
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert whole[1] > 0 and whole[2].abs().max() > 0
 
 
 def test_refinement_teaches_the_refusal_and_keeps_the_rest(fresh_toy_bridge, world):
