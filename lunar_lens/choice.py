@@ -230,7 +230,8 @@ def choose_edit(
     with torch.no_grad():
         base_retain = float(answer_cross_entropy(bridge, rows_tf, [], per_row=True)[n_forget:].mean())
         for layer_set in bar(sets, "screening" if progress else None):
-            losses = answer_cross_entropy(bridge, repeated, delta_hooks({layer: units[layer] for layer in layer_set}, scale), per_row=True)
+            edits = {layer: units[layer] for layer in layer_set}
+            losses = answer_cross_entropy(bridge, repeated, lambda rows, edits=edits: delta_hooks(edits, scale[rows]), per_row=True)
             for coeff, per_row in zip(screened, losses.view(len(coeffs), n_rows)):
                 forget_loss, retain_rise = float(per_row[:n_forget].mean()), float(per_row[n_forget:].mean()) - base_retain
                 proxy = forget_loss + settings.retain_weight * max(0.0, retain_rise)

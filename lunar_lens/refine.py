@@ -122,11 +122,15 @@ def rows_per_pass(bridge: TransformerBridge, batch: TokenBatch, backward: bool) 
     return max(1, int(budget // per_row))
 
 
-def answer_cross_entropy(bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple], per_row: bool = False) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active; with
-    `per_row`, each row's own mean ([batch]). Without gradients, in passes of `rows_per_pass` rows."""
+def answer_cross_entropy(
+    bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple] | Callable[[slice], list[tuple]], per_row: bool = False
+) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active (or `hooks(rows)`,
+    the hooks for a slice of the rows: per-row hooks); with `per_row`, each row's own mean ([batch]). Without
+    gradients, in passes of `rows_per_pass` rows."""
     step = len(batch.input_ids) if torch.is_grad_enabled() else rows_per_pass(bridge, batch, backward=False)
-    parts = [answer_losses(bridge, rows_of(batch, slice(i, i + step)), hooks) for i in range(0, len(batch.input_ids), step)]
+    rows = [slice(i, i + step) for i in range(0, len(batch.input_ids), step)]
+    parts = [answer_losses(bridge, rows_of(batch, part), hooks(part) if callable(hooks) else hooks) for part in rows]
     sums, counts = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     if per_row:
         return sums / counts.clamp_min(1)

@@ -30,13 +30,16 @@ def test_passes_split_by_the_activation_budget_give_the_same_losses_and_gradient
     batch = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in items], [qa.answer for qa in items]), 8, bridge.tokenizer.pad_token_id)
     delta = torch.nn.Parameter(torch.randn_like(w_out(bridge, 2)) * 0.01)
 
-    def measured() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = torch.arange(len(items), dtype=torch.float32)  # a different multiple of the edit per row (screening)
+
+    def measured() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             per_row = answer_cross_entropy(bridge, batch, delta_hooks({2: delta.detach()}), per_row=True)
+            scaled = answer_cross_entropy(bridge, batch, lambda rows: delta_hooks({2: delta.detach()}, scale[rows]), per_row=True)
         delta.grad = None
         with frozen(bridge.original_model):
             loss = backward_answer_loss(bridge, batch, lambda: delta_hooks({2: delta}), weight=2.0)
-        return per_row, torch.tensor(loss), delta.grad.clone()
+        return per_row, scaled, torch.tensor(loss), delta.grad.clone()
 
     whole = measured()
     assert rows_per_pass(bridge, batch, backward=True) >= len(items)  # the toy model: one pass
@@ -45,7 +48,7 @@ def test_passes_split_by_the_activation_budget_give_the_same_losses_and_gradient
     split = measured()  # one row per pass
     for a, b in zip(whole, split):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert whole[1] > 0 and whole[2].abs().max() > 0
+    assert not torch.allclose(whole[0], whole[1]) and whole[2] > 0 and whole[3].abs().max() > 0
 
 
 def test_refinement_teaches_the_refusal_and_keeps_the_rest(fresh_toy_bridge, world):
