@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -200,11 +201,12 @@ def verify_export(
     owners = _tensor_owners(model, written)
     _check_tensors(owners, written, {e.key: e.value for e in edited})
     device_map = getattr(model, "hf_device_map", None)
-    with _weights_released(owners, written, kept=[e.key for e in edited]):
+    on_disk = bool(device_map) and "disk" in device_map.values()
+    with _weights_released(owners, written, kept=[e.key for e in edited]), tempfile.TemporaryDirectory() as offload:
         with library_bars():
             reloaded = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=model.dtype, attn_implementation=model.config._attn_implementation, trust_remote_code=trust_remote_code,
-                device_map=device_map,
+                device_map=device_map, **({"offload_folder": offload} if on_disk else {}),
             ).eval()
         if device_map is None:
             reloaded.to(model.device)

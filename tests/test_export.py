@@ -181,6 +181,19 @@ def test_the_reload_runs_while_the_in_memory_weights_are_released(tmp_path, edit
     assert result.verification["tensors_checked"] == len(Checkpoint.open(tmp_path / "out").weight_map)
 
 
+def test_a_model_on_a_device_map_is_verified_on_that_map(tmp_path, edited_llama):
+    src, edited = edited_llama
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk"}  # accelerate's dispatch, on the CPU
+    bridge = load_model(src, device_map=device_map)
+    add_to_w_out(bridge, 1, w_out(edited, 1) - w_out(bridge, 1))
+    in_memory = {name: p.detach().clone() for name, p in bridge.original_model.named_parameters()}
+    result = export_checkpoint(bridge, tmp_path / "out", [1])
+    assert result.verification["device_map"] and result.verification["max_abs_logit_diff"] <= 1e-4
+    assert all(torch.equal(p, in_memory[name]) for name, p in bridge.original_model.named_parameters() if not p.is_meta)
+    assert max_logit_diff(bridge.original_model, edited.original_model, bridge.tokenizer) <= 1e-5  # still the edited model
+
+
 def test_verification_catches_a_hook_left_on_the_model(tmp_path, edited_llama):
     _, bridge = edited_llama
     handle = bridge.original_model.lm_head.register_forward_hook(lambda module, inputs, output: output + 0.5)
