@@ -23,12 +23,13 @@ from lunar_lens.generation import generate_answers
 from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
+from lunar_lens.settings import Settings
 
 ACTIVATION_BYTES = 256 * 2**20  # per forward (and backward) pass: larger batches are split into passes
 
 
 @dataclass
-class RefineSettings:
+class RefineSettings(Settings):
     """How the W_out edit is refined on behaviour (defaults measured in experiments/refusal_frontier.py)."""
 
     steps: int = 50

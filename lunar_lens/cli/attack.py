@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lunar_lens.cli.arguments import add_generation_arguments, check_report, parse_layers
+from lunar_lens.cli.arguments import add_generation_arguments, check_report, parse_layers, run_settings
 from lunar_lens.errors import LunarError
 
 DESCRIPTION = (
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> None:
     if layouts[0] != layouts[1]:
         other = sorted(key for key in layouts[0].keys() | layouts[1].keys() if layouts[0].get(key) != layouts[1].get(key))[0]
         raise LunarError(f"--base {folders[1]} holds other tensors than --model (first: {other}): pass the unedited model the edit was made on")
-    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
-    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True)
+    run = run_settings(args)
+    model = load_model(args.model, **run.load_options())
+    base = load_model(args.base, **run.load_options())
     directions = compute_directions(
         base, [qa.question for qa in forget], [qa.question for qa in reference], rule, args.batch_size, progress=True,
         deepest_layer=max(layers),
