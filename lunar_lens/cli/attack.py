@@ -28,17 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> tuple[list[int], float, str]:
-    """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json`."""
+    """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json` (its settings read back
+    with `EditSettings.from_dict`)."""
     from lunar_lens.checkpoint import REPORT_FILE
-    from lunar_lens.edit import check_coeff
+    from lunar_lens.edit import EditSettings, check_coeff
     from lunar_lens.pipeline import earlier_request
 
     report = earlier_request(model_dir)
+    settings = EditSettings.from_dict(report.get("settings", {}))
     layers = parse_layers(layer) if layer else report.get("layers")
     coeff = coeff if coeff is not None else report.get("coeff")
     if not layers or coeff is None:
         raise LunarError(f"{Path(model_dir) / REPORT_FILE} does not give the edited layers and coefficient: pass --layer N and --coeff C")
-    return list(layers), check_coeff(coeff), report.get("settings", {}).get("direction_rule", "last")
+    return list(layers), check_coeff(coeff), settings.direction_rule
 
 
 def run(args: argparse.Namespace) -> None:

@@ -41,7 +41,8 @@ def localise(
     directions: Directions | None = None,
     progress: bool = False,
 ) -> Localisation:
-    """Run every probe on every layer (× coefficient), check the best layers' edits, apply the rule."""
+    """Run every probe on every layer (× coefficient), check the best layers' edits, apply the rule (the probes
+    that only feed the figures run with `settings.figure_probes`, off by default)."""
     settings = settings or LocaliseSettings()
     for name, items in (("forget", forget), ("retain", retain), ("reference", reference)):
         if not items:
