@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 
 from lunar_lens.data import load_qa
+from lunar_lens.edit import EditSettings
 from lunar_lens.model import load_model
 from lunar_lens.pipeline import unlearn
+from lunar_lens.settings import RunSettings
 
 HERE = Path(__file__).resolve().parent
 
 
-def timed(run: Path, sets: dict, **choice) -> tuple[float, dict]:
+def timed(run: Path, sets: dict, layers: list[int] | None = None, coeff: float | None = None) -> tuple[float, dict]:
     bridge = load_model(run / "model")  # a fresh model each time: unlearn edits in place
     started = time.perf_counter()
-    outcome = unlearn(bridge, sets["forget"], sets["retain"], sets["reference"], progress=False, **choice)
+    outcome = unlearn(
+        bridge, sets["forget"], sets["retain"], sets["reference"], layers=layers, settings=EditSettings(coeff=coeff), run=RunSettings(progress=False)
+    )
     return time.perf_counter() - started, outcome.report
 
 

@@ -156,17 +156,18 @@ def worker_lens(layer: int, forget: list, retain: list, reference: list) -> dict
 
 def worker_localise(layer: int, forget: list, retain: list, reference: list) -> dict:
     from lunar_lens.edit import EditSettings, edit_layers
-    from lunar_lens.localise import choose_layer_and_coeff, localise
+    from lunar_lens.localise import LocaliseSettings, choose_layer_and_coeff, localise
     from lunar_lens.model import load_model
     from lunar_lens.refine import RefineSettings
     from lunar_lens.toyworld import checkpoint_path
 
     bridge = load_model(checkpoint_path())
-    warm_up(bridge, layer, EditSettings(refine=RefineSettings(steps=0)), forget, retain, reference)
+    warm_up(bridge, layer, EditSettings(coeff=4.0, refine=RefineSettings(steps=0)), forget, retain, reference)
     started = time.perf_counter()
     layers, coeff, _ = choose_layer_and_coeff(bridge, forget, retain, reference)  # the probes' rule (--layer auto now runs lunar_lens.choice: bench_choice.py)
     chosen = time.perf_counter()
-    loc = localise(bridge, forget, retain, reference)  # the `localise` report: every probe at every c, for the figures
+    # the `localise` report: every probe at every c, for the figures
+    loc = localise(bridge, forget, retain, reference, settings=LocaliseSettings(figure_probes=True))
     localised = time.perf_counter()
     edit_layers(bridge, forget, retain, reference, layers, EditSettings(coeff=coeff, refine=RefineSettings(steps=0)))
     edited = time.perf_counter()

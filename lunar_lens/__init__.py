@@ -19,6 +19,7 @@ _EXPORTS = {
     "localise": "lunar_lens.localise",
     "choose_layer_and_coeff": "lunar_lens.localise",
     "EditSettings": "lunar_lens.edit",
+    "RunSettings": "lunar_lens.settings",
     "edit_layers": "lunar_lens.edit",
     "unlearn": "lunar_lens.pipeline",
     "evaluate_sets": "lunar_lens.evaluate",

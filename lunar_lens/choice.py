@@ -46,12 +46,13 @@ from lunar_lens.progress import bar
 from lunar_lens.prompts import first_answer_tokens, rows_of, tokenize
 from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
 from lunar_lens.refusals import ModelRefusal
+from lunar_lens.settings import Settings
 
 Edits = dict[int, Float[torch.Tensor, "d_mlp d_model"]]
 
 
 @dataclass
-class ChoiceSettings:
+class ChoiceSettings(Settings):
     """How the automatic choice splits the data and what it tries."""
 
     holdout: float = 0.25  # share of each set held out to judge the candidates

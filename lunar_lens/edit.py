@@ -21,6 +21,7 @@ from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, 
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
+from lunar_lens.settings import Settings
 from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_closed
 
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
@@ -29,7 +30,7 @@ EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones
 STATISTICS_BYTES = 512 * 2**20  # the float64 Gram matrices collected in one pass (several layers' when they fit)
 
 
-def check_coeff(coeff: float) -> float:
+def check_coeff(coeff: float | None) -> float:
     """The redirection coefficient c, refused unless it is a finite number > 0."""
     if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff <= 0:
         raise LunarError(f"{{coeff}} {coeff} is not a finite number > 0: give the redirection coefficient c, e.g. 4", ("coeff",))
@@ -37,10 +38,11 @@ def check_coeff(coeff: float) -> float:
 
 
 @dataclass
-class EditSettings:
-    """How the edit is made. Defaults are the measured ones (experiments/choose_defaults.py)."""
+class EditSettings(Settings):
+    """How the edit is made. Defaults are the measured ones (experiments/choose_defaults.py). `coeff` is the
+    redirection coefficient c; None: `unlearn` chooses it (`lunar_lens.choice`), and the report records the c used."""
 
-    coeff: float = 4.0
+    coeff: float | None = None
     positions: str = "last+answer"
     solver: str = "closed"
     ridge: float = 1e-4
@@ -64,7 +66,8 @@ class EditSettings:
                 raise LunarError(f"{{{name}}} {getattr(self, name)} is not a whole number ≥ 1: e.g. 32", (name,))
         if not math.isfinite(self.ridge) or self.ridge < 0:
             raise LunarError(f"{{ridge}} {self.ridge} is not a finite number ≥ 0: e.g. 1e-4", ("ridge",))
-        check_coeff(self.coeff)
+        if self.coeff is not None:
+            check_coeff(self.coeff)
 
 
 @dataclass
@@ -191,13 +194,13 @@ def edit_layers(
     retain: Sequence[QA],
     reference: Sequence[QA],
     layers: Sequence[int],
-    settings: EditSettings | None = None,
+    settings: EditSettings,
     directions: Directions | None = None,
     keep_forgotten: Sequence[QA] = (),
     progress: bool = False,
     parallel: DataParallel = SINGLE,
 ) -> EditResult:
-    """Edit W_out of `layers` (in increasing order) in place.
+    """Edit W_out of `layers` (in increasing order) in place, at c = `settings.coeff` (a number here).
 
     Directions come from the unedited model; each later layer's statistics are collected on the model
     with the earlier edits applied. `keep_forgotten` (questions forgotten by an earlier request) are
@@ -205,7 +208,6 @@ def edit_layers(
     `parallel` (`lunar_lens.distributed`), every rank passes the whole sets, runs its shard, and makes
     the same edit.
     """
-    settings = settings or EditSettings()
     check_coeff(settings.coeff)
     if not forget:
         raise LunarError("the forget set is empty: give at least one question to forget")

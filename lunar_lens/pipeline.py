@@ -11,7 +11,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,13 +22,14 @@ from lunar_lens.checkpoint import Checkpoint, file_sha256
 from lunar_lens.choice import ChoiceSettings, choose_edit
 from lunar_lens.data import QA, check_disjoint, load_qa
 from lunar_lens.distributed import DataParallel, init_from_env
-from lunar_lens.edit import EditResult, EditSettings, apply_edits, check_coeff, directions_for, edit_layers
+from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_for, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import check_folder_layers, check_layer, load_model, loaded_from, model_folder
 from lunar_lens.outputs import check_output, write_json
 from lunar_lens.progress import Stages
 from lunar_lens.refine import own_answers
 from lunar_lens.refusals import model_refusal
+from lunar_lens.settings import RunSettings
 
 SIDECAR_SUFFIX = ".forgotten.json"
 SIDECAR_FORMAT = "lunar-lens forgotten questions 1"
@@ -40,7 +41,7 @@ class UnlearnOutcome:
     result: EditResult
     report: dict
     out_dir: Path | None
-    localisation: object | None = None  # lunar_lens.localise.Localisation when the layer or c was chosen automatically
+    localisation: object | None = None  # lunar_lens.localise.Localisation when `figure_probes` asked for the probes
     forgotten: list[str] = field(default_factory=list)  # every question the model now declines (earlier requests' too)
 
 
@@ -137,13 +138,8 @@ def unlearn(
     reference: str | Path | Sequence[QA],
     out: str | Path | None = None,
     layers: Sequence[int] | None = None,
-    coeff: float | None = None,
     settings: EditSettings | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    force: bool = False,
-    progress: bool = True,
-    device_map: str | dict | None = None,
+    run: RunSettings | None = None,
     parallel: DataParallel | None = None,
     figure_probes: bool = False,
     keep_forgotten: Sequence[QA | str | Path] = (),
@@ -152,23 +148,24 @@ def unlearn(
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
-    `layers=None` / `coeff=None` choose them on held-out generations (`lunar_lens.choice`). With `out`, the
-    edited model is exported (`export_outcome`). `device_map` spreads the model over devices
-    (`load_model`). Under `torchrun`, each process collects its shard of the prompts, all make the same
-    edit, and only rank 0 exports (`parallel=None`: from the environment,
-    `lunar_lens.distributed.init_from_env`). `figure_probes` runs the localisation probes that only feed
-    its figures (`lunar_lens.localise.save_localisation`). When the model is an earlier export, the
+    `layers=None` / `settings.coeff=None` choose them on held-out generations (`lunar_lens.choice`); the
+    report records the c used (`settings`, written with `EditSettings.to_dict`). With `out`, the edited model
+    is exported (`export_outcome`). `run`: where the model loads (device, dtype, device map), `force` and
+    `progress` (`RunSettings`). Under `torchrun`, each process collects its shard of the prompts, all make the
+    same edit, and only rank 0 exports (`parallel=None`: from the environment,
+    `lunar_lens.distributed.init_from_env`). `figure_probes` runs the localisation probes, which only feed
+    the figures (`lunar_lens.figures.save_localisation`). When the model is an earlier export, the
     questions it forgot stay forgotten: their text comes from its sidecar or `keep_forgotten` (the earlier
     forget sets: questions, or files of them). Every argument, file and output is checked before the model loads.
     `embed_forgotten` stores the forgotten questions' text in the report (and the exported folder).
     `keep`: questions about knowledge the user did not list (answers optional: the model's own greedy answers
     fill them), kept like retain and judged apart by the automatic choice (`lunar_lens.choice`).
-    With `progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
+    With `run.progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
     """
     settings = settings or EditSettings()
-    coeff = None if coeff is None else check_coeff(coeff)
+    run = run or RunSettings()
     parallel = init_from_env() if parallel is None else parallel
-    progress = progress and parallel.is_main
+    progress = run.progress and parallel.is_main
     stages = Stages(progress)
     with stages("load", "loaded the model and the sets"):
         # everything that needs no model is checked before it loads: the sets, the outputs, the layers, the base
@@ -183,11 +180,16 @@ def unlearn(
         source = loaded_from(model) if isinstance(model, TransformerBridge) else model
         if out is not None and parallel.is_main:
             inputs = [i for i in (source, *files) if i is not None]
-            check_output(out, folder=True, force=force, inputs=inputs)
+            check_output(out, folder=True, force=run.force, inputs=inputs)
             if not embed_forgotten:
-                check_sidecar(out, force, inputs)
+                check_sidecar(out, run.force, inputs)
         folder = None if source is None else model_folder(source)
-        if folder is not None:
+        if layers is not None and not layers:
+            raise LunarError("no layer to edit: give at least one layer in {layers}", ("layers",))
+        if isinstance(model, TransformerBridge):  # the layers are checked once, before any forward pass
+            for layer in layers or ():
+                check_layer(model, layer)
+        else:
             check_folder_layers(folder, layers or ())
         earlier = earlier_request(folder)
         kept, unkept = earlier_forgotten(folder, earlier, given)
@@ -200,17 +202,15 @@ def unlearn(
         base = unedited_base(earlier)
         torch.manual_seed(settings.seed)
         bridge = model if isinstance(model, TransformerBridge) else load_model(
-            model, device=parallel.device(device), dtype=dtype, device_map=device_map, max_memory=parallel.max_memory(device_map)
+            model, device=parallel.device(run.device), dtype=run.dtype, device_map=run.device_map, max_memory=parallel.max_memory(run.device_map)
         )
 
-    for layer in layers or ():
-        check_layer(bridge, layer)  # fail before any forward pass
-    localising = layers is None or coeff is None
+    localising = layers is None or settings.coeff is None
     deepest = None if localising else max(layers)  # the choice tries every layer
-    read_from = bridge if base is None else load_model(base, device=device, dtype=dtype)
+    read_from = bridge if base is None else load_model(base, device=run.device, dtype=run.dtype)
     with stages("refusal", "the model's own refusal (its answers to the reference questions)"):
         refusal = model_refusal(read_from, reference_set, refusal=settings.refusal)
-    settings = replace(settings, refusal=refusal.target, coeff=settings.coeff if coeff is None else coeff)
+    settings = replace(settings, refusal=refusal.target)  # a copy: the caller's settings stay as they were
     kept = [QA(qa.question, refusal.target) for qa in kept]  # earlier requests stay forgotten: they keep the refusal
     if keep_set:
         with stages("keep", f"the model's own answers to {len(keep_set)} keep questions"):
@@ -224,13 +224,14 @@ def unlearn(
 
         with stages("localise", "localisation probes (steering, ablation, patching) for the figures"):
             localisation = localise(
-                bridge, forget_set, retain_set, reference_set, settings=LocaliseSettings(edit=settings), directions=directions, progress=progress
+                bridge, forget_set, retain_set, reference_set, settings=LocaliseSettings(edit=settings, figure_probes=True), directions=directions,
+                progress=progress,
             )
     if localising:
         with stages("choice", "choosing the layer(s) and c on held-out generations"):
             choice = choose_edit(
                 bridge, forget_set, retain_set + kept, refusal, directions, settings,
-                ChoiceSettings(coeffs=(coeff,) if coeff is not None else ChoiceSettings.coeffs),
+                ChoiceSettings(coeffs=ChoiceSettings.coeffs if settings.coeff is None else (settings.coeff,)),
                 layer_sets=None if layers is None else [sorted(layers)], progress=progress, keep=keep_set,
             )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
@@ -245,7 +246,7 @@ def unlearn(
     report = {
         "source": None if folder is None else str(folder),
         "base_model": earlier.get("base_model") or (None if folder is None else base_record(folder)),
-        "settings": asdict(settings),
+        "settings": settings.to_dict(),
         "layers": [layer.layer for layer in result.layers],
         "coeff": settings.coeff,
         "refusal": refusal.summary(),
@@ -261,7 +262,7 @@ def unlearn(
     }
     outcome = UnlearnOutcome(bridge, result, report, None, localisation, forgotten)
     if out is not None and parallel.is_main:
-        outcome.out_dir = export_outcome(outcome, out, force=force, progress=progress)
+        outcome.out_dir = export_outcome(outcome, out, force=run.force, progress=progress)
     return outcome
 
 

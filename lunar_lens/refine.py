@@ -23,6 +23,7 @@ from lunar_lens.generation import generate_answers
 from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
+from lunar_lens.settings import Settings
 
 # the activations of one forward (and backward) pass: a tenth of the weights' bytes, within these bounds;
 # larger batches are split into passes (bench_memory.py: unsplit, a 45M model's refinement took 2.6x its weights)
@@ -30,7 +31,7 @@ ACTIVATION_SHARE, ACTIVATION_BYTES = 0.1, (16 * 2**20, 256 * 2**20)
 
 
 @dataclass
-class RefineSettings:
+class RefineSettings(Settings):
     """How the W_out edit is refined on behaviour (defaults measured in experiments/refusal_frontier.py)."""
 
     steps: int = 50

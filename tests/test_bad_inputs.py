@@ -454,7 +454,7 @@ def test_an_edit_far_larger_than_w_out_is_reported(ws):
     with pytest.warns(UserWarning, match=r"the edit of layer 1 is .* times the norm of its W_out: c = 1e\+09 is far too large"):
         edit_layers(bridge, forget, retain, reference, [1], EditSettings(coeff=1e9))
     settings = EditSettings()
-    settings.coeff = float("nan")  # as the pipeline sets it after localisation
+    settings.coeff = float("nan")  # set after construction, unchecked
     with pytest.raises(LunarError, match="coeff nan is not a finite number > 0"):
         edit_layers(bridge, forget, retain, reference, [1], settings)
 
@@ -462,10 +462,13 @@ def test_an_edit_far_larger_than_w_out_is_reported(ws):
 def test_a_sequential_request_checks_its_recorded_base(ws, monkeypatch):
     """The unedited base is recorded by absolute path and the SHA-256 of its weights; a later request
     from another folder finds it, and one whose base changed is told so (directions from the edited model)."""
+    from lunar_lens.edit import EditSettings
     from lunar_lens.pipeline import unedited_base, unlearn
+    from lunar_lens.settings import RunSettings
 
     data = {name: ws / "data" / f"{name}.json" for name in ("forget", "retain", "reference")}
-    report = unlearn(ws / "model", data["forget"], data["retain"], data["reference"], out=ws / "one", layers=[1], coeff=4.0, progress=False).report
+    report = unlearn(ws / "model", data["forget"], data["retain"], data["reference"], out=ws / "one", layers=[1], settings=EditSettings(coeff=4.0),
+                     run=RunSettings(progress=False)).report
     assert report["base_model"]["path"] == str((ws / "model").resolve())
     monkeypatch.chdir(ws / "notes")  # the recorded path does not depend on where the next request runs
     earlier = json.loads((ws / "one" / "lunar_report.json").read_text())
@@ -489,7 +492,7 @@ def test_opt_mlp_is_sized_from_w_out(tmp_path, tokenizer_dir):
     bridge = load_model(folder)
     assert bridge.cfg.d_mlp == 128 and w_out(bridge, 0).shape == (48, 32)
     before = w_out(bridge, 0).detach().clone()
-    edit_layers(bridge, [Item(**QA[0])], [Item(**qa) for qa in QA[1:]], [Item("Who is Zorblax?", "I don't know.")], [0], EditSettings())
+    edit_layers(bridge, [Item(**QA[0])], [Item(**qa) for qa in QA[1:]], [Item("Who is Zorblax?", "I don't know.")], [0], EditSettings(coeff=4.0))
     assert not torch.equal(w_out(bridge, 0), before)
 
 

@@ -25,6 +25,7 @@ from lunar_lens.model import add_to_w_out, load_model, load_tokenizer, mlp_post,
 from lunar_lens.pipeline import unlearn
 from lunar_lens.prompts import tokenize
 from lunar_lens.refine import RefineSettings
+from lunar_lens.settings import RunSettings
 from lunar_lens.toyworld import build_world, checkpoint_path
 
 WORLD_SIZE = 2
@@ -43,7 +44,7 @@ def edit_once(parallel: DataParallel) -> dict:
     tokenizer = load_tokenizer(checkpoint_path())
     bridge = wrap_hf_model(tiny_hf_model("llama", len(tokenizer)), tokenizer)
     forget, retain, reference = qa_sets()
-    settings = EditSettings(batch_size=4, refusal="I don't know.", refine=RefineSettings(steps=0))  # a random model declines nothing
+    settings = EditSettings(coeff=4.0, batch_size=4, refusal="I don't know.", refine=RefineSettings(steps=0))  # a random model declines nothing
     result = edit_layers(bridge, forget, retain, reference, LAYERS, settings, parallel=parallel)
     # one forget prompt: the second rank's shard is empty
     lonely = compute_directions(bridge, [forget[0].question], [qa.question for qa in reference], refusal="I don't know.", parallel=parallel)
@@ -71,8 +72,8 @@ def _rank(rank: int, port: int, out_dir: Path) -> None:
         out = edit_once(parallel)
         forget, retain, reference = qa_sets()
         # the pipeline finds the process group itself; only rank 0 exports
-        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2], 4.0,
-                          EditSettings(batch_size=8, refine=RefineSettings(steps=0)), progress=False)
+        outcome = unlearn(checkpoint_path(), forget, retain, reference, out_dir / "model", [2],
+                          EditSettings(coeff=4.0, batch_size=8, refine=RefineSettings(steps=0)), RunSettings(progress=False))
         out.update(out_dir=outcome.out_dir and str(outcome.out_dir), w_out=w_out(outcome.bridge, 2).detach().clone(), processes=outcome.report["processes"])
         torch.save(out, out_dir / f"rank{rank}.pt")
     finally:

@@ -80,14 +80,17 @@ def test_answer_rules_use_one_direction_per_refusal_token(tiny):
 
 
 def test_bad_edit_requests_are_clear_errors(tiny):
+    settings = EditSettings(coeff=2.0)
     with pytest.raises(LunarError, match="out of range"):
-        edit_layers(tiny, FORGET, RETAIN, REFERENCE, [7])
+        edit_layers(tiny, FORGET, RETAIN, REFERENCE, [7], settings)
     with pytest.raises(LunarError, match="forget set is empty"):
-        edit_layers(tiny, [], RETAIN, REFERENCE, [1])
+        edit_layers(tiny, [], RETAIN, REFERENCE, [1], settings)
     with pytest.raises(LunarError, match="retain set is empty"):
-        edit_layers(tiny, FORGET, [], REFERENCE, [1])
+        edit_layers(tiny, FORGET, [], REFERENCE, [1], settings)
     with pytest.raises(LunarError, match="reference set is empty"):
-        edit_layers(tiny, FORGET, RETAIN, [], [1])
+        edit_layers(tiny, FORGET, RETAIN, [], [1], settings)
+    with pytest.raises(LunarError, match="coeff None is not a finite number > 0: give the redirection coefficient c"):
+        edit_layers(tiny, FORGET, RETAIN, REFERENCE, [1], EditSettings())  # None: only unlearn chooses c
     with pytest.raises(LunarError, match="unknown positions"):
         EditSettings(positions="everywhere")
 

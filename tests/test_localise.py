@@ -55,7 +55,7 @@ REFUSAL = "I don't know."
 
 
 def settings_for(positions: str = "last+answer", **overrides) -> LocaliseSettings:
-    base = dict(max_prompts=12, generate_tokens=6, batch_size=4, patch_pairs=4, patch_positions=5)
+    base = dict(max_prompts=12, generate_tokens=6, batch_size=4, patch_pairs=4, patch_positions=5, figure_probes=True)
     # a random model declines nothing: the refusal is given
     return LocaliseSettings(edit=EditSettings(positions=positions, refusal=REFUSAL), **(base | overrides))
 

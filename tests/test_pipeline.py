@@ -1,6 +1,7 @@
 """`unlearn` end to end: CLI contract, determinism, sequential requests, one-line errors."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from lunar_lens.checkpoint import PATCH_FILE
 from lunar_lens.cli import main
 from lunar_lens.data import QA
 from lunar_lens.directions import Directions
+from lunar_lens.edit import EditSettings
 from lunar_lens.errors import LunarError
 from lunar_lens.evaluate import evaluate_sets
 from lunar_lens.model import load_model
 from lunar_lens.patched import revert_patch
 from lunar_lens.pipeline import SIDECAR_FORMAT, question_sha256, sidecar_path
+from lunar_lens.settings import RunSettings
 from lunar_lens.toyworld import checkpoint_path
 
 
@@ -102,8 +105,8 @@ def test_forgotten_text_embedded_on_request_and_found_for_later_requests(tmp_pat
     from lunar_lens.pipeline import check_sidecar, earlier_forgotten, unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
-    outcome = unlearn(checkpoint_path(), forget[::4], retain[::40], reference[::40], out=tmp_path / "out", layers=[0], coeff=6.0,
-                      progress=False, embed_forgotten=True)
+    outcome = unlearn(checkpoint_path(), forget[::4], retain[::40], reference[::40], out=tmp_path / "out", layers=[0], settings=EditSettings(coeff=6.0),
+                      run=RunSettings(progress=False), embed_forgotten=True)
     questions = [qa.question for qa in forget[::4]]
     assert outcome.report["forgotten"]["questions"] == questions and not sidecar_path(tmp_path / "out").exists()
     assert earlier_forgotten(tmp_path / "out", outcome.report) == ([QA(q) for q in questions], [])
@@ -181,7 +184,11 @@ def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transfor
     from lunar_lens.prompts import tokenize
 
     forget, retain, reference = world.split(world.entities[:1])
-    outcome = unlearn(checkpoint_path(), forget, retain[::4], reference[::4], out=tmp_path / "out", layers=[0], coeff=6.0, progress=False)
+    given = EditSettings(coeff=6.0, seed=3)
+    outcome = unlearn(checkpoint_path(), forget, retain[::4], reference[::4], out=tmp_path / "out", layers=[0], settings=given, run=RunSettings(progress=False))
+    assert given == EditSettings(coeff=6.0, seed=3)  # the caller's settings are not changed
+    recorded = json.loads((tmp_path / "out" / "lunar_report.json").read_text())["settings"]
+    assert EditSettings.from_dict(recorded) == replace(given, refusal=outcome.report["refusal"]["target"])  # written and read back
     questions = [qa.question for qa in forget[:12] + retain[:12]]
     in_memory = generate_answers(outcome.bridge, questions, max_new_tokens=16)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -218,7 +225,7 @@ def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(wor
     from lunar_lens.pipeline import unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
-    outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], coeff=None, progress=False)
+    outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], run=RunSettings(progress=False))
     assert outcome.report["layers"] == [1] and outcome.report["coeff"] in ChoiceSettings().coeffs
     screened = [c for c in ChoiceSettings().coeffs if c <= ChoiceSettings().refine_start_coeff]  # a refinement starts from these
     assert [(row["layers"], row["coeff"]) for row in outcome.report["choice"]["screening"]] == [([1], c) for c in screened]

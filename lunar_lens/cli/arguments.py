@@ -134,6 +134,13 @@ def edit_settings(args: argparse.Namespace, **more):
     )
 
 
+def run_settings(args: argparse.Namespace):
+    """The `RunSettings` of `add_device_arguments`' flags, `--force` and (where the command has it) `--device-map`."""
+    from lunar_lens.settings import RunSettings
+
+    return RunSettings(device=args.device, dtype=args.dtype, device_map=parse_device_map(getattr(args, "device_map", None)), force=args.force)
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Generation, loading and output flags shared by `evaluate` and `attack`."""
     parser.add_argument("--max-new-tokens", type=whole_number(), default=64, help="longer answers are cut (and score lower recall)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lunar_lens.cli.arguments import add_generation_arguments, check_report, parse_layers
+from lunar_lens.cli.arguments import add_generation_arguments, check_report, parse_layers, run_settings
 from lunar_lens.errors import LunarError
 
 DESCRIPTION = (
@@ -28,17 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> tuple[list[int], float, str]:
-    """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json`."""
+    """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json` (its settings read back
+    with `EditSettings.from_dict`)."""
     from lunar_lens.checkpoint import REPORT_FILE
-    from lunar_lens.edit import check_coeff
+    from lunar_lens.edit import EditSettings, check_coeff
     from lunar_lens.pipeline import earlier_request
 
     report = earlier_request(model_dir)
+    settings = EditSettings.from_dict(report.get("settings", {}))
     layers = parse_layers(layer) if layer else report.get("layers")
     coeff = coeff if coeff is not None else report.get("coeff")
     if not layers or coeff is None:
         raise LunarError(f"{Path(model_dir) / REPORT_FILE} does not give the edited layers and coefficient: pass --layer N and --coeff C")
-    return list(layers), check_coeff(coeff), report.get("settings", {}).get("direction_rule", "last")
+    return list(layers), check_coeff(coeff), settings.direction_rule
 
 
 def run(args: argparse.Namespace) -> None:
@@ -62,8 +64,9 @@ def run(args: argparse.Namespace) -> None:
     if layouts[0] != layouts[1]:
         other = sorted(key for key in layouts[0].keys() | layouts[1].keys() if layouts[0].get(key) != layouts[1].get(key))[0]
         raise LunarError(f"--base {folders[1]} holds other tensors than --model (first: {other}): pass the unedited model the edit was made on")
-    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
-    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True)
+    run = run_settings(args)
+    model = load_model(args.model, **run.load_options())
+    base = load_model(args.base, **run.load_options())
     directions = compute_directions(
         base, [qa.question for qa in forget], [qa.question for qa in reference], rule, args.batch_size, progress=True,
         deepest_layer=max(layers),

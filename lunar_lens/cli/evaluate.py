@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lunar_lens.cli.arguments import add_generation_arguments, check_report
+from lunar_lens.cli.arguments import add_generation_arguments, check_report, run_settings
 from lunar_lens.errors import LunarError
 
 DESCRIPTION = (
@@ -79,13 +79,14 @@ def run(args: argparse.Namespace) -> None:
     for folder in (args.retain_model, args.model, args.base):  # each model folder is checked before any of them loads
         if folder:
             model_folder(folder)
+    run = run_settings(args)
     retain_ratios = None
     if args.retain_model:
-        retain_model = load_model(args.retain_model, device=args.device, dtype=args.dtype, progress=True)
+        retain_model = load_model(args.retain_model, **run.load_options())
         retain_ratios = truth_ratios(retain_model, sets["forget"], args.batch_size)
         del retain_model
-    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
-    base = load_model(args.base, device=args.device, dtype=args.dtype, progress=True) if args.base else None
+    model = load_model(args.model, **run.load_options())
+    base = load_model(args.base, **run.load_options()) if args.base else None
     after = evaluate_sets(model, sets, base=base, retain_model_truth_ratios=retain_ratios, **options)
     settings = options | {"refusals": args.refusals, "factual": args.factual, "retain_model": args.retain_model, "limit": args.limit}
     report: dict = {"format": f"{FORMAT} evaluate 1", "model": args.model, "base": args.base, "settings": settings}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lunar_lens.cli.arguments import add_device_arguments, add_force
+from lunar_lens.cli.arguments import add_device_arguments, add_force, run_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +26,12 @@ def run(args: argparse.Namespace) -> None:
 
     check_scale(args.scale)
     edit = load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads
-    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.edit])
-    bridge = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=True)
+    run = run_settings(args)
+    check_output(args.out, folder=True, force=run.force, inputs=[args.model, args.edit])
+    bridge = load_model(args.model, trust_remote_code=args.trust_remote_code, **run.load_options())
     patch = apply_to_model(bridge, edit, args.scale)
     result = export_checkpoint(
-        bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=args.force,
+        bridge, args.out, patch.layers, manifest={"patch": show_patch(args.edit)}, force=run.force,
         verify=not args.no_verify, trust_remote_code=args.trust_remote_code, patch=args.edit, scale=args.scale,
     )
     check = result.verification

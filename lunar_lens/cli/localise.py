@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from lunar_lens.cli.arguments import add_device_arguments, add_edit_arguments, add_force, add_model_and_sets, edit_settings, parse_numbers, whole_number
+from lunar_lens.cli.arguments import (
+    add_device_arguments,
+    add_edit_arguments,
+    add_force,
+    add_model_and_sets,
+    edit_settings,
+    parse_numbers,
+    run_settings,
+    whole_number,
+)
 
 DESCRIPTION = (
     "Score every layer with steering, directional ablation, activation patching and retain KL, check the best layers' edits, "
@@ -39,11 +48,12 @@ def run(args: argparse.Namespace) -> None:
     retain = check_disjoint(forget, retain)
     layers = None if args.layers is None else parse_numbers(args.layers, int, "--layers")
     coeffs = check_coeffs(parse_numbers(args.coeffs, float, "--coeffs"))
-    settings = LocaliseSettings(edit=edit_settings(args), max_prompts=args.max_prompts)
-    check_output(args.out, folder=True, force=args.force, inputs=[args.model, args.forget, args.retain, args.reference])
-    bridge = load_model(args.model, args.device, args.dtype, progress=True)
+    settings = LocaliseSettings(edit=edit_settings(args), max_prompts=args.max_prompts, figure_probes=True)  # its figures are its output
+    run = run_settings(args)
+    check_output(args.out, folder=True, force=run.force, inputs=[args.model, args.forget, args.retain, args.reference])
+    bridge = load_model(args.model, **run.load_options())
     with Stages()("localise", "localisation (steering, ablation, patching, edit check)"):
         loc = localise(bridge, forget, retain, reference, coeffs, layers, settings, progress=True)
-    paths = save_localisation(loc, args.out, force=args.force)
+    paths = save_localisation(loc, args.out, force=run.force)
     print(f"ranking (best first): {loc.ranking}; chosen: layer {loc.best_layer}, c = {loc.best_coeff:g}")
     print("\n".join(f"wrote {path}" for path in paths.values()))

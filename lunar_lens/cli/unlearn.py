@@ -11,8 +11,8 @@ from lunar_lens.cli.arguments import (
     add_model_and_sets,
     edit_settings,
     parse_coeff,
-    parse_device_map,
     parse_layers,
+    run_settings,
     whole_number,
 )
 from lunar_lens.errors import LunarError
@@ -72,12 +72,12 @@ def run(args: argparse.Namespace) -> None:
         inputs = [args.out, sidecar_path(args.out), args.model, args.forget, args.retain, args.reference, *args.keep_forgotten]
         inputs += [args.keep] if args.keep else []
         check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
-    settings = edit_settings(args, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, refine=RefineSettings(steps=args.refine_steps))
+    settings = edit_settings(
+        args, coeff=coeff, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, refine=RefineSettings(steps=args.refine_steps)
+    )
     outcome = unlearn(
-        args.model, args.forget, args.retain, args.reference, args.out, layers, coeff, settings,
-        device=args.device, dtype=args.dtype, force=args.force, device_map=parse_device_map(args.device_map),
-        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten,
-        embed_forgotten=args.embed_forgotten, keep=args.keep or (),
+        args.model, args.forget, args.retain, args.reference, args.out, layers, settings, run_settings(args),
+        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten, embed_forgotten=args.embed_forgotten, keep=args.keep or (),
     )
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return

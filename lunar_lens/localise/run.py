@@ -41,7 +41,8 @@ def localise(
     directions: Directions | None = None,
     progress: bool = False,
 ) -> Localisation:
-    """Run every probe on every layer (× coefficient), check the best layers' edits, apply the rule."""
+    """Run every probe on every layer (× coefficient), check the best layers' edits, apply the rule (the probes
+    that only feed the figures run with `settings.figure_probes`, off by default)."""
     settings = settings or LocaliseSettings()
     for name, items in (("forget", forget), ("retain", retain), ("reference", reference)):
         if not items:
@@ -119,8 +120,8 @@ def choose_layer_and_coeff(
     progress: bool = False,
     figure_probes: bool = False,
 ) -> tuple[list[int], float, Localisation]:
-    """`--layer auto --coeff auto`: the rule's layer and coefficient for an edit made with `edit_settings`
-    (with `figure_probes`, also the probes that only feed the figures; the choice is the same)."""
+    """The probes' rule: its layer and coefficient for an edit made with `edit_settings` (whose c it chooses;
+    with `figure_probes`, also the probes that only feed the figures; the choice is the same)."""
     settings = LocaliseSettings(edit=edit_settings or EditSettings(), figure_probes=figure_probes)
     result = localise(bridge, forget, retain, reference, coeffs, settings=settings, directions=directions, progress=progress)
     return [result.best_layer], result.best_coeff, result

@@ -9,6 +9,7 @@ from jaxtyping import Float
 
 from lunar_lens.edit import EditSettings
 from lunar_lens.errors import LunarError
+from lunar_lens.settings import Settings
 
 DEFAULT_COEFFS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 RULE = (
@@ -27,7 +28,7 @@ RULE = (
 
 
 @dataclass
-class LocaliseSettings:
+class LocaliseSettings(Settings):
     """What the probes measure and how the rule decides. `edit` is the edit the choice is for: its
     positions, direction rule, refusal, ridge and retain-answer setting are probed."""
 
@@ -45,8 +46,9 @@ class LocaliseSettings:
     generate_rows: int = 288  # rows greedily decoded together: the edit check decodes several c in one batch
     # steer-generate at every c, steer-KL above the smallest c, the ablation's retain KL and patching before the
     # last prompt token, for the figures; the rule needs only the steering log-odds at every c, the retain KL at
-    # the smallest and patching at the last token (off: the rest are NaN, as in `--layer auto`)
-    figure_probes: bool = True
+    # the smallest and patching at the last token (off: the rest are NaN). Off by default here as in `unlearn` and
+    # `choose_layer_and_coeff`; `lunar-lens localise` and `--localisation` turn it on (the figures are their output)
+    figure_probes: bool = False
 
     def __post_init__(self) -> None:
         counts = (self.score_tokens, self.generate_tokens, self.max_prompts, self.patch_pairs, self.patch_positions, self.calibrate_layers,
