@@ -17,7 +17,7 @@ from lunar_lens.data import QA
 from lunar_lens.directions import Directions, compute_directions
 from lunar_lens.distributed import SINGLE, DataParallel
 from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, added, check_layer, mlp_post, w_out, w_out_tensor_name
+from lunar_lens.model import add_to_w_out, added, check_layer, memory_budget, mlp_post, w_out, w_out_tensor_name
 from lunar_lens.patches import WOutEdit
 from lunar_lens.refine import RefineSettings, own_answers, refine_edits
 from lunar_lens.refusals import model_refusal
@@ -27,7 +27,9 @@ from lunar_lens.solvers import SOLVERS, EditStatistics, Solution, solve_closed
 EDIT_NORM_WARNING = 1e3  # an edit this many times its W_out's norm (useful ones: 5–100× on the toy world) breaks the model
 
 
-STATISTICS_BYTES = 512 * 2**20  # the float64 Gram matrices collected in one pass (several layers' when they fit)
+# the float64 Gram matrices collected in one pass (several layers' when they fit): a quarter of the weights'
+# bytes, within these bounds (one layer's at least)
+STATISTICS_SHARE, STATISTICS_BYTES = 0.25, (64 * 2**20, 512 * 2**20)
 
 
 def check_coeff(coeff: float | None) -> float:
@@ -157,10 +159,10 @@ def unit_solutions(
 ) -> Iterator[Solution]:
     """The closed-form edit at c = 1 of each of `layers` alone, on the model as it is, one layer after the other
     (at any c its ΔW is c·ΔW, since u does not depend on c). The statistics of several layers come from the same
-    passes, as many layers per pass as keep their float64 Gram matrices within STATISTICS_BYTES."""
+    passes, as many layers per pass as keep their float64 Gram matrices within the statistics budget."""
     tables = {layer: directions.shift_table(layer, 1.0) for layer in layers}
     gram_bytes = max(w_out(bridge, layer).shape[0] for layer in layers) ** 2 * 8 if layers else 1
-    per_pass = max(1, STATISTICS_BYTES // gram_bytes)
+    per_pass = max(1, memory_budget(bridge, STATISTICS_SHARE, STATISTICS_BYTES) // gram_bytes)
     for start in range(0, len(layers), per_pass):
         group = list(layers[start : start + per_pass])
         stats = collect_statistics(bridge, group, forget, retain, settings, refusal, len(tables[group[0]]))

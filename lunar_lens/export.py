@@ -8,12 +8,9 @@ applied to the source, so `lunar-lens patch revert` gives the source back), the 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -21,10 +18,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from safetensors import safe_open
-from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoModelForCausalLM
 
 from lunar_lens.checkpoint import (
     ARTEFACTS,
@@ -40,12 +34,11 @@ from lunar_lens.checkpoint import (
 )
 from lunar_lens.directions import Directions
 from lunar_lens.errors import LunarError
-from lunar_lens.model import TOLERANCE, hf_name, loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name, weights_restored
+from lunar_lens.model import loaded_from, w_out_is_transposed, w_out_parameter, w_out_tensor_name
 from lunar_lens.outputs import MANIFEST, atomic_output, write_manifest
 from lunar_lens.patched import patch_record, patch_state, stash_dir, write_patch_state
 from lunar_lens.patches import WOutEdit, load_patch, save_patch
-from lunar_lens.progress import library_bars
-from lunar_lens.prompts import tokenize
+from lunar_lens.verification import EditedTensor, verify_export
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -62,18 +55,6 @@ class ExportResult:
     rewritten_files: list[str]  # shards that differ from the source
     verification: dict | None
     manifest: dict
-
-
-@dataclass
-class EditedTensor:
-    """An edited W_out: its live value, and what goes into the checkpoint (in the source dtype)."""
-
-    layer: int
-    name: str  # HF parameter name
-    key: str  # checkpoint tensor name
-    value: Tensor  # written, source dtype, HF orientation
-    source: Tensor  # the source checkpoint's tensor
-    live: Tensor  # the in-memory parameter, float32 on CPU
 
 
 def _edited_tensor(bridge: TransformerBridge, checkpoint: Checkpoint, layer: int) -> EditedTensor:
@@ -97,135 +78,6 @@ def _edit_record(edited: EditedTensor, checkpoint: Checkpoint) -> dict:
         "dtype": ST_NAMES[edited.value.dtype], "shape": list(edited.value.shape),
         "sha256": tensor_sha256(edited.value), "source_sha256": tensor_sha256(edited.source),
         "edit_norm": float(change.norm()), "cast_relative_error": float(cast_error),
-    }
-
-
-@contextlib.contextmanager
-def _weights_as_written(bridge: TransformerBridge, edited: list[EditedTensor]) -> Iterator[None]:
-    """Temporarily give the in-memory W_out the exported values (rounded to the source dtype)."""
-    params = [w_out_parameter(bridge, e.layer) for e in edited]
-    with weights_restored(params), torch.no_grad():
-        for param, e in zip(params, edited):
-            param.copy_(e.value)
-        yield
-
-
-def _tensor_owners(model: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, Tensor]:
-    """Checkpoint tensor name → the in-memory parameter or persistent buffer it loads into (a tied tensor
-    once, under the name the checkpoint holds)."""
-    owners: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        try:
-            key = checkpoint.key(hf_name(name))
-        except LunarError:
-            continue  # not saved under this name (a tied copy, or missing: the reload's logits then disagree)
-        seen.add(id(tensor))
-        owners[key] = tensor
-    return owners
-
-
-def _stream(checkpoint: Checkpoint, keys: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) read from the checkpoint one at a time, each file opened once."""
-    by_file: dict[str, list[str]] = {}
-    for key in keys:
-        by_file.setdefault(checkpoint.weight_map[key], []).append(key)
-    for rel, names in sorted(by_file.items()):
-        with safe_open(checkpoint.root / rel, framework="pt") as file:
-            for key in names:
-                yield key, file.get_tensor(key)
-
-
-def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[str, Tensor]) -> None:
-    """Every tensor of the written folder equals the in-memory one (cast to its dtype; an edited W_out equals
-    its written value), streamed one tensor at a time."""
-    for key, stored in _stream(written, [key for key, tensor in owners.items() if tensor.device.type != "meta"]):
-        mine = owners[key]
-        same = torch.equal(stored, edited[key]) if key in edited else torch.equal(stored.to(mine.device, mine.dtype), mine.detach())
-        if not same:
-            raise LunarError(
-                f"export verification failed: {key} in the written checkpoint differs from the in-memory model's; nothing was "
-                "written. The in-memory model differs from its source beyond W_out of the layers passed: pass every edited "
-                "layer, and do not export a model with processed weights (enable_compatibility_mode)"
-            )
-
-
-@contextlib.contextmanager
-def _weights_released(owners: dict[str, Tensor], written: Checkpoint, kept: Sequence[str]) -> Iterator[None]:
-    """The in-memory weights freed for the block (a reload then fits beside the rest) and given back after:
-    the `kept` ones (the edited W_out, held apart: possibly at a higher precision than written) as they
-    were, the others read back from `written` — which `_check_tensors` proved equal — so the model is as
-    it was, bit for bit."""
-    released = {key: (tensor.device, tensor.dtype) for key, tensor in owners.items() if tensor.device.type != "meta"}
-    held = {key: owners[key].data for key in kept}
-    for key in released:
-        owners[key].data = owners[key].data.new_empty(0)
-    try:
-        yield
-    finally:
-        for key, stored in _stream(written, [key for key in released if key not in held]):
-            device, dtype = released[key]
-            owners[key].data = stored.to(device, dtype)
-        for key, data in held.items():
-            owners[key].data = data
-
-
-@torch.no_grad()
-def verify_export(
-    bridge: TransformerBridge, folder: Path, edited: list[EditedTensor], prompts: Sequence[str], trust_remote_code: bool = False
-) -> dict:
-    """Reload `folder` with plain `AutoModelForCausalLM` (on the model's device map) and compare its logits
-    with the in-memory model's, holding one copy of the weights at a time.
-
-    First every tensor of the folder is checked equal to the in-memory one (streamed); then, with the
-    in-memory weights released (`_weights_released`: read back from the folder after), the reload's logits
-    must match those the in-memory model (`original_model`, hooks included: the same code as the reload)
-    gave before. The reload uses the in-memory dtype and attention implementation; an edited W_out held at
-    a higher precision than the source is compared as written (rounded), and the logit change that
-    rounding causes is recorded. Raises LunarError on a mismatch.
-    """
-    model = bridge.original_model
-    batch = tokenize(bridge.tokenizer, list(prompts)).to(model.device)
-    real = batch.attention_mask.bool()
-
-    def logits(m: torch.nn.Module) -> Tensor:
-        return m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[real]
-
-    live = logits(model)
-    rounded = any(not torch.equal(w_out_parameter(bridge, e.layer), e.value.to(model.device, model.dtype)) for e in edited)
-    with _weights_as_written(bridge, edited if rounded else []):
-        expected = logits(model) if rounded else live
-    written = Checkpoint.open(folder)
-    owners = _tensor_owners(model, written)
-    _check_tensors(owners, written, {e.key: e.value for e in edited})
-    device_map = getattr(model, "hf_device_map", None)
-    on_disk = bool(device_map) and "disk" in device_map.values()
-    with _weights_released(owners, written, kept=[e.key for e in edited]), tempfile.TemporaryDirectory() as offload:
-        with library_bars():
-            reloaded = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=model.dtype, attn_implementation=model.config._attn_implementation, trust_remote_code=trust_remote_code,
-                device_map=device_map, **({"offload_folder": offload} if on_disk else {}),
-            ).eval()
-        if device_map is None:
-            reloaded.to(model.device)
-        diff = float((logits(reloaded) - expected).abs().max())
-        exact = all(torch.equal(reloaded.get_parameter(e.name), e.value.to(reloaded.get_parameter(e.name).device, model.dtype)) for e in edited)
-        del reloaded
-        gc.collect()
-    tolerance = TOLERANCE[model.dtype]
-    if diff > tolerance or not exact:
-        raise LunarError(
-            f"export verification failed: the reloaded checkpoint's logits differ from the in-memory model's by {diff:.3g} "
-            f"(tolerance {tolerance:g}; edited tensors exact: {exact}); nothing was written. The in-memory model differs "
-            "from its source beyond its weights: remove active hooks, and do not export a model with processed weights "
-            "(enable_compatibility_mode)"
-        )
-    return {
-        "prompts": len(prompts), "dtype": str(model.dtype).removeprefix("torch."), "max_abs_logit_diff": diff,
-        "tolerance": tolerance, "edited_tensors_exact": exact, "rounding_max_abs_logit_change": float((expected - live).abs().max()),
-        "tensors_checked": len(owners), "device_map": bool(device_map),
     }
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from lunar_lens.model import activation_budget, n_layers, w_out
 from lunar_lens.progress import bar
-from lunar_lens.prompts import tokenize
+from lunar_lens.prompts import TokenBatch, tokenize
 
 
 @torch.no_grad()
@@ -21,7 +22,8 @@ def generate_answers(
 
     Runs the wrapped HF model's own `generate`, so token-for-token equality with plain
     transformers holds by construction, and any hook registered on the bridge (for steering,
-    ablation or attacks) is active during decoding.
+    ablation or attacks) is active during decoding. A batch whose key-value cache would exceed the
+    activation budget (`model.activation_budget`) is generated in smaller ones.
     """
     tokenizer = bridge.tokenizer
     model = bridge.original_model
@@ -29,15 +31,34 @@ def generate_answers(
     answers: list[str] = []
     starts = range(0, len(questions), batch_size)
     for start in bar(starts, "generating" if progress else None):
-        batch = tokenize(tokenizer, questions[start : start + batch_size]).to(device)
-        output = model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, batch.input_ids.shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        chunk = questions[start : start + batch_size]
+        batch = tokenize(tokenizer, chunk)
+        rows = max(1, activation_budget(bridge) // cache_bytes_per_row(bridge, batch.input_ids.shape[1] + max_new_tokens))
+        for first in range(0, len(chunk), rows):
+            answers += _generate(bridge, batch if rows >= len(chunk) else tokenize(tokenizer, chunk[first : first + rows]), max_new_tokens, device)
     return answers
+
+
+def cache_bytes_per_row(bridge: TransformerBridge, tokens: int) -> int:
+    """What one generated row holds (an upper bound): keys and values at every layer, the prefill's MLP
+    activations, and a step's logits."""
+    model = bridge.original_model
+    element = next(model.parameters()).element_size()
+    d_mlp, d_model = w_out(bridge, 0).shape
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    return tokens * n_layers(bridge) * 2 * d_model * element + tokens * 4 * d_mlp * element + vocabulary * 8
+
+
+def _generate(bridge: TransformerBridge, batch: TokenBatch, max_new_tokens: int, device: torch.device) -> list[str]:
+    tokenizer = bridge.tokenizer
+    batch = batch.to(device)
+    output = bridge.original_model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, batch.input_ids.shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

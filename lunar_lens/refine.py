@@ -20,14 +20,10 @@ from transformer_lens.model_bridge import TransformerBridge
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
-from lunar_lens.model import mlp_out, mlp_post, n_layers, w_out
+from lunar_lens.model import activation_budget, mlp_out, mlp_post, n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, first_answer_tokens, rows_of, tokenize
 from lunar_lens.settings import Settings
-
-# the activations of one forward (and backward) pass: a tenth of the weights' bytes, within these bounds;
-# larger batches are split into passes (bench_memory.py: unsplit, a 45M model's refinement took 2.6x its weights)
-ACTIVATION_SHARE, ACTIVATION_BYTES = 0.1, (16 * 2**20, 256 * 2**20)
 
 
 @dataclass
@@ -118,9 +114,7 @@ def rows_per_pass(bridge: TransformerBridge, batch: TokenBatch, backward: bool) 
     if backward:
         d_mlp, d_model = w_out(bridge, 0).shape
         per_row += width * n_layers(bridge) * (5 * d_model + 4 * d_mlp) * 4
-    weights = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
-    budget = min(max(ACTIVATION_SHARE * weights, ACTIVATION_BYTES[0]), ACTIVATION_BYTES[1])
-    return max(1, int(budget // per_row))
+    return max(1, activation_budget(bridge) // per_row)
 
 
 def answer_cross_entropy(

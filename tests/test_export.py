@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import lunar_lens.export as export_module
 import lunar_lens.outputs as outputs_module
+import lunar_lens.verification as verification_module
 from lunar_lens.checkpoint import CARD_FILE, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, tensor_bytes
 from lunar_lens.errors import LunarError
 from lunar_lens.export import export_checkpoint
@@ -153,7 +154,9 @@ def test_interrupted_export_leaves_no_folder(tmp_path, edited_llama, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_verification_fails_loudly(tmp_path, edited_llama):
+@pytest.mark.parametrize("chunk", [verification_module.CHECK_CHUNK_BYTES, 40])  # 40 bytes: many reads per tensor
+def test_verification_fails_loudly(tmp_path, edited_llama, monkeypatch, chunk):
+    monkeypatch.setattr(verification_module, "CHECK_CHUNK_BYTES", chunk)
     _, bridge = edited_llama
     edit_randomly(bridge, [0], seed=2)  # layer 0 edited too, but not declared
     with pytest.raises(LunarError, match="verification failed"):
@@ -173,7 +176,7 @@ def test_the_reload_runs_while_the_in_memory_weights_are_released(tmp_path, edit
             held.append(sum(p.numel() for p in bridge.original_model.parameters()))
             return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "AutoModelForCausalLM", Counting)
+    monkeypatch.setattr(verification_module, "AutoModelForCausalLM", Counting)
     total = sum(p.numel() for p in bridge.original_model.parameters())
     result = export_checkpoint(bridge, tmp_path / "out", [1])
     assert held == [0]  # no weight in the model while the folder is reloaded (the edited W_out held apart)

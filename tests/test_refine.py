@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lunar_lens.refine as refine_module
+import lunar_lens.model as model_module
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.model import w_out
@@ -43,7 +43,7 @@ def test_passes_split_by_the_activation_budget_give_the_same_losses_and_gradient
 
     whole = measured()
     assert rows_per_pass(bridge, batch, backward=True) >= len(items)  # the toy model: one pass
-    monkeypatch.setattr(refine_module, "ACTIVATION_BYTES", (1, 1))
+    monkeypatch.setattr(model_module, "ACTIVATION_BYTES", (1, 1))
     assert rows_per_pass(bridge, batch, backward=True) == 1
     split = measured()  # one row per pass
     for a, b in zip(whole, split):
@@ -76,3 +76,10 @@ def test_refinement_inputs_are_checked(toy_bridge):
         refine_edits(toy_bridge, {}, ["a?"], [], ["b?"], ["c"])
     with pytest.raises(LunarError, match="steps >= 0"):
         RefineSettings(steps=-1)
+
+
+def test_generation_in_smaller_batches_when_the_cache_would_exceed_the_budget(fresh_toy_bridge, world, monkeypatch):
+    questions = [qa.question for qa in world.known_qa[:5]]
+    whole = generate_answers(fresh_toy_bridge, questions, max_new_tokens=12)
+    monkeypatch.setattr(model_module, "ACTIVATION_BYTES", (1, 1))  # one row per generate call
+    assert generate_answers(fresh_toy_bridge, questions, max_new_tokens=12) == whole and len(set(whole)) > 1
