@@ -4,9 +4,11 @@ shards), fp32 and bf16, in one run.
 
 Each measured command runs in its own process: its peak RSS is the kernel's (`wait4`'s ru_maxrss); its
 phases are the stage lines `unlearn` prints (load, refusal, directions, edit or choice, export with its
-verification), each phase's peak the highest RSS sampled (every 10 ms) while it ran. The plain load is
-`AutoModelForCausalLM.from_pretrained(folder, dtype=...)` in a fresh Python (torch and transformers
-imported, as lunar-lens imports them). Prompts: the toy world's (16 forget, 48 retain, 32 reference), the
+verification), each phase's peak the highest RSS sampled (every 10 ms) while it ran. The reference is a
+plain Hugging Face user of the checkpoint: `AutoModelForCausalLM.from_pretrained(folder, dtype=...)` and one
+forward pass, in a fresh Python (torch and transformers imported, as lunar-lens imports them). The load alone
+is recorded too, but it is no reference: transformers maps safetensors lazily, so before a forward pass most
+weights are not resident (170M fp32: 392 MB after the load, 920 MB after one forward). Prompts: the toy world's (16 forget, 48 retain, 32 reference), the
 refusal given (`--refusal`), `--refine-steps 2` (refinement's memory does not grow with steps).
 Writes results/bench_memory.json and figures/bench_memory.png and prints a markdown table.
 
@@ -136,8 +138,10 @@ def main() -> None:
             folder = work / f"llama-{name}-{dtype}"
             row = {"size": name, "dtype": dtype, **build(name, dtype, folder)}
             row["parameters"] = row["bytes"] // (4 if dtype == "float32" else 2)
-            load = f"import torch, transformers; transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
-            row["hf_load"] = measure([sys.executable, "-c", load], work / f"{folder.name}-hf.log")
+            load = f"import torch, transformers; model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
+            row["hf_load_only"] = measure([sys.executable, "-c", load], work / f"{folder.name}-hf-load.log")
+            use = load + "; torch.set_grad_enabled(False); model(torch.tensor([[1, 2, 3, 4]]))"
+            row["hf_load"] = measure([sys.executable, "-c", use], work / f"{folder.name}-hf.log")
             runs = {"fixed": ["--layer", str(row["layers"] // 2), "--coeff", "4"]}
             if row["parameters"] <= args.auto_up_to:
                 runs["auto"] = ["--layer", "auto", "--coeff", "auto"]
@@ -155,11 +159,12 @@ def main() -> None:
 
 def table(rows: list[dict]) -> str:
     phases = ("load", "directions", "edit", "export")
-    lines = ["| model | weights MB | HF load MB | " + " | ".join(f"{p} MB" for p in phases) + " | unlearn --out MB (× HF) | --layer auto MB (× HF) |",
-             "|---" * (5 + len(phases)) + "|"]
+    lines = ["| model | weights MB | HF load (+ forward) MB | " + " | ".join(f"{p} MB" for p in phases)
+             + " | unlearn --out MB (× HF) | --layer auto MB (× HF) |", "|---" * (5 + len(phases)) + "|"]
     for row in rows:
         fixed, auto = row["fixed"], row.get("auto")
-        cells = [f"{row['size']} {row['dtype']} ({row['shards']} shards)", f"{row['bytes'] / 2**20:.0f}", f"{row['hf_load']['peak_mb']:.0f}",
+        cells = [f"{row['size']} {row['dtype']} ({row['shards']} shards)", f"{row['bytes'] / 2**20:.0f}",
+                 f"{row['hf_load_only']['peak_mb']:.0f} ({row['hf_load']['peak_mb']:.0f})",
                  *(f"{fixed['phases_mb'].get(p, float('nan')):.0f}" for p in phases), f"{fixed['peak_mb']:.0f} ({fixed['ratio']:.2f}×)",
                  f"{auto['peak_mb']:.0f} ({auto['ratio']:.2f}×)" if auto else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -173,7 +178,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if not mine:
             continue
         x = [row["parameters"] / 1e6 for row in mine]
-        axis.plot(x, [row["hf_load"]["peak_mb"] for row in mine], f"k{marker}--", label=f"plain HF load ({dtype})")
+        axis.plot(x, [row["hf_load"]["peak_mb"] for row in mine], f"k{marker}--", label=f"plain HF load + forward ({dtype})")
         axis.plot(x, [row["fixed"]["peak_mb"] for row in mine], f"C0{marker}-", label=f"unlearn --layer L --out ({dtype})")
         auto = [row for row in mine if "auto" in row]
         axis.plot([row["parameters"] / 1e6 for row in auto], [row["auto"]["peak_mb"] for row in auto], f"C1{marker}-", label=f"--layer auto ({dtype})")
