@@ -11,16 +11,18 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from rouge_score.rouge_scorer import RougeScorer
 from transformers import PreTrainedTokenizerBase
 
 from lunar_lens.errors import LunarError
 from lunar_lens.prompts import TokenBatch, tokenize
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "don't know",
@@ -75,6 +77,8 @@ class LogitModel(Protocol):
 
 @cache
 def _scorer(stemmer: bool = False) -> RougeScorer:
+    from rouge_score.rouge_scorer import RougeScorer  # imported when first scoring: it brings nltk (~70 MB resident)
+
     return RougeScorer(["rouge1", "rougeL"], use_stemmer=stemmer)
 
 

@@ -24,7 +24,7 @@ from lunar_lens.model import TOLERANCE, hf_name, w_out_parameter, weights_restor
 from lunar_lens.progress import library_bars
 from lunar_lens.prompts import tokenize
 
-CHECK_CHUNK_BYTES = 16 * 2**20  # read at a time while checking the written tensors
+CHECK_CHUNK_BYTES = 4 * 2**20  # read at a time (into one buffer) while checking the written tensors
 
 
 @dataclass
@@ -79,11 +79,12 @@ def _stream(checkpoint: Checkpoint, keys: Iterable[str]) -> Iterator[tuple[str, 
 
 def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[str, Tensor]) -> None:
     """Every tensor of the written folder equals the in-memory one (cast to its dtype; an edited W_out equals
-    its written value), read from the files CHECK_CHUNK_BYTES at a time (not mapped whole)."""
+    its written value), read from the files CHECK_CHUNK_BYTES at a time into one buffer (not mapped whole)."""
     keys = [key for key, tensor in owners.items() if tensor.device.type != "meta"]
     by_file: dict[str, list[str]] = {}
     for key in keys:
         by_file.setdefault(written.weight_map[key], []).append(key)
+    buffer = bytearray(CHECK_CHUNK_BYTES)
     for rel, names in sorted(by_file.items()):
         start, header, _ = safetensors_header(written.root / rel)
         with open(written.root / rel, "rb") as file:
@@ -93,11 +94,13 @@ def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[
                 same = info["shape"] == list(mine.shape)
                 if dtype is None:  # not a float tensor: read whole
                     same = same and torch.equal(written.read(key).to(mine.device, mine.dtype), mine)
-                flat, step = mine.reshape(-1), CHECK_CHUNK_BYTES // max(1, mine.element_size())
+                flat, step = mine.reshape(-1), CHECK_CHUNK_BYTES // max(1, dtype.itemsize if dtype else 1)
                 file.seek(start + info["data_offsets"][0])
                 for first in range(0, mine.numel(), step) if same and dtype is not None else ():
-                    stored = torch.frombuffer(bytearray(file.read(min(step, mine.numel() - first) * dtype.itemsize)), dtype=dtype)
-                    if not torch.equal(stored.to(flat.device, flat.dtype), flat[first : first + len(stored)]):
+                    count = min(step, mine.numel() - first)
+                    file.readinto(memoryview(buffer)[: count * dtype.itemsize])
+                    stored = torch.frombuffer(buffer, dtype=dtype, count=count)
+                    if not torch.equal(stored.to(flat.device, flat.dtype), flat[first : first + count]):
                         same = False
                         break
                 if not same:
