@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
         held = outcome.report["choice"]["predicted_heldout"]
         print(
             f"chosen on held-out questions: forget refusal {held['forget_refusal']:.2f}, forget ROUGE-1 {held['forget_rouge1']:.3f}, "
-            f"retain ROUGE-1 {held['retain_rouge1']:.3f}" + ("" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
+            f"retain ROUGE-1 {held['retain_rouge1']:.3f}"
+            + (", knowledge outside the retain set not judged (give --keep)" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
             + f" (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
         )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
