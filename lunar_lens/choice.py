@@ -15,7 +15,8 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
    (`lunar_lens.refine`) on the solve part.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
-   held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall. A cell refusing
+   held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall of the unedited
+   model's own answers (what the edit must keep, at the judge's length). A cell refusing
    less than `min_refusal` of the held-out forget questions cannot win while any cell refuses that often;
    among the rest the lowest `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1,
    1 − keep ROUGE-1)‖ wins.
@@ -204,7 +205,11 @@ def choose_edit(
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
     forget_held = own_answers(bridge, forget_held[: settings.max_eval], settings.generate_tokens)
     forget_seen = own_answers(bridge, spread(forget_solve, settings.max_eval), settings.generate_tokens)
-    retain_held, retain_seen = retain_held[: settings.max_eval], spread(retain_solve, settings.max_eval)
+    # retain is judged against the model's own answers at the judge's length (what the edit must keep: a long
+    # reference answer cut at `generate_tokens` would read as lost knowledge; TOFU: 0.85 against 0.96 measured)
+    n_held = min(len(retain_held), settings.max_eval)
+    judged = own_answers(bridge, [QA(qa.question) for qa in [*retain_held[:n_held], *spread(retain_solve, settings.max_eval)]], settings.generate_tokens)
+    retain_held, retain_seen = judged[:n_held], judged[n_held:]
     keep = own_answers(bridge, keep, settings.generate_tokens) if keep else []
     keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
     keep_held = keep_held[: settings.max_eval]

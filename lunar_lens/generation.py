@@ -17,13 +17,15 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     progress: bool = False,
+    within_budget: bool = True,
 ) -> list[str]:
     """Greedy answers to `questions` (prompt formatting included), stripped, without the eos.
 
     Runs the wrapped HF model's own `generate`, so token-for-token equality with plain
     transformers holds by construction, and any hook registered on the bridge (for steering,
     ablation or attacks) is active during decoding. A batch whose key-value cache would exceed the
-    activation budget (`model.activation_budget`) is generated in smaller ones.
+    activation budget (`model.activation_budget`) is generated in smaller ones, unless `within_budget` is
+    False (hooks that expect the batch's shape).
     """
     tokenizer = bridge.tokenizer
     model = bridge.original_model
@@ -33,7 +35,7 @@ def generate_answers(
     for start in bar(starts, "generating" if progress else None):
         chunk = questions[start : start + batch_size]
         batch = tokenize(tokenizer, chunk)
-        rows = max(1, activation_budget(bridge) // cache_bytes_per_row(bridge, batch.input_ids.shape[1] + max_new_tokens))
+        rows = max(1, activation_budget(bridge) // cache_bytes_per_row(bridge, batch.input_ids.shape[1] + max_new_tokens)) if within_budget else len(chunk)
         for first in range(0, len(chunk), rows):
             answers += _generate(bridge, batch if rows >= len(chunk) else tokenize(tokenizer, chunk[first : first + rows]), max_new_tokens, device)
     return answers

@@ -133,7 +133,7 @@ def forget_answers_with(
     with `copies`, the prompts repeated that many times (copy-major)."""
     questions = sets.forget_questions * copies
     with bridge.hooks(fwd_hooks=list(hooks)):
-        return generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions))
+        return generate_answers(bridge, questions, settings.generate_tokens, batch_size=len(questions), within_budget=False)
 
 
 def steering_generation_hook(sets: ProbeSets, settings: LocaliseSettings, tables: Sequence[torch.Tensor]) -> Callable:
