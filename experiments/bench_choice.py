@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+import real_data
 import torch
 
 from lunar_lens.data import load_qa
@@ -35,10 +36,7 @@ def timed(run: Path, sets: dict, layers: list[int] | None = None, coeff: float |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a finetune.py run folder (model/, sets/)")
-    parser.add_argument("--forget", default="forget.json")
-    parser.add_argument("--retain", default="retain.json")
-    parser.add_argument("--name", required=True)
+    real_data.add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)

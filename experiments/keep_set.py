@@ -36,10 +36,7 @@ def split_factual(factual: Path, folder: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a finetune.py run folder (model/, sets/)")
-    parser.add_argument("--forget", default="forget.json")
-    parser.add_argument("--retain", default="retain.json")
-    parser.add_argument("--name", required=True)
+    real_data.add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()

@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--results", default=str(ROOT / "experiments" / "results" / f"{task}.md"), help="markdown tables to write")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """A finetune.py run folder, the request's set files in its sets/, and a name for the results."""
+    parser.add_argument("--run", required=True, help="a finetune.py run folder (model/, sets/)")
+    parser.add_argument("--forget", default="forget.json")
+    parser.add_argument("--retain", default="retain.json")
+    parser.add_argument("--name", required=True)
+
+
 def ensure_model(task: str, args: argparse.Namespace, finetune_flags: list[str]) -> dict:
     """RUN/finetune.json, training the model first when RUN/model is missing."""
     run = Path(args.run)
