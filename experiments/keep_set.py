@@ -1,14 +1,15 @@
 """Does a keep set protect knowledge the user did not list? `unlearn --layer auto --coeff auto` with and
 without `--keep`, side by side, on the realistic models (finetune.py runs: varied refusals, reference as
-questions only), each exported checkpoint scored by `lunar-lens evaluate` (greedy).
+questions only), and the released recipe's settings at the layers the keep run chose, each exported checkpoint
+scored by `lunar-lens evaluate` (greedy).
 
 The factual set (knowledge the model was trained on that neither forget nor retain names) is split by
 position: the odd questions, **questions only**, are the keep set (the model's own answers fill them);
 the even ones, never shown to the edit, are scored as "factual (held out)". Writes RUN/keep/* and
 results/keep_set_TASK.json, and prints a markdown table.
 
-    .venv/bin/python experiments/keep_set.py --run /work/runs/tofu --forget forget10.json --retain retain10.json --name tofu_forget10
-    .venv/bin/python experiments/keep_set.py --run /work/runs/pistol --name pistol
+    .venv/bin/python experiments/keep_set.py --run experiments/runs/tofu --forget forget10.json --retain retain10.json --name tofu_forget10
+    .venv/bin/python experiments/keep_set.py --run experiments/runs/pistol --name pistol
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import real_data
 from lunar_lens.data import load_qa
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {"without": [], "with": ["--keep"]}
+VARIANTS = ("without", "with", "release")  # auto choice without / with --keep; the released settings at the latter's layers
 
 
 def split_factual(factual: Path, folder: Path) -> tuple[Path, Path]:
@@ -47,12 +48,14 @@ def main() -> None:
     data = ["--forget", str(sets / args.forget), "--retain", str(sets / args.retain), "--reference", str(sets / "reference.json")]
     refusals = real_data.finetune.SHARED / "lunar" / "unlearning" / "refusal_response.txt"
     rows = {}
-    for variant, flag in VARIANTS.items():
+    for variant in VARIANTS:
         out = folder / variant
+        flags = {
+            "without": ["--layer", "auto", "--coeff", "auto"], "with": ["--keep", str(keep), "--layer", "auto", "--coeff", "auto"],
+            "release": ["--layer", ",".join(map(str, rows.get("with", {}).get("layers", []))), *real_data.RELEASE_FLAGS],
+        }[variant]
         seconds = real_data.lunar_lens(
-            ["unlearn", "--model", str(run / "model"), *data, *(flag + [str(keep)] if flag else []), "--out", str(out),
-             "--layer", "auto", "--coeff", "auto", "--force"],
-            folder / f"unlearn_{variant}.log", args.threads,
+            ["unlearn", "--model", str(run / "model"), *data, *flags, "--out", str(out), "--force"], folder / f"unlearn_{variant}.log", args.threads,
         )
         evaluation = folder / f"evaluate_{variant}.json"
         real_data.lunar_lens(
@@ -64,7 +67,7 @@ def main() -> None:
         report, scores = json.loads((out / "lunar_report.json").read_text()), json.loads(evaluation.read_text())["evaluation"]
         rows[variant] = {
             "layers": report["layers"], "coeff": report["coeff"], "seconds_unlearn": seconds,
-            "predicted": report["choice"]["predicted"], "cells": report["choice"]["cells"],
+            "predicted": (report["choice"] or {}).get("predicted"), "cells": (report["choice"] or {}).get("cells"),
             "forget_rouge1": real_data._score(scores, "forget", "rouge1"), "forget_refusal": real_data._score(scores, "forget", "refusal_rate"),
             "retain_rouge1": real_data._score(scores, "retain", "rouge1"), "factual_heldout_rouge1": real_data._score(scores, "factual", "rouge1"),
             "deviation_score": scores.get("deviation_score"),
@@ -72,7 +75,7 @@ def main() -> None:
         print(json.dumps({variant: rows[variant]}, default=str), flush=True)
     result = HERE / "results" / f"keep_set_{args.name}.json"
     result.write_text(json.dumps({"run": str(run), "forget": args.forget, "retain": args.retain, "rows": rows}, indent=1))
-    print("| keep set | layers | c | forget refusal | forget ROUGE-1 | retain ROUGE-1 | factual (held out) ROUGE-1 | DS | unlearn s |")
+    print("| edit | layers | c | forget refusal | forget ROUGE-1 | retain ROUGE-1 | factual (held out) ROUGE-1 | DS | unlearn s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for variant, row in rows.items():
         print(f"| {variant} | {','.join(map(str, row['layers']))} | {row['coeff']:g} | {row['forget_refusal']:.3f} | {row['forget_rouge1']:.3f} | "
