@@ -40,7 +40,11 @@ def main() -> None:
     real_data.add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--table-only", action="store_true", help="print the table of every results/keep_set_*.json and stop")
     args = parser.parse_args()
+    if args.table_only:
+        print(table({path.stem.removeprefix("keep_set_"): json.loads(path.read_text())["rows"] for path in sorted((HERE / "results").glob("keep_set_*.json"))}))
+        return
     run = Path(args.run)
     sets, folder = run / "sets", run / "keep" / args.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,12 +79,24 @@ def main() -> None:
         print(json.dumps({variant: rows[variant]}, default=str), flush=True)
     result = HERE / "results" / f"keep_set_{args.name}.json"
     result.write_text(json.dumps({"run": str(run), "forget": args.forget, "retain": args.retain, "rows": rows}, indent=1))
-    print("| edit | layers | c | forget refusal | forget ROUGE-1 | retain ROUGE-1 | factual (held out) ROUGE-1 | DS | unlearn s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for variant, row in rows.items():
-        print(f"| {variant} | {','.join(map(str, row['layers']))} | {row['coeff']:g} | {row['forget_refusal']:.3f} | {row['forget_rouge1']:.3f} | "
-              f"{row['retain_rouge1']:.3f} | {row['factual_heldout_rouge1']:.3f} | {row['deviation_score']} | {row['seconds_unlearn']:.0f} |")
+    print(table({args.name: rows}))
     print(f"wrote {result}")
+
+
+def table(results: dict[str, dict]) -> str:
+    """One markdown row per request and edit (the exported checkpoints' scores, and the choice's prediction)."""
+    lines = ["| request | edit | layers | c | forget refusal ↑ | forget ROUGE-1 ↓ | retain ROUGE-1 ↑ | factual (held out) ROUGE-1 ↑ | DS ↓ "
+             "| predicted forget R1 / refusal / retain / keep |", "|---" * 10 + "|"]
+    for name, rows in results.items():
+        for variant, row in rows.items():
+            predicted = row.get("predicted")
+            guess = "–" if not predicted else " / ".join("–" if predicted[k] is None else f"{predicted[k]:.3f}"
+                                                        for k in ("forget_rouge1", "forget_refusal", "retain_rouge1", "keep_rouge1"))
+            edit = {"without": "auto, no keep set", "with": "auto, `--keep`", "release": "released settings"}[variant]
+            lines.append(f"| {name} | {edit} | {','.join(map(str, row['layers']))} | {row['coeff']:g} | {row['forget_refusal']:.3f} | "
+                         f"{row['forget_rouge1']:.3f} | {row['retain_rouge1']:.3f} | {row['factual_heldout_rouge1']:.3f} | "
+                         f"{row['deviation_score']:.1f} | {guess} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
