@@ -103,13 +103,13 @@ def measure(command: list[str], log: Path) -> dict:
     return {"peak_mb": usage.ru_maxrss / 1024, "phases_mb": phases, "seconds": time.perf_counter() - started}
 
 
-def write_sets(folder: Path) -> dict[str, Path]:
-    """The toy world's prompts: 16 forget, 48 retain (with answers), 32 reference (questions only)."""
+def write_sets(folder: Path, scale: int = 1) -> dict[str, Path]:
+    """The toy world's prompts: 16 forget, 48 retain (with answers), 32 reference (questions only), × `scale`."""
     from lunar_lens.toyworld import build_world
 
     world = build_world(0)
-    forget, retain, reference = world.split(world.entities[:1])
-    sets = {"forget": forget[:16], "retain": retain[::max(1, len(retain) // 48)][:48], "reference": reference[:32]}
+    forget, retain, reference = world.split(world.entities[: 1 + (scale > 1) * (16 * scale // 24)])
+    sets = {"forget": forget[: 16 * scale], "retain": retain[:: max(1, len(retain) // (48 * scale))][: 48 * scale], "reference": reference[: 32 * scale]}
     paths = {}
     for name, items in sets.items():
         paths[name] = folder / f"{name}.json"
@@ -125,10 +125,11 @@ def main() -> None:
     parser.add_argument("--auto-up-to", type=float, default=AUTO_UP_TO, help="largest model (parameters) also run with --layer auto")
     parser.add_argument("--skip", default="", help="size:dtype pairs to leave out, e.g. 1.1B:float32")
     parser.add_argument("--name", default="bench_memory")
+    parser.add_argument("--scale", type=int, default=1, help="prompts × this (memory should not grow with them)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    sets = write_sets(work)
+    sets = write_sets(work, args.scale)
     data = ["--forget", str(sets["forget"]), "--retain", str(sets["retain"]), "--reference", str(sets["reference"])]
     rows = []
     for name in args.sizes.split(","):
@@ -136,7 +137,8 @@ def main() -> None:
             if f"{name}:{dtype}" in args.skip.split(","):
                 continue
             folder = work / f"llama-{name}-{dtype}"
-            row = {"size": name, "dtype": dtype, **build(name, dtype, folder)}
+            row = {"size": name, "dtype": dtype, "prompt_scale": args.scale, "prompts": {k: len(json.loads(v.read_text())) for k, v in sets.items()},
+                   **build(name, dtype, folder)}
             row["parameters"] = row["bytes"] // (4 if dtype == "float32" else 2)
             load = f"import torch, transformers; model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
             row["hf_load_only"] = measure([sys.executable, "-c", load], work / f"{folder.name}-hf-load.log")
