@@ -201,13 +201,16 @@ def unlearn(
             )
         base = unedited_base(earlier)
         torch.manual_seed(settings.seed)
-        bridge = model if isinstance(model, TransformerBridge) else load_model(
-            model, device=parallel.device(run.device), dtype=run.dtype, device_map=run.device_map, max_memory=parallel.max_memory(run.device_map)
-        )
+
+        def load(path: str | Path) -> TransformerBridge:  # this process's device (torchrun), the device map
+            return load_model(path, device=parallel.device(run.device), dtype=run.dtype, device_map=run.device_map,
+                              max_memory=parallel.max_memory(run.device_map))
+
+        bridge = model if isinstance(model, TransformerBridge) else load(model)
 
     localising = layers is None or settings.coeff is None
     deepest = None if localising else max(layers)  # the choice tries every layer
-    read_from = bridge if base is None else load_model(base, device=run.device, dtype=run.dtype)
+    read_from = bridge if base is None else load(base)  # placed like the model itself
     with stages("refusal", "the model's own refusal (its answers to the reference questions)"):
         refusal = model_refusal(read_from, reference_set, refusal=settings.refusal)
     settings = replace(settings, refusal=refusal.target)  # a copy: the caller's settings stay as they were
