@@ -83,3 +83,20 @@ def test_generation_in_smaller_batches_when_the_cache_would_exceed_the_budget(fr
     whole = generate_answers(fresh_toy_bridge, questions, max_new_tokens=12)
     monkeypatch.setattr(model_module, "ACTIVATION_BYTES", (1, 1))  # one row per generate call
     assert generate_answers(fresh_toy_bridge, questions, max_new_tokens=12) == whole and len(set(whole)) > 1
+
+
+def test_a_half_precision_model_gets_a_contiguous_unembedding_input_and_keeps_its_gradients(world):
+    from lunar_lens.model import load_model
+    from lunar_lens.refine import answer_losses
+    from lunar_lens.toyworld import checkpoint_path
+
+    bridge = load_model(checkpoint_path(), dtype="bfloat16")  # HF slices the unembedding's input (logits_to_keep)
+    items = world.known_qa[:3]
+    batch = first_answer_tokens(tokenize(bridge.tokenizer, [qa.question for qa in items], [qa.answer for qa in items]), 8, bridge.tokenizer.pad_token_id)
+    delta = torch.nn.Parameter(torch.zeros_like(w_out(bridge, 2)).float())
+    seen = []
+    with frozen(bridge.original_model), torch.enable_grad():
+        hooks = [*delta_hooks({2: delta}), ("unembed.hook_in", lambda activation, hook: seen.append(activation.is_contiguous()))]
+        sums, counts = answer_losses(bridge, batch, hooks)
+        sums.sum().backward()
+    assert seen == [True] and counts.min() > 0 and delta.grad.abs().max() > 0
