@@ -231,6 +231,8 @@ def edit_layers(
     # earlier forgotten questions are kept where the model now puts them: answering with the refusal
     keep = list(retain) + [QA(qa.question, qa.answer or refusal) for qa in keep_forgotten]
     originals = {layer: w_out(bridge, layer).detach().clone() for layer in layers} if settings.refine.steps else {}
+    # what the refinement keeps: answers given, else what the model says before any edit (not after the solve)
+    kept_answers = own_answers(bridge, keep) if settings.refine.steps else []
     for layer in layers:
         shifts = directions.shift_table(layer, settings.coeff) if with_answer else settings.coeff * directions[layer][None]
         started = time.perf_counter()
@@ -258,7 +260,7 @@ def edit_layers(
             )
         )
     if settings.refine.steps:
-        refine_in_place(bridge, result, originals, forget, keep, refusal, settings, progress)
+        refine_in_place(bridge, result, originals, forget, kept_answers, refusal, settings, progress)
     return result
 
 
@@ -277,11 +279,10 @@ def refine_in_place(
     bridge: TransformerBridge, result: EditResult, originals: dict[int, torch.Tensor], forget: Sequence[QA], keep: Sequence[QA], refusal: str,
     settings: EditSettings, progress: bool = False,
 ) -> None:
-    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them; W_out
-    becomes `originals` (the unedited weights) + the whole ΔW, and `result`'s edits hold it (their factors no
-    longer describe them)."""
+    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them, keeping
+    `keep`'s answers (every row has one); W_out becomes `originals` (the unedited weights) + the whole ΔW, and
+    `result`'s edits hold it (their factors no longer describe them)."""
     started = time.perf_counter()
-    keep = own_answers(bridge, keep)
     start = {edit.layer: torch.zeros_like(edit.delta) for edit in result.edits}
     extra = refine_edits(
         bridge, start, [qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in keep],

@@ -40,6 +40,23 @@ def test_only_w_out_of_the_chosen_layers_changes(tiny, layers):
         assert torch.allclose(w_out(tiny, edit.layer) - before_w_out(before, tiny, edit.layer), edit.delta, atol=1e-6)
 
 
+def test_refinement_keeps_what_the_unedited_model_says_to_retain_questions_without_answers(tiny, monkeypatch):
+    import lunar_lens.edit as edit_module
+
+    original = w_out(tiny, 1).detach().clone()
+    unedited_when_asked = []
+    real_own_answers = edit_module.own_answers
+
+    def spy(bridge, items, *args, **kwargs):
+        unedited_when_asked.append(torch.equal(w_out(bridge, 1), original))
+        return real_own_answers(bridge, items, *args, **kwargs)
+
+    monkeypatch.setattr(edit_module, "own_answers", spy)
+    questions_only = [QA(qa.question) for qa in RETAIN]
+    edit_layers(tiny, FORGET, questions_only, REFERENCE, [1], EditSettings(coeff=2.0, refine=RefineSettings(steps=2)))
+    assert unedited_when_asked == [True]  # asked once, before the solve changed W_out
+
+
 def before_w_out(before, bridge, layer):
     name = next(n for n, p in bridge.original_model.named_parameters() if p is bridge.blocks[layer].mlp.out.weight)
     return before[name].T  # Llama stores W_outᵀ
