@@ -190,7 +190,8 @@ def refine_edits(
 
 
 def own_answers(bridge: TransformerBridge, items: Sequence[QA], max_new_tokens: int = 32) -> list[QA]:
-    """`items` with the model's own greedy answers where an answer is missing (what it keeps saying)."""
-    missing = [qa.question for qa in items if not qa.answer]
-    generated = iter(generate_answers(bridge, missing, max_new_tokens) if missing else [])
-    return [qa if qa.answer else QA(qa.question, next(generated)) for qa in items]
+    """`items` with the model's own greedy answers where an answer is missing (what it keeps saying); a
+    question asked twice is generated once."""
+    missing = list(dict.fromkeys(qa.question for qa in items if not qa.answer))
+    generated = dict(zip(missing, generate_answers(bridge, missing, max_new_tokens) if missing else []))
+    return [qa if qa.answer else QA(qa.question, generated[qa.question]) for qa in items]
