@@ -173,8 +173,8 @@ def loaded_from(bridge: TransformerBridge) -> str | None:
 
 def _contiguous_input(activation: torch.Tensor, hook=None) -> torch.Tensor:
     """The unembedding's input made contiguous: HF slices it (`logits_to_keep`), and the bridge's linear with a
-    bias then copies the whole weight once per row in half precision on the CPU (62 MiB for 2 rows of a 45M
-    model's 32,000 × 512 unembedding). A permanent hook, so `reset_hooks` keeps it."""
+    bias then copies the whole weight once per row in half precision on the CPU (experiments/bf16_pass.py: a 45M
+    bf16 model's refinement step 2.1× the memory and 7× the time). A permanent hook, so `reset_hooks` keeps it."""
     return activation.contiguous()
 
 
@@ -247,7 +247,7 @@ def memory_budget(bridge: TransformerBridge, share: float, bounds: tuple[int, in
 
 
 # what one forward (and backward) pass may hold: a tenth of the weights' bytes, within these bounds; larger
-# batches are split into passes (bench_memory.py: unsplit, a 45M model's refinement took 2.6x its weights)
+# batches are split into passes (experiments/bench_memory.py)
 ACTIVATION_SHARE, ACTIVATION_BYTES = 0.1, (16 * 2**20, 256 * 2**20)
 
 
