@@ -121,9 +121,9 @@ def answer_cross_entropy(
     bridge: TransformerBridge, batch: TokenBatch, hooks: list[tuple] | Callable[[slice], list[tuple]], per_row: bool = False
 ) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens of `batch` (teacher-forced) with `hooks` active (or `hooks(rows)`,
-    the hooks for a slice of the rows: per-row hooks); with `per_row`, each row's own mean ([batch]). Without
-    gradients, in passes of `rows_per_pass` rows."""
-    step = len(batch.input_ids) if torch.is_grad_enabled() else rows_per_pass(bridge, batch, backward=False)
+    the hooks for a slice of the rows: per-row hooks); with `per_row`, each row's own mean ([batch]). In passes
+    of `rows_per_pass` rows (a forward pass's memory: training accumulates with `backward_answer_loss`)."""
+    step = rows_per_pass(bridge, batch, backward=False)
     rows = [slice(i, i + step) for i in range(0, len(batch.input_ids), step)]
     parts = [answer_losses(bridge, rows_of(batch, part), hooks(part) if callable(hooks) else hooks) for part in rows]
     sums, counts = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
