@@ -205,14 +205,14 @@ def choose_edit(
     started = time.perf_counter()
     forget_solve, forget_held = holdout_split(forget, settings.holdout)
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
-    keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
     # retain is judged against the model's own answers at the judge's length (what the edit must keep: a long
     # reference answer cut at `generate_tokens` would read as lost knowledge; TOFU: 0.85 against 0.96 measured)
     asked_retain = [QA(qa.question) for qa in [*retain_held[: settings.max_eval], *spread(retain_solve, settings.max_eval)]]
-    parts = [retain_solve, retain_held, keep_solve, keep_held, forget_held[: settings.max_eval],
-             spread(forget_solve, settings.max_eval), asked_retain]
+    parts = [list(retain), list(keep), forget_held[: settings.max_eval], spread(forget_solve, settings.max_eval), asked_retain]
     answered = iter(own_answers(bridge, [qa for part in parts for qa in part], settings.generate_tokens))  # one generation pass
-    retain_solve, retain_held, keep_solve, keep_held, forget_held, forget_seen, asked_retain = ([next(answered) for _ in part] for part in parts)
+    retain, keep, forget_held, forget_seen, asked_retain = ([next(answered) for _ in part] for part in parts)
+    retain_solve, retain_held = holdout_split(retain, settings.holdout)
+    keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
     n_held = min(len(retain_held), settings.max_eval)
     retain_judged, retain_seen = asked_retain[:n_held], asked_retain[n_held:]
     keep_judged = keep_held[: settings.max_eval]
@@ -269,7 +269,7 @@ def choose_edit(
     chosen, edits = cells[best], edits_of[best]
     if refining and settings.finish_share:  # the chosen edit goes on learning from every question, held-out ones too
         finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
-        edits = refine_edits(bridge, edits, *refine_rows(forget, [*retain_solve, *retain_held, *keep_solve, *keep_held], refusal), finish, progress)
+        edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep, refusal), finish, progress)
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
     sizes = {
         "forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve),
