@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -49,10 +51,20 @@ def tensor_sha256(tensor: Tensor) -> str:
     return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
+READ_CHUNK_BYTES = 4 * 2**20  # a file is hashed or copied through one buffer of this size
+
+
+def _chunks(file: BinaryIO) -> Iterator[memoryview]:
+    """The file's bytes, READ_CHUNK_BYTES at a time, each read into the same buffer (valid until the next)."""
+    buffer = memoryview(bytearray(READ_CHUNK_BYTES))
+    while count := file.readinto(buffer):
+        yield buffer[:count]
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
+        for chunk in _chunks(file):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -61,7 +73,7 @@ def _copy_hashed(src: Path, dst: Path) -> str:
     """Copy `src` to `dst` byte for byte and return the SHA-256 of what was read."""
     digest = hashlib.sha256()
     with open(src, "rb") as source, open(dst, "wb") as target:
-        while chunk := source.read(1 << 24):
+        for chunk in _chunks(source):
             digest.update(chunk)
             target.write(chunk)
     return digest.hexdigest()

@@ -41,6 +41,7 @@ from lunar_lens.directions import Directions
 from lunar_lens.edit import EditSettings, unit_solutions
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
+from lunar_lens.host_memory import release_freed
 from lunar_lens.metrics import is_refusal, rouge_recall
 from lunar_lens.model import n_layers
 from lunar_lens.progress import bar
@@ -264,6 +265,7 @@ def choose_edit(
         measured = judge(bridge, edits, forget_held, forget_seen, retain_judged, keep_judged, retain_seen, refusal, settings.generate_tokens)
         cells.append(Cell(row["layers"], start, refining, **measured))
         edits_of.append(edits)
+        release_freed()  # a candidate's passes leave freed memory that the next one's peak would add to
     best = pick_cell(cells, settings.min_refusal)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
     chosen, edits = cells[best], edits_of[best]

@@ -136,20 +136,23 @@ def residual_means(
     answers = None if answer is None else [answer] * len(shard)
     for batch in token_batches(bridge.tokenizer, shard, answers, batch_size, desc, by_length=True):
         cache = capture(bridge, batch, names, stop_at_layer=max(layers) + 1)
-        stacked = torch.stack([cache[name].double().cpu() for name in names])  # [layer, batch, seq, d]
         if rule == "last":
             weights = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
             weights[torch.arange(len(weights)), batch.last_prompt_index] = 1.0
         else:
             weights = batch.question_mask.double()
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-        prompt_total += torch.einsum("bs,lbsd->ld", weights, stacked)
         if answer is not None:
             offset = batch.answer_mask.long().cumsum(dim=1) - 1
             n_answer = int(batch.answer_mask.sum(dim=1).min())
             n_answer = n_answer if answer_total is None else min(answer_total.shape[1], n_answer)
-            sums = torch.stack([stacked[:, batch.answer_mask & (offset == k)].sum(dim=1) for k in range(n_answer)], dim=1)
-            answer_total = sums if answer_total is None else answer_total[:, :n_answer] + sums
+            answer_total = torch.zeros(len(names), n_answer, prompt_total.shape[1], dtype=torch.float64) if answer_total is None else answer_total[:, :n_answer]
+        for i, name in enumerate(names):  # one layer's float64 copy at a time
+            resid = cache.pop(name).cpu().double()  # [batch, seq, d]
+            prompt_total[i] += torch.einsum("bs,bsd->d", weights, resid)
+            if answer is not None:
+                for k in range(n_answer):
+                    answer_total[i, k] += resid[batch.answer_mask & (offset == k)].sum(dim=0)
     prompt_mean = parallel.sum(prompt_total) / len(questions)
     if answer is None:
         return prompt_mean, None

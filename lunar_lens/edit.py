@@ -259,6 +259,7 @@ def edit_layers(
                 solution.objective_after, stats.n_rows, stats.n_shifted, collected - started, solved - collected,
             )
         )
+        del stats  # its d_mlp² Gram matrix is not held through the next layer's passes and the refinement
     if settings.refine.steps:
         refine_in_place(bridge, result, originals, forget, kept_answers, refusal, settings, progress)
     return result

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from lunar_lens.host_memory import release_freed
+
 if TYPE_CHECKING:  # tqdm is imported when a bar is made, so that `lunar-lens --help` starts fast
     from tqdm import tqdm
 
@@ -58,6 +60,7 @@ def library_bars() -> Iterator[None]:
 
 class Stages:
     """Times named stages; with `report`, each finished stage prints one line ("what: 1.2 s") to stderr.
+    A finished stage's freed memory goes back to the system (`host_memory.release_freed`).
 
     `seconds` maps each stage's key to its wall-clock time (summed when a key repeats)."""
 
@@ -70,6 +73,7 @@ class Stages:
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
+        release_freed()
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
         if self.report:
             print(f"{what or key}: {seconds:.1f} s", file=sys.stderr, flush=True)

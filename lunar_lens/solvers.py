@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 
 from lunar_lens.errors import LunarError
 
-GRAM_CHUNK_ROWS = 4096
+CHUNK_BYTES = 16 * 2**20  # float64 work at a time: rows copied for the Gram matrix, ΔW columns in the objective
 
 
 @dataclass
@@ -53,9 +53,9 @@ class EditStatistics:
     def add(self, x: Float[torch.Tensor, "n d_mlp"], shift_id: Int[torch.Tensor, " n"]) -> None:
         """Add rows; `shift_id[i]` is the shift-table row of row i, or -1 to keep its output."""
         shifted = shift_id >= 0
-        for chunk in x.split(GRAM_CHUNK_ROWS):  # a float64 copy of a bounded number of rows at a time
+        for chunk in x.split(_chunk(x.shape[1])):  # a float64 copy of CHUNK_BYTES at a time, summed in place
             chunk64 = chunk.double()
-            self.gram += chunk64.T @ chunk64
+            self.gram.addmm_(chunk64.T, chunk64)
         self.shifted_sums.index_add_(0, shift_id[shifted], x[shifted].double())
         self.shifted_counts += torch.bincount(shift_id[shifted], minlength=len(self.shifted_counts))
         self.n_rows += len(x)
@@ -63,11 +63,21 @@ class EditStatistics:
             self.rows.append(x.float())
             self.shift_ids.append(shift_id)
 
-    def objective(self, delta: Float[torch.Tensor, "d_mlp d_model"], shifts: Float[torch.Tensor, "n_shifts d_model"]) -> float:
-        """Mean squared error per element of the MLP output, from the statistics alone."""
-        d, t = delta.double(), shifts.double()
-        value = ((self.gram @ d) * d).sum() - 2 * ((self.shifted_sums @ d) * t).sum() + (self.shifted_counts * (t * t).sum(1)).sum()
+    def objective(self, delta: Float[torch.Tensor, "d_mlp d_model"] | None, shifts: Float[torch.Tensor, "n_shifts d_model"]) -> float:
+        """Mean squared error per element of the MLP output, from the statistics alone (None: of the unedited
+        W_out), ΔW's columns CHUNK_BYTES at a time in float64: no d_mlp × d_model temporaries."""
+        t = shifts.double()
+        value = (self.shifted_counts * (t * t).sum(1)).sum()
+        step = 1 if delta is None else _chunk(delta.shape[0])
+        for start in range(0, 0 if delta is None else delta.shape[1], step):
+            d = delta[:, start : start + step].double()
+            value += ((self.gram @ d) * d).sum() - 2 * ((self.shifted_sums @ d) * t[:, start : start + step]).sum()
         return float(value.clamp_min(0.0)) / max(self.n_rows * t.shape[1], 1)
+
+
+def _chunk(width: int) -> int:
+    """How many float64 vectors of `width` fit CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (8 * width))
 
 
 @dataclass
@@ -98,7 +108,7 @@ def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_
         stats.gram.diagonal().copy_(diagonal)
     v = shifts.float()[used].T
     delta = u @ v.T  # from the float32 factors, as a patch file rebuilds it: the two agree bit for bit
-    return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+    return Solution(delta, u, v, stats.objective(None, shifts), stats.objective(delta, shifts))
 
 
 def solve_adamw(
@@ -134,7 +144,7 @@ def solve_adamw(
             optimizer.step()
         scheduler.step()
     delta = (weight.detach() - w0).float()
-    return Solution(delta, None, None, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+    return Solution(delta, None, None, stats.objective(None, shifts), stats.objective(delta, shifts))
 
 
 def solve_lora(
@@ -163,7 +173,7 @@ def solve_lora(
         optimizer.step()
     u, v = a.detach().float(), b.detach().float()
     delta = u @ v.T
-    return Solution(delta, u, v, stats.objective(torch.zeros_like(delta), shifts), stats.objective(delta, shifts))
+    return Solution(delta, u, v, stats.objective(None, shifts), stats.objective(delta, shifts))
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
-from lunar_lens.checkpoint import ST_DTYPES, Checkpoint, safetensors_header
+from lunar_lens.checkpoint import READ_CHUNK_BYTES, ST_DTYPES, Checkpoint, safetensors_header
 from lunar_lens.errors import LunarError
 from lunar_lens.model import TOLERANCE, hf_name, w_out_parameter, weights_restored
 from lunar_lens.progress import library_bars
 from lunar_lens.prompts import tokenize
-
-CHECK_CHUNK_BYTES = 4 * 2**20  # read at a time (into one buffer) while checking the written tensors
 
 
 @dataclass
@@ -66,25 +63,33 @@ def _tensor_owners(model: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, 
     return owners
 
 
-def _stream(checkpoint: Checkpoint, keys: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) read from the checkpoint one at a time, each file opened once."""
-    by_file: dict[str, list[str]] = {}
+def _mapped(checkpoint: Checkpoint, keys: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of the checkpoint's tensors, each a copy-on-write mapping of its file, as transformers
+    loads them: nothing is resident until used (a tensor that is not a float one, or not aligned to its
+    element size, is read through safetensors instead)."""
+    files: dict[str, tuple[torch.UntypedStorage, int, dict]] = {}
     for key in keys:
-        by_file.setdefault(checkpoint.weight_map[key], []).append(key)
-    for rel, names in sorted(by_file.items()):
-        with safe_open(checkpoint.root / rel, framework="pt") as file:
-            for key in names:
-                yield key, file.get_tensor(key)
+        rel = checkpoint.weight_map[key]
+        if rel not in files:
+            path = checkpoint.root / rel
+            start, header, _ = safetensors_header(path)
+            files[rel] = (torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size), start, header)
+        storage, start, header = files[rel]
+        dtype, offset = ST_DTYPES.get(header[key]["dtype"]), start + header[key]["data_offsets"][0]
+        if dtype is None or offset % dtype.itemsize:
+            yield key, checkpoint.read(key)
+        else:
+            yield key, torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, header[key]["shape"])
 
 
 def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[str, Tensor]) -> None:
     """Every tensor of the written folder equals the in-memory one (cast to its dtype; an edited W_out equals
-    its written value), read from the files CHECK_CHUNK_BYTES at a time into one buffer (not mapped whole)."""
+    its written value), read from the files READ_CHUNK_BYTES at a time into one buffer (not mapped whole)."""
     keys = [key for key, tensor in owners.items() if tensor.device.type != "meta"]
     by_file: dict[str, list[str]] = {}
     for key in keys:
         by_file.setdefault(written.weight_map[key], []).append(key)
-    buffer = bytearray(CHECK_CHUNK_BYTES)
+    buffer = bytearray(READ_CHUNK_BYTES)
     for rel, names in sorted(by_file.items()):
         start, header, _ = safetensors_header(written.root / rel)
         with open(written.root / rel, "rb") as file:
@@ -94,7 +99,7 @@ def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[
                 same = info["shape"] == list(mine.shape)
                 if dtype is None:  # not a float tensor: read whole
                     same = same and torch.equal(written.read(key).to(mine.device, mine.dtype), mine)
-                flat, step = mine.reshape(-1), CHECK_CHUNK_BYTES // max(1, dtype.itemsize if dtype else 1)
+                flat, step = mine.reshape(-1), READ_CHUNK_BYTES // max(1, dtype.itemsize if dtype else 1)
                 file.seek(start + info["data_offsets"][0])
                 for first in range(0, mine.numel(), step) if same and dtype is not None else ():
                     count = min(step, mine.numel() - first)
@@ -114,17 +119,17 @@ def _check_tensors(owners: dict[str, Tensor], written: Checkpoint, edited: dict[
 @contextlib.contextmanager
 def _weights_released(owners: dict[str, Tensor], written: Checkpoint, kept: Sequence[str]) -> Iterator[None]:
     """The in-memory weights freed for the block (a reload then fits beside the rest) and given back after:
-    the `kept` ones (the edited W_out, held apart: possibly at a higher precision than written) as they
-    were, the others read back from `written` — which `_check_tensors` proved equal — so the model is as
-    it was, bit for bit."""
+    the `kept` ones (the edited W_out, held apart as copies, possibly at a higher precision than written: a
+    view would keep its source file mapped) as they were, the others mapped from `written` — which
+    `_check_tensors` proved equal — so the model is as it was, bit for bit, and pages in as it is used."""
     released = {key: (tensor.device, tensor.dtype) for key, tensor in owners.items() if tensor.device.type != "meta"}
-    held = {key: owners[key].data for key in kept}
+    held = {key: owners[key].data.clone() for key in kept}
     for key in released:
         owners[key].data = owners[key].data.new_empty(0)
     try:
         yield
     finally:
-        for key, stored in _stream(written, [key for key in released if key not in held]):
+        for key, stored in _mapped(written, [key for key in released if key not in held]):
             device, dtype = released[key]
             owners[key].data = stored.to(device, dtype)
         for key, data in held.items():

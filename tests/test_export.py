@@ -154,9 +154,9 @@ def test_interrupted_export_leaves_no_folder(tmp_path, edited_llama, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-@pytest.mark.parametrize("chunk", [verification_module.CHECK_CHUNK_BYTES, 40])  # 40 bytes: many reads per tensor
+@pytest.mark.parametrize("chunk", [verification_module.READ_CHUNK_BYTES, 40])  # 40 bytes: many reads per tensor
 def test_verification_fails_loudly(tmp_path, edited_llama, monkeypatch, chunk):
-    monkeypatch.setattr(verification_module, "CHECK_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(verification_module, "READ_CHUNK_BYTES", chunk)
     _, bridge = edited_llama
     edit_randomly(bridge, [0], seed=2)  # layer 0 edited too, but not declared
     with pytest.raises(LunarError, match="verification failed"):

@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from lunar_lens.errors import LunarError, first_line
+from lunar_lens.host_memory import economise
 from lunar_lens.progress import quiet
 
 # command -> (module, help); each module defines `add_arguments(parser)` and `run(args)`, and may define
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 2
     name = f"lunar-lens {args.command}"
+    economise()
     aliases = getattr(importlib.import_module(COMMANDS[args.command][0]), "FLAGS", {})
     format_warning, handler = warnings.formatwarning, signal.getsignal(signal.SIGTERM)
     warnings.formatwarning = lambda message, *_, **__: f"{name}: warning: {message}\n"

@@ -59,7 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.figures import save_localisation
     from lunar_lens.outputs import check_output
     from lunar_lens.pipeline import sidecar_path, unlearn
     from lunar_lens.refine import RefineSettings
@@ -82,6 +81,8 @@ def run(args: argparse.Namespace) -> None:
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
     if args.localisation:
+        from lunar_lens.figures import save_localisation  # matplotlib (~25 MB resident) only when figures are asked for
+
         written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
         print("\n".join(f"wrote {path}" for path in written.values()))
     layers = ", ".join(
