@@ -184,6 +184,24 @@ def test_the_reload_runs_while_the_in_memory_weights_are_released(tmp_path, edit
     assert result.verification["tensors_checked"] == len(Checkpoint.open(tmp_path / "out").weight_map)
 
 
+def test_after_the_export_the_weights_are_mapped_from_it_copy_on_write(tmp_path, edited_llama):
+    _, bridge = edited_llama
+    before = {name: p.detach().clone() for name, p in bridge.original_model.named_parameters()}
+    export_checkpoint(bridge, tmp_path / "out", [1])
+    written = Checkpoint.open(tmp_path / "out")
+    sizes = {(tmp_path / "out" / rel).stat().st_size for rel in written.weight_files}
+    edited = w_out_parameter(bridge, 1)
+    mapped = [p for p in bridge.original_model.parameters() if p is not edited]
+    assert all(p.untyped_storage().nbytes() in sizes for p in mapped)  # a view of a whole file, not a copy read in
+    assert edited.untyped_storage().nbytes() == edited.numel() * edited.element_size()  # held apart, its own copy
+    hashes = folder_hashes(tmp_path / "out")
+    with torch.no_grad():
+        mapped[0].zero_()  # copy-on-write: the file keeps its bytes
+        mapped[0].copy_(before[next(name for name, p in bridge.original_model.named_parameters() if p is mapped[0])])
+    assert folder_hashes(tmp_path / "out") == hashes
+    assert all(torch.equal(p, before[name]) for name, p in bridge.original_model.named_parameters())
+
+
 def test_a_model_on_a_device_map_is_verified_on_that_map(tmp_path, edited_llama):
     src, edited = edited_llama
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
