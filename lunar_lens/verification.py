@@ -148,7 +148,9 @@ def verify_export(
     must match those the in-memory model (`original_model`, hooks included: the same code as the reload)
     gave before. The reload uses the in-memory dtype and attention implementation; an edited W_out held at
     a higher precision than the source is compared as written (rounded), and the logit change that
-    rounding causes is recorded. Raises LunarError on a mismatch.
+    rounding causes is recorded. Raises LunarError on a mismatch. Afterwards the model's weights (but the edited
+    W_out) are copy-on-write mappings of the written files: resident as they are used, and the files' space
+    is freed when the model is (writes to the weights never reach the files).
     """
     model = bridge.original_model
     batch = tokenize(bridge.tokenizer, list(prompts)).to(model.device)
