@@ -67,7 +67,8 @@ def _edited_tensor(bridge: TransformerBridge, checkpoint: Checkpoint, layer: int
             f"W_out of layer {layer} is {list(live.shape)} in memory but {key} is {list(source.shape)} in {checkpoint.root}: "
             "export a model loaded (with lunar_lens.model.load_model) from that folder"
         )
-    return EditedTensor(layer, name, key, live.to("cpu", source.dtype).contiguous(), source, live.float().cpu())
+    # copies, never views: a view would keep the loaded file's whole mapping resident through the verification
+    return EditedTensor(layer, name, key, live.to("cpu", source.dtype, copy=True), source, live.to("cpu", torch.float32, copy=True))
 
 
 def _edit_record(edited: EditedTensor, checkpoint: Checkpoint) -> dict:
