@@ -10,10 +10,13 @@ forward pass, in a fresh Python (torch and transformers imported, as lunar-lens 
 is recorded too, but it is no reference: transformers maps safetensors lazily, so before a forward pass most
 weights are not resident (170M fp32: 392 MB after the load, 920 MB after one forward). Prompts: the toy world's (16 forget, 48 retain, 32 reference), the
 refusal given (`--refusal`), `--refine-steps 2` (refinement's memory does not grow with steps).
+With `--device cuda` the model runs on the GPU (the reference moves it there too) and each process also
+reports its peak device memory (`torch.cuda.max_memory_allocated`, MB: `device_peak_mb`).
 Writes results/bench_memory.json and figures/bench_memory.png and prints a markdown table.
 
     .venv/bin/python experiments/bench_memory.py                          # every size, fixed layer and auto
     .venv/bin/python experiments/bench_memory.py --sizes 45M --dtypes float32
+    python experiments/bench_memory.py --device cuda --sizes 1.1B --dtypes bfloat16   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ PHASES = {  # the stage line's start → phase
     "loaded the model": "load", "the model's own refusal": "refusal", "directions from": "directions",
     "edit of W_out": "edit", "choosing the layer": "choice", "export to": "export",
 }
+DEVICE_PEAK = "peak device memory (bytes):"  # the last line of a measured process (`--device cuda`)
+REPORT_DEVICE_PEAK = f"import torch; print({DEVICE_PEAK!r}, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)"
+UNLEARN = "import sys; from lunar_lens.cli.main import main; code = main(sys.argv[1:]); " + REPORT_DEVICE_PEAK + "; sys.exit(code)"
 
 
 def build(name: str, dtype: str, folder: Path) -> dict:
@@ -70,7 +76,8 @@ AutoTokenizer.from_pretrained(checkpoint_path()).save_pretrained({str(folder)!r}
 
 
 def measure(command: list[str], log: Path) -> dict:
-    """Run `command`; its peak RSS (MB), each phase's sampled peak (MB) and seconds."""
+    """Run `command`; its peak RSS (MB), each phase's sampled peak (MB), seconds, and the peak device memory it
+    printed (MB; None when it printed none)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -100,7 +107,8 @@ def measure(command: list[str], log: Path) -> dict:
     log.write_text("".join(lines))
     if status != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed; see {log}:\n{''.join(lines[-20:])}")
-    return {"peak_mb": usage.ru_maxrss / 1024, "phases_mb": phases, "seconds": time.perf_counter() - started}
+    device = next((int(line.split(":")[1]) / 2**20 for line in lines if line.startswith(DEVICE_PEAK)), None)
+    return {"peak_mb": usage.ru_maxrss / 1024, "phases_mb": phases, "seconds": time.perf_counter() - started, "device_peak_mb": device}
 
 
 def write_sets(folder: Path, scale: int = 1) -> dict[str, Path]:
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="size:dtype pairs to leave out, e.g. 1.1B:float32")
     parser.add_argument("--name", default="bench_memory")
     parser.add_argument("--scale", type=int, default=1, help="prompts × this (memory should not grow with them)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: also the peak device memory of each process")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -137,19 +146,20 @@ def main() -> None:
             if f"{name}:{dtype}" in args.skip.split(","):
                 continue
             folder = work / f"llama-{name}-{dtype}"
-            row = {"size": name, "dtype": dtype, "prompt_scale": args.scale, "prompts": {k: len(json.loads(v.read_text())) for k, v in sets.items()},
-                   **build(name, dtype, folder)}
+            row = {"size": name, "dtype": dtype, "device": args.device, "prompt_scale": args.scale,
+                   "prompts": {k: len(json.loads(v.read_text())) for k, v in sets.items()}, **build(name, dtype, folder)}
             row["parameters"] = row["bytes"] // (4 if dtype == "float32" else 2)
-            load = f"import torch, transformers; model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.{dtype})"
-            row["hf_load_only"] = measure([sys.executable, "-c", load], work / f"{folder.name}-hf-load.log")
-            use = load + "; torch.set_grad_enabled(False); model(torch.tensor([[1, 2, 3, 4]]))"
+            load = (f"import torch, transformers; model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, "
+                    f"dtype=torch.{dtype}).to({args.device!r})")
+            row["hf_load_only"] = measure([sys.executable, "-c", f"{load}; {REPORT_DEVICE_PEAK}"], work / f"{folder.name}-hf-load.log")
+            use = f"{load}; torch.set_grad_enabled(False); model(torch.tensor([[1, 2, 3, 4]], device={args.device!r})); {REPORT_DEVICE_PEAK}"
             row["hf_load"] = measure([sys.executable, "-c", use], work / f"{folder.name}-hf.log")
             runs = {"fixed": ["--layer", str(row["layers"] // 2), "--coeff", "4"]}
             if row["parameters"] <= args.auto_up_to:
                 runs["auto"] = ["--layer", "auto", "--coeff", "auto"]
             for run, flags in runs.items():
-                command = [sys.executable, "-m", "lunar_lens", "unlearn", "--model", str(folder), *data, "--out", str(work / f"{folder.name}-{run}"),
-                           *flags, "--refusal", "I don't know.", "--refine-steps", "2", "--dtype", dtype, "--force"]
+                command = [sys.executable, "-c", UNLEARN, "unlearn", "--model", str(folder), *data, "--out", str(work / f"{folder.name}-{run}"),
+                           *flags, "--refusal", "I don't know.", "--refine-steps", "2", "--dtype", dtype, "--device", args.device, "--force"]
                 row[run] = measure(command, work / f"{folder.name}-{run}.log")
                 row[run]["ratio"] = row[run]["peak_mb"] / row["hf_load"]["peak_mb"]
             rows.append(row)
@@ -169,6 +179,8 @@ def table(rows: list[dict]) -> str:
                  f"{row['hf_load_only']['peak_mb']:.0f} ({row['hf_load']['peak_mb']:.0f})",
                  *(f"{fixed['phases_mb'].get(p, float('nan')):.0f}" for p in phases), f"{fixed['peak_mb']:.0f} ({fixed['ratio']:.2f}×)",
                  f"{auto['peak_mb']:.0f} ({auto['ratio']:.2f}×)" if auto else "–"]
+        if fixed.get("device_peak_mb"):  # a --device cuda run: the GPU's peak beside the host's
+            cells[-2] += f"; GPU {fixed['device_peak_mb']:.0f} MB against {row['hf_load']['device_peak_mb']:.0f}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
