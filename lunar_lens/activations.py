@@ -8,8 +8,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from lunar_lens.errors import LunarError
+from lunar_lens.model import n_layers
 from lunar_lens.progress import bar
 from lunar_lens.prompts import TokenBatch, tokenize
 
@@ -46,19 +48,31 @@ def token_batches(
         yield tokenize(tokenizer, [questions[i] for i in picked], None if answers is None else [answers[i] for i in picked])
 
 
+FINAL_NORM_INPUT = "ln_final.hook_in"  # where a pass through every block ends, before the unembedding
+
+
+def _stop(activation: torch.Tensor, hook=None) -> None:
+    raise StopAtLayerException(activation)  # the bridge's forward catches it and returns
+
+
 @torch.no_grad()
 def capture(
     bridge: TransformerBridge, batch: TokenBatch, names: Sequence[str], stop_at_layer: int | None
 ) -> dict[str, Float[torch.Tensor, "batch seq d"]]:
-    """Activations at `names` for one batch, running only the blocks before `stop_at_layer`."""
+    """Activations at `names` for one batch, running only the blocks before `stop_at_layer`. A pass through every
+    block stops at the final norm: the bridge's own `stop_at_layer` cannot stop after the last block, and the
+    vocabulary-wide logits it would compute are most of a pass's memory."""
     device = bridge.cfg.device
-    _, cache = bridge.run_with_cache(
-        batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        names_filter=list(names),
-        stop_at_layer=stop_at_layer,
-        return_cache_object=False,
-    )
+    every_block = stop_at_layer is None or stop_at_layer >= n_layers(bridge)
+    stop = [(FINAL_NORM_INPUT, _stop)] if every_block and FINAL_NORM_INPUT in bridge.hook_dict else []
+    with bridge.hooks(fwd_hooks=stop):
+        _, cache = bridge.run_with_cache(
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            names_filter=list(names),
+            stop_at_layer=None if every_block else stop_at_layer,
+            return_cache_object=False,
+        )
     missing = [n for n in names if n not in cache]
     if missing:
         raise LunarError(f"hook points {missing} were not reached: check the layer index and the model family")

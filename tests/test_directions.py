@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import FAMILIES, tiny_hf_model
 
 from lunar_lens.activations import capture, position_mask, shared_prefix_length, shift_index, token_batches
 from lunar_lens.directions import Directions, compute_directions, residual_means
@@ -40,6 +40,24 @@ def test_batched_padded_activations_equal_per_prompt(bridge):
         real = batch.attention_mask[row].bool()
         for name in names:
             assert torch.allclose(batched[name][row, real], alone[name][0], atol=1e-5), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stop_at_layer", ["n_layers", None])
+def test_a_pass_through_every_block_stops_before_the_unembedding(toy_tokenizer, family, stop_at_layer):
+    bridge = wrap_hf_model(tiny_hf_model(family, len(toy_tokenizer)), toy_tokenizer)
+    last = bridge.cfg.n_layers - 1
+    names = [mlp_post(last), resid_post(last), resid_post(0)]
+    batch = tokenize(bridge.tokenizer, QUESTIONS)
+    unembedded = []
+    handle = bridge.original_model.get_output_embeddings().register_forward_hook(lambda *_: unembedded.append(1))
+    try:
+        cache = capture(bridge, batch, names, stop_at_layer=bridge.cfg.n_layers if stop_at_layer else None)
+    finally:
+        handle.remove()
+    assert unembedded == []
+    _, full = bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names, return_cache_object=False)
+    assert all(torch.equal(cache[name], full[name]) for name in names)
 
 
 def test_mean_residuals_equal_a_slow_reference(bridge):
