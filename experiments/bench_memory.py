@@ -16,6 +16,7 @@ Writes results/bench_memory.json and figures/bench_memory.png and prints a markd
 
     .venv/bin/python experiments/bench_memory.py                          # every size, fixed layer and auto
     .venv/bin/python experiments/bench_memory.py --sizes 45M --dtypes float32
+    .venv/bin/python experiments/bench_memory.py --from-results            # the table and figure again, from the JSON
     python experiments/bench_memory.py --device cuda --sizes 1.1B --dtypes bfloat16   # on a GPU machine
 """
 
@@ -135,7 +136,13 @@ def main() -> None:
     parser.add_argument("--name", default="bench_memory")
     parser.add_argument("--scale", type=int, default=1, help="prompts × this (memory should not grow with them)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: also the peak device memory of each process")
+    parser.add_argument("--from-results", action="store_true", help="only the table and the figure, from results/NAME.json")
     args = parser.parse_args()
+    if args.from_results:
+        rows = json.loads((HERE / "results" / f"{args.name}.json").read_text())
+        print(table(rows))
+        plot(rows, HERE.parent / "figures" / f"{args.name}.png")
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sets = write_sets(work, args.scale)
@@ -186,18 +193,27 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    """Peak memory against size (left) and its ratio to the plain use, with the targets (right)."""
+    figure, (axis, ratios) = plt.subplots(1, 2, figsize=(11, 4.2))
     for dtype, marker in (("float32", "o"), ("bfloat16", "s")):
         mine = sorted((row for row in rows if row["dtype"] == dtype), key=lambda row: row["parameters"])
         if not mine:
             continue
         x = [row["parameters"] / 1e6 for row in mine]
+        auto = [row for row in mine if "auto" in row]
+        x_auto = [row["parameters"] / 1e6 for row in auto]
         axis.plot(x, [row["hf_load"]["peak_mb"] for row in mine], f"k{marker}--", label=f"plain HF load + forward ({dtype})")
         axis.plot(x, [row["fixed"]["peak_mb"] for row in mine], f"C0{marker}-", label=f"unlearn --layer L --out ({dtype})")
-        auto = [row for row in mine if "auto" in row]
-        axis.plot([row["parameters"] / 1e6 for row in auto], [row["auto"]["peak_mb"] for row in auto], f"C1{marker}-", label=f"--layer auto ({dtype})")
+        axis.plot(x_auto, [row["auto"]["peak_mb"] for row in auto], f"C1{marker}-", label=f"--layer auto ({dtype})")
+        ratios.plot(x, [row["fixed"]["ratio"] for row in mine], f"C0{marker}-", label=f"--layer L ({dtype})")
+        ratios.plot(x_auto, [row["auto"]["ratio"] for row in auto], f"C1{marker}-", label=f"--layer auto ({dtype})")
+    for target, colour in ((1.5, "C0"), (2.0, "C1")):
+        ratios.axhline(target, color=colour, linestyle=":", linewidth=1)
     axis.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="peak host RSS (MB)", title="Host memory of unlearn vs a plain load")
+    ratios.set(xscale="log", xlabel="parameters (M)", ylabel="× the plain load's peak", ylim=(1.0, 2.2),
+               title="Ratio to the plain load (dotted: the 1.5× and 2× targets)")
     axis.legend(fontsize=7)
+    ratios.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     print(f"wrote {path}")
