@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import os
 import platform
 
@@ -45,8 +44,8 @@ def economise() -> None:
 
 
 def release_freed() -> None:
-    """Collect unreachable objects and give the heap's free pages back to the system (glibc's malloc_trim)."""
-    gc.collect()
+    """Give the heap's free pages back to the system (glibc's malloc_trim; well under a millisecond). No
+    `gc.collect()`: it took 0.3 s with a model loaded and freed nothing measurable (tensors go by reference count)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
