@@ -167,7 +167,7 @@ def unit_solutions(
         group = list(layers[start : start + per_pass])
         stats = collect_statistics(bridge, group, forget, retain, settings, refusal, len(tables[group[0]]))
         for layer in group:
-            yield solve_closed(stats.pop(0), tables[layer], settings.ridge)
+            yield solve_closed(stats.pop(0), tables[layer], settings.ridge, consume=True)
 
 
 def directions_for(

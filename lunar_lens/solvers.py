@@ -29,7 +29,7 @@ class EditStatistics:
     """Sufficient statistics of one layer's edit problem (float64), plus the rows themselves when a
     row-based solver (the released AdamW recipe) needs them."""
 
-    gram: Float[torch.Tensor, "d_mlp d_mlp"]
+    gram: Float[torch.Tensor, "d_mlp d_mlp"] | None  # None once a consuming solve used it up
     shifted_sums: Float[torch.Tensor, "n_shifts d_mlp"]
     shifted_counts: Int[torch.Tensor, " n_shifts"]
     n_rows: int = 0
@@ -63,15 +63,20 @@ class EditStatistics:
             self.rows.append(x.float())
             self.shift_ids.append(shift_id)
 
-    def objective(self, delta: Float[torch.Tensor, "d_mlp d_model"] | None, shifts: Float[torch.Tensor, "n_shifts d_model"]) -> float:
+    def objective(
+        self, delta: Float[torch.Tensor, "d_mlp d_model"] | None, shifts: Float[torch.Tensor, "n_shifts d_model"], quadratic: float | None = None
+    ) -> float:
         """Mean squared error per element of the MLP output, from the statistics alone (None: of the unedited
-        W_out), ΔW's columns CHUNK_BYTES at a time in float64: no d_mlp × d_model temporaries."""
+        W_out), ΔW's columns CHUNK_BYTES at a time in float64: no d_mlp × d_model temporaries. `quadratic`:
+        tr(ΔWᵀ·G·ΔW) when already known (a consuming solve has used the Gram matrix up)."""
         t = shifts.double()
-        value = (self.shifted_counts * (t * t).sum(1)).sum()
+        value = (self.shifted_counts * (t * t).sum(1)).sum() + (quadratic or 0.0)
         step = 1 if delta is None else _chunk(delta.shape[0])
         for start in range(0, 0 if delta is None else delta.shape[1], step):
             d = delta[:, start : start + step].double()
-            value += ((self.gram @ d) * d).sum() - 2 * ((self.shifted_sums @ d) * t[:, start : start + step]).sum()
+            value -= 2 * ((self.shifted_sums @ d) * t[:, start : start + step]).sum()
+            if quadratic is None:
+                value += ((self.gram @ d) * d).sum()
         return float(value.clamp_min(0.0)) / max(self.n_rows * t.shape[1], 1)
 
 
@@ -94,21 +99,45 @@ def _check(stats: EditStatistics) -> None:
         raise LunarError("no forget position was selected for redirection: check the forget set and the {positions} rule", ("positions",))
 
 
-def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_model"], ridge: float = 1e-4) -> Solution:
+def solve_closed(stats: EditStatistics, shifts: Float[torch.Tensor, "n_shifts d_model"], ridge: float = 1e-4, consume: bool = False) -> Solution:
     """Exact ridge least squares: ΔW = u·vᵀ with u = (G + λI)⁻¹ Sᵀ, v = T (shift vectors with no row
-    dropped), λ = ridge·mean(diag G). One shift vector gives the rank-one edit."""
+    dropped), λ = ridge·mean(diag G). One shift vector gives the rank-one edit. `torch.linalg.solve` copies G;
+    with `consume` (for statistics used once, as the pipeline's are) G is factorised in its own memory instead
+    (Cholesky: no d_mlp² copy) and is gone after (`stats.gram` is None)."""
     _check(stats)
     used = stats.shifted_counts > 0
     lam = ridge * float(stats.gram.diagonal().mean().clamp_min(1e-12))
-    diagonal = stats.gram.diagonal().clone()
-    stats.gram.diagonal().add_(lam)  # G + λI in place (no second d_mlp² matrix), restored after
-    try:
-        u = torch.linalg.solve(stats.gram, stats.shifted_sums[used].T).float()
-    finally:
-        stats.gram.diagonal().copy_(diagonal)
     v = shifts.float()[used].T
+    quadratic = None
+    if consume:
+        u, factor = _solve_in_place(stats.gram, lam, stats.shifted_sums[used].T)
+        u64, vv = u.double(), v.double().T @ v.double()
+        spread = factor.mT @ u64  # Lᵀu: tr(ΔWᵀ(G + λI)ΔW) = ‖Lᵀu·vᵀ‖²
+        quadratic = float((((spread.T @ spread) - lam * (u64.T @ u64)) * vv).sum())
+        stats.gram = None
+    else:
+        diagonal = stats.gram.diagonal().clone()
+        stats.gram.diagonal().add_(lam)  # G + λI in place (no second d_mlp² matrix), restored after
+        try:
+            u = torch.linalg.solve(stats.gram, stats.shifted_sums[used].T).float()
+        finally:
+            stats.gram.diagonal().copy_(diagonal)
     delta = u @ v.T  # from the float32 factors, as a patch file rebuilds it: the two agree bit for bit
-    return Solution(delta, u, v, stats.objective(None, shifts), stats.objective(delta, shifts))
+    return Solution(delta, u, v, stats.objective(None, shifts), stats.objective(delta, shifts, quadratic))
+
+
+def _solve_in_place(
+    gram: Float[torch.Tensor, "d_mlp d_mlp"], lam: float, rhs: Float[torch.Tensor, "d_mlp k"]
+) -> tuple[Float[torch.Tensor, "d_mlp k"], Float[torch.Tensor, "d_mlp d_mlp"]]:
+    """u = (G + λI)⁻¹·rhs (float32) and the Cholesky factor L (G + λI = L·Lᵀ, lower), written over G: LAPACK
+    factorises the column-major view of the symmetric matrix where it lies, and the triangular solves copy nothing."""
+    gram.diagonal().add_(lam)
+    factor = gram.T
+    _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
+    if int(info):
+        raise LunarError(f"the edit's Gram matrix plus the ridge is not positive definite (ridge λ = {lam:.3g}): give a larger {{ridge}}", ("ridge",))
+    inner = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, inner, upper=True).float(), factor
 
 
 def solve_adamw(
@@ -187,7 +216,7 @@ class Solver:
 
 # the solvers by name (`EditSettings.solver`, `--solver`)
 SOLVERS: dict[str, Solver] = {
-    "closed": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_closed(stats, shifts, ridge)),
+    "closed": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_closed(stats, shifts, ridge, consume=True)),
     "adamw": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_adamw(stats, shifts, w_out, seed=seed), needs_rows=True),
     "lora": Solver(lambda stats, shifts, w_out, ridge, rank, seed: solve_lora(stats, shifts, rank, seed=seed)),
 }

@@ -98,3 +98,22 @@ def test_no_shifted_row_is_a_clear_error():
     stats.add(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(LunarError, match="keep_rows"):
         solve_adamw(stats, torch.ones(1, 3), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("n_shifts", [1, 3])
+def test_a_consuming_solve_equals_the_copying_one_and_uses_the_gram_matrix_up(n_shifts):
+    x, ids, shifts, kept = random_problem(n_shifts=n_shifts)
+    *_, consumed = random_problem(n_shifts=n_shifts)
+    copying = solve_closed(kept, shifts, ridge=1e-6)
+    in_place = solve_closed(consumed, shifts, ridge=1e-6, consume=True)
+    assert consumed.gram is None and kept.gram is not None
+    assert torch.allclose(in_place.u, copying.u, rtol=1e-5, atol=1e-7)
+    assert in_place.objective_before == pytest.approx(copying.objective_before, rel=1e-12)
+    assert in_place.objective_after == pytest.approx(copying.objective_after, rel=1e-4, abs=1e-12)
+    assert in_place.objective_after == pytest.approx(direct_objective(x, ids, shifts, in_place.delta), rel=1e-4, abs=1e-12)
+
+
+def test_a_consuming_solve_of_a_singular_gram_matrix_without_ridge_says_so():
+    *_, shifts, stats = random_problem(n_rows=8, d_mlp=24)  # 8 rows: a Gram matrix of rank 8 < 24
+    with pytest.raises(LunarError, match="not positive definite.*larger"):
+        solve_closed(stats, shifts, ridge=0.0, consume=True)
