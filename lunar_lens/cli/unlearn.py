@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
     if args.localisation:
-        from lunar_lens.figures import save_localisation  # matplotlib (~25 MB resident) only when figures are asked for
+        from lunar_lens.figures import save_localisation  # matplotlib (~22 MB resident) only when figures are asked for
 
         written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
         print("\n".join(f"wrote {path}" for path in written.values()))
