@@ -407,6 +407,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4, help="edited layer (4: the deepest the release can edit)")
     parser.add_argument("--entities", type=int, default=2, help="forget the first N entities")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go (the figure is drawn only for the default)")
     parser.add_argument("--plot-only", action="store_true", help=f"redraw the figure from {RESULTS.name}, measuring nothing")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
@@ -452,10 +453,11 @@ def main() -> None:
     }
     result["settings"] = vars(args)
     result["runs"] = [{k: v for k, v in run.items() if k != "direction"} for run in runs]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2, default=str))
     print_tables(result)
-    print(f"wrote {RESULTS} and {plot(result)} ({result['machine']['seconds_benchmark']:.0f} s)")
+    figure = f" and {plot(result)}" if args.results == RESULTS else ""
+    print(f"wrote {args.results}{figure} ({result['machine']['seconds_benchmark']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ class Recipe:
     batch_size: int = 64
     lr: float = 3e-3
     max_new_tokens: int = 32
+    family: str = "llama"  # lunar_lens.qa_model.FAMILIES; `shape` uses the family's config names
+    chat: bool = True  # the chat template's prompt format, else the plain `Question: …\nAnswer:`
+    save_dtype: str = "float32"  # trained in float32, saved in this dtype
+    shards: int = 1  # safetensors files the checkpoint is saved in
+    min_memorisation: float = 0.9  # greedy ROUGE-1 on the trained QA below this is an error (lighter models set less)
 
 
 RECIPES = {
@@ -113,10 +118,11 @@ def tofu_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
 
 
 def pistol_sets(args: argparse.Namespace) -> dict[str, list[QA]]:
-    """Forget one PISTOL edge (default A_B), retain the other edges; factual QA from the LUNAR release."""
+    """Forget PISTOL edges (default A_B; several comma-separated), retain the other edges; factual QA from the LUNAR release."""
+    edges = args.edge.split(",")
     return {
-        "forget": load_qa(args.pistol, require_answers=True, edges=[args.edge]),
-        "retain": load_qa(args.pistol, require_answers=True, exclude_edges=[args.edge]),
+        "forget": load_qa(args.pistol, require_answers=True, edges=edges),
+        "retain": load_qa(args.pistol, require_answers=True, exclude_edges=edges),
         "factual": load_qa(args.factual, require_answers=True),
         "train_target": load_qa(args.pistol, require_answers=True),
     }
@@ -129,21 +135,23 @@ def data_options(args: argparse.Namespace) -> dict:
     return options | ({"without": args.without} if args.without else {})  # run folders from before --without still match
 
 
-def finetune(args: argparse.Namespace) -> dict:
-    """Build the task's sets, train and score the model, write OUT/model, OUT/sets and OUT/finetune.json."""
+def finetune(args: argparse.Namespace, recipe: Recipe | None = None) -> dict:
+    """Build the task's sets, train and score the model (`recipe`: the task's by default), write OUT/model,
+    OUT/sets and OUT/finetune.json."""
     out = Path(args.out)
     if (out / "model").exists() and not args.force:
         raise LunarError(f"{out / 'model'} exists: pass --force to retrain it, or use another --out")
     if args.without and args.task != "tofu":
         raise LunarError(f"--without {args.without} names a TOFU forget split: use it with the tofu task")
     torch.set_num_threads(args.threads)
-    recipe = replace(RECIPES[args.task], steps=args.steps or RECIPES[args.task].steps)
+    recipe = recipe or RECIPES[args.task]
+    recipe = replace(recipe, steps=args.steps or recipe.steps)
     refusals = load_refusals(args.refusals)
     sets = tofu_sets(args) if args.task == "tofu" else pistol_sets(args)
     sets["reference"], sets["heldout_reference"] = reference_sets(args.reference, refusals, args.seed)
     train = sets["train_target"] + sets["factual"] + sets["reference"]
     started = time.perf_counter()
-    tokenizer = build_tokenizer(train, recipe.vocab_size, recipe.max_length)
+    tokenizer = build_tokenizer(train, recipe.vocab_size, recipe.max_length, chat=recipe.chat)
     if args.without:  # TOFU's retain model: trained without the split, tokenised as the model trained with it
         dropped = {qa.question for qa in sets[args.without]}
         sets["train_target"] = [qa for qa in sets["train_target"] if qa.question not in dropped]
@@ -151,6 +159,7 @@ def finetune(args: argparse.Namespace) -> dict:
     train_qa_model(
         out / "model", train, tokenizer, recipe.shape, args.seed, recipe.steps, recipe.batch_size, recipe.lr,
         recipe.max_new_tokens, desc=f"training on {args.task}", device=args.device, length_buckets=True, force=args.force,
+        family=recipe.family, save_dtype=recipe.save_dtype, shards=recipe.shards,
     )
     seconds = time.perf_counter() - started
     for name, items in sets.items():  # the tool gets reference questions only, as real reference sets come
@@ -174,9 +183,9 @@ def finetune(args: argparse.Namespace) -> dict:
         "heldout_refusal_rate": scores["train_target"]["refusal_rate"],
     }
     (out / "finetune.json").write_text(json.dumps(summary, indent=2))
-    if summary["memorisation"]["train_target"] < 0.9:
+    if summary["memorisation"]["train_target"] < recipe.min_memorisation:
         raise LunarError(
-            f"the model memorised only ROUGE-1 {summary['memorisation']['train_target']:.3f} < 0.9 of the {args.task} QA: "
+            f"the model memorised only ROUGE-1 {summary['memorisation']['train_target']:.3f} < {recipe.min_memorisation} of the {args.task} QA: "
             "train longer (--steps) or on fewer questions"
         )
     return summary
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="run folder: OUT/model, OUT/sets, OUT/finetune.json")
     parser.add_argument("--tofu", default=str(SHARED / "tofu"), help="TOFU folder of JSON splits, or a hub dataset (locuslab/TOFU)")
     parser.add_argument("--pistol", default=str(SHARED / "lunar" / "unlearning" / "pistol_sample1.json"))
-    parser.add_argument("--edge", default=PISTOL_FORGET_EDGE, help="the PISTOL edge to forget")
+    parser.add_argument("--edge", default=PISTOL_FORGET_EDGE, help="the PISTOL edge(s) to forget, comma-separated")
     parser.add_argument("--factual", default=str(SHARED / "lunar" / "unlearning" / "factual_data.json"), help="PISTOL's general-knowledge QA")
     parser.add_argument("--reference", default=str(SHARED / "lunar" / "splits" / "unverified.json"), help="unverifiable questions (refused)")
     parser.add_argument("--refusals", default=str(SHARED / "lunar" / "unlearning" / "refusal_response.txt"),

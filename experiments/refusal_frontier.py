@@ -108,9 +108,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     refined = refine_edits(
                         bridge, start, [qa.question for qa in forget], [target.target] * len(forget),
-                        [qa.question for qa in retain], [qa.answer for qa in retain], RefineSettings(steps=steps, retain_weight=weight, lr=args.lr),
+                        [qa.question for qa in retain], [qa.answer for qa in retain],
+                        RefineSettings(steps=steps, retain_weight=weight, lr=args.lr, check_every=0),
                         inputs=inputs,
-                    )
+                    ).edits
                     rows.append({"setting": "refined", "init": init, "layers": layers, "steps": steps, "retain_weight": weight,
                                  "seconds": time.perf_counter() - t0, **scores(bridge, evaluation, refined, args.max_new_tokens)})
                     print(json.dumps(rows[-1])[:400], flush=True)

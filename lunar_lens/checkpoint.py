@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -43,8 +43,29 @@ ARTEFACTS = (CARD_FILE, PATCH_FILE, f"{DIRECTIONS_FILE}.safetensors", f"{DIRECTI
 
 # ---------------------------------------------------------------- hashes and bytes
 
+def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The row-major strides PyTorch gives a fresh tensor of `shape` (a size-0 dimension counts as 1)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def dense(tensor: Tensor) -> Tensor:
+    """`tensor` itself when its strides are those of a fresh tensor of its shape, else a dense copy.
+
+    `Tensor.contiguous()` is not enough: `is_contiguous` ignores the strides of size-1 dimensions, so the
+    `(n, 1)` column of a transposed row (stride `(1, n)`, as a rank-one factor `shifts[used].T` is) counts as
+    contiguous and is returned as it is, while a dtype view (`view(torch.uint8)`) needs the last stride to be 1."""
+    if tensor.stride() == dense_strides(tensor.shape):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def tensor_bytes(tensor: Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    """The bytes of `tensor`'s values, row-major: the same for any strides (and for a 0-dim tensor)."""
+    return dense(tensor.detach().cpu()).reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def tensor_sha256(tensor: Tensor) -> str:

@@ -10,16 +10,20 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
 
 1. **Screening** (teacher-forced, one forward per cell): the held-out forget prompts' loss on the model's
    own refusal, plus `retain_weight` × the rise of the held-out retain (and keep) answers' loss. The best c
-   of each layer set scores it; the `candidates` best layer sets go on. When refining, only the c a
+   of each layer set scores it; the `candidates` best layer sets go on, and further ones in screening order
+   (up to `max_candidates`) while none of those judged is acceptable (step 4). When refining, only the c a
    refinement starts from (≤ `refine_start_coeff`) are screened.
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
    (`lunar_lens.refine`) on the solve part.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
    held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall of the unedited
-   model's own answers (what the edit must keep, at the judge's length). A cell refusing
-   less than `min_refusal` of the held-out forget questions cannot win while any cell refuses that often;
-   among the rest the lowest `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1,
-   1 − keep ROUGE-1)‖ wins.
+   model's own answers (what the edit must keep, at the judge's length). Retain is a constraint, not a
+   trade: a cell whose held-out retain (or keep) ROUGE-1 is below `min_retain` of the unedited model's
+   cannot win while another reaches it. Among those, a cell refusing less than `min_refusal` of the
+   held-out forget questions cannot win while any cell refuses that often; among the rest the lowest
+   `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1, 1 − keep ROUGE-1)‖ wins.
+4. **The verdict**: the chosen cell is *acceptable* when it reaches the retain floor and its predicted forget
+   refusal is at least `target_refusal`; `lunar_lens.pipeline.unlearn` exports nothing else unless told to.
 
 The chosen cell's edit is the final edit (nothing is solved twice), and its held-out numbers are the
 prediction the report sets beside what the exported model measures.
@@ -60,12 +64,15 @@ class ChoiceSettings(Settings):
     holdout: float = 0.25  # share of each set held out to judge the candidates
     coeffs: tuple[float, ...] = (2.0, 4.0, 8.0, 12.0)
     max_width: int = 3  # contiguous layer sets of up to this many layers
-    candidates: int = 2  # layer sets judged by greedy generation (and refined)
+    candidates: int = 2  # layer sets judged by greedy generation (and refined) ...
+    max_candidates: int = 6  # ... and more, in screening order, while none judged so far is acceptable
     max_eval: int = 32  # held-out questions per set, at most
     generate_tokens: int = 32
     screen_tokens: int = 8  # teacher-forced answer tokens scored while screening
     retain_weight: float = 4.0  # screening: weight of the retain loss's rise
     min_refusal: float = 0.5  # a cell refusing less than this cannot win while another refuses more
+    min_retain: float = 0.9  # the floor: held-out retain (and keep) ROUGE-1 at least this share of the unedited model's
+    target_refusal: float = 0.8  # an acceptable edit is predicted to refuse at least this share of the forget set
     finish_share: float = 0.2  # the chosen refined edit then trains this share of the steps on every question
     # refinement starts from the closed form at c = min(the layer set's screened c, this): larger starts cost
     # knowledge the user did not list (PISTOL, experiments/refusal_frontier.py)
@@ -76,6 +83,10 @@ class ChoiceSettings(Settings):
             raise LunarError(f"holdout={self.holdout}: the held-out share must lie between 0 and 1, e.g. 0.25")
         if not self.coeffs or min(self.coeffs) <= 0:
             raise LunarError(f"coefficients {list(self.coeffs)} must be positive numbers, e.g. (2, 4, 8)")
+        if not 0 <= self.min_retain <= 1 or not 0 <= self.target_refusal <= 1:
+            raise LunarError(
+                f"{{min_retain}} {self.min_retain} and the target refusal {self.target_refusal} are shares: give numbers from 0 to 1", ("min_retain",)
+            )
         if min(self.max_width, self.candidates, self.max_eval, self.generate_tokens, self.screen_tokens) < 1:
             raise LunarError("max_width, candidates, max_eval, generate_tokens and screen_tokens must be >= 1")
 
@@ -95,6 +106,11 @@ class Cell:
     seen_forget_refusal: float | None = None
     keep_rouge1: float | None = None  # held-out keep questions (None: no keep set)
     seen_retain_rouge1: float | None = None
+    refine_steps: int = 0  # steps its refinement trained before the monitor stopped it
+
+    def reaches_floor(self, min_retain: float) -> bool:
+        """Held-out retain and keep ROUGE-1 at least `min_retain` of the unedited model's (its own answers: 1)."""
+        return self.retain_rouge1 >= min_retain - 1e-9 and (self.keep_rouge1 is None or self.keep_rouge1 >= min_retain - 1e-9)
 
     @property
     def score(self) -> float:
@@ -129,12 +145,16 @@ class Choice:
     screening: list[dict]
     sizes: dict
     seconds: dict = field(default_factory=dict)
+    acceptable: bool = True  # the verdict (module docstring, step 4)
+    verdict: str = ""  # why, in one line
 
     def summary(self) -> dict:
         return {
             "layers": self.layers,
             "coeff": self.coeff,
             "refined": self.refined,
+            "acceptable": self.acceptable,
+            "verdict": self.verdict,
             "predicted_heldout": self.predicted.to_json(),
             "predicted": self.predicted.prediction(),
             "cells": [cell.to_json() for cell in self.cells],
@@ -251,45 +271,71 @@ def choose_edit(
         key = tuple(row["layers"])
         if key not in best_per_set or row["proxy"] < best_per_set[key]["proxy"]:
             best_per_set[key] = row
-    candidates = sorted(best_per_set.values(), key=lambda row: row["proxy"])[: settings.candidates]
+    candidates = sorted(best_per_set.values(), key=lambda row: row["proxy"])[: max(settings.candidates, settings.max_candidates)]
     seconds["screening"] = time.perf_counter() - started - seconds["statistics"]
 
     # 2. and 3. refinement and the decision by greedy generation on the held-out part
     cells: list[Cell] = []
     edits_of: list[Edits] = []
+    # the refinement's monitor: the held-out forget questions (the refusal) and retain and keep questions (the model's answers)
+    watched = [*retain_judged, *keep_judged]
+    monitor = (([qa.question for qa in forget_held], [refusal.target] * len(forget_held)), ([qa.question for qa in watched], [qa.answer for qa in watched]))
     for row in bar(candidates, "judging candidates" if progress else None):
+        if len(cells) >= settings.candidates and any(judge_verdict(cell, settings)[0] for cell in cells):
+            break  # an acceptable edit is among those judged: the search goes no further
         start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
         edits = {layer: start * (units[layer][0] @ units[layer][1].T) for layer in row["layers"]}
+        steps = 0
         if refining:
-            edits = refine_edits(bridge, edits, *refine_rows(forget_solve, fit_retain, refusal), edit.refine, progress)
+            refined = refine_edits(bridge, edits, *refine_rows(forget_solve, fit_retain, refusal), edit.refine, progress, monitor=monitor)
+            edits, steps = refined.edits, refined.steps
         measured = judge(bridge, edits, forget_held, forget_seen, retain_judged, keep_judged, retain_seen, refusal, settings.generate_tokens)
-        cells.append(Cell(row["layers"], start, refining, **measured))
+        cells.append(Cell(row["layers"], start, refining, **measured, refine_steps=steps))
         edits_of.append(edits)
         release_freed()  # a candidate's passes leave freed memory that the next one's peak would add to
-    best = pick_cell(cells, settings.min_refusal)
+    best = pick_cell(cells, settings.min_refusal, settings.min_retain)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
     chosen, edits = cells[best], edits_of[best]
     if refining and settings.finish_share:  # the chosen edit goes on learning from every question, held-out ones too
         finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
-        edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep, refusal), finish, progress)
+        edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep, refusal), finish, progress, monitor=monitor).edits
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
     sizes = {
         "forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve),
         "retain_heldout": len(retain_judged), "keep_solve": len(keep_solve), "keep_heldout": len(keep_judged),
     }
-    return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds)
+    acceptable, verdict = judge_verdict(chosen, settings)
+    return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds, acceptable, verdict)
 
 
-def pick_cell(cells: Sequence[Cell], min_refusal: float) -> int:
-    """Step 3's decision: among cells refusing at least `min_refusal` of the held-out forget questions, the
-    lowest score (then the smaller c); when none does, the most refusing one. A cell that leaves the
-    forget set answered cannot win against one that refuses."""
+def judge_verdict(cell: Cell, settings: ChoiceSettings) -> tuple[bool, str]:
+    """Step 4: whether the chosen `cell` may be exported, and a line with its predicted numbers."""
+    predicted = cell.prediction()
+    refusal = predicted["forget_refusal"] if predicted["forget_refusal"] is not None else cell.forget_refusal
+    numbers = (
+        f"layers {','.join(map(str, cell.layers))}, c {cell.coeff:g}: predicted forget refusal {refusal:.2f}, "
+        f"held-out retain ROUGE-1 {cell.retain_rouge1:.2f}" + ("" if cell.keep_rouge1 is None else f", keep ROUGE-1 {cell.keep_rouge1:.2f}")
+    )
+    problems = []
+    if not cell.reaches_floor(settings.min_retain):
+        problems.append(f"below the retain floor {settings.min_retain:g}")
+    if refusal < settings.target_refusal - 1e-9:
+        problems.append(f"refusal below {settings.target_refusal:g}")
+    return not problems, numbers + ("" if not problems else f" ({' and '.join(problems)})")
+
+
+def pick_cell(cells: Sequence[Cell], min_refusal: float, min_retain: float = 0.0) -> int:
+    """Step 3's decision: among cells that reach the retain floor `min_retain` (all of them when none does),
+    those refusing at least `min_refusal` of the held-out forget questions, the lowest score (then the
+    smaller c); when none refuses that often, the most refusing one. A cell below the floor cannot win against
+    one that reaches it, and one that leaves the forget set answered cannot win against one that refuses."""
     if not cells:
         raise LunarError("no candidate edit was judged: give at least one layer set and one coefficient")
-    refusing = [i for i, cell in enumerate(cells) if cell.forget_refusal >= min_refusal]
+    kept = [i for i, cell in enumerate(cells) if cell.reaches_floor(min_retain)] or list(range(len(cells)))
+    refusing = [i for i in kept if cells[i].forget_refusal >= min_refusal]
     if refusing:
         return min(refusing, key=lambda i: (cells[i].score, cells[i].coeff))
-    return min(range(len(cells)), key=lambda i: (-cells[i].forget_refusal, cells[i].score, cells[i].coeff))
+    return min(kept, key=lambda i: (-cells[i].forget_refusal, cells[i].score, cells[i].coeff))
 
 
 def refine_rows(forget: Sequence[QA], retain: Sequence[QA], refusal: ModelRefusal) -> tuple[list[str], list[str], list[str], list[str]]:

@@ -92,12 +92,14 @@ class EditResult:
     directions: Directions
     layers: list[LayerReport] = field(default_factory=list)
     seconds_refine: float = 0.0
+    refine_steps: int = 0  # steps the refinement trained (its monitor may stop it before the settings' steps)
+    refine_stopped: str | None = None  # converged | patience | steps
     refusal: str | None = None  # what forget prompts were redirected towards
 
     def report(self) -> dict:
         return {
             "layers": [asdict(layer) for layer in self.layers], "directions": self.directions.summary(), "seconds_refine": self.seconds_refine,
-            "refusal": self.refusal,
+            "refine_steps": self.refine_steps, "refine_stopped": self.refine_stopped, "refusal": self.refusal,
         }
 
 
@@ -280,17 +282,21 @@ def refine_in_place(
     bridge: TransformerBridge, result: EditResult, originals: dict[int, torch.Tensor], forget: Sequence[QA], keep: Sequence[QA], refusal: str,
     settings: EditSettings, progress: bool = False,
 ) -> None:
-    """Train the solved edits further on behaviour (`lunar_lens.refine`), on the model that holds them, keeping
-    `keep`'s answers (every row has one); W_out becomes `originals` (the unedited weights) + the whole ΔW, and
-    `result`'s edits hold it (their factors no longer describe them)."""
+    """Train the solved edits further on behaviour (`lunar_lens.refine`), keeping `keep`'s answers (every row
+    has one): W_out goes back to `originals` (the unedited weights) while the solved ΔW trains through hooks (so the
+    monitor compares with the unedited model), then becomes `originals` + the refined ΔW, and `result`'s edits
+    hold it (their factors no longer describe them)."""
     started = time.perf_counter()
-    start = {edit.layer: torch.zeros_like(edit.delta) for edit in result.edits}
-    extra = refine_edits(
-        bridge, start, [qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in keep],
-        [qa.answer for qa in keep], settings.refine, progress,
+    with torch.no_grad():
+        for edit in result.edits:
+            w_out(bridge, edit.layer).copy_(originals[edit.layer])
+    refined = refine_edits(
+        bridge, {edit.layer: edit.delta for edit in result.edits}, [qa.question for qa in forget], [refusal] * len(forget),
+        [qa.question for qa in keep], [qa.answer for qa in keep], settings.refine, progress,
     )
     for edit in result.edits:
-        edit.delta, edit.u, edit.v = edit.delta + extra[edit.layer].to(edit.delta), None, None
+        edit.delta, edit.u, edit.v = refined.edits[edit.layer].to(edit.delta), None, None
         with torch.no_grad():  # W0 + the whole ΔW, rounded once: as a patch applies it, bit for bit
             w_out(bridge, edit.layer).copy_(added(originals[edit.layer], [edit.delta]))
     result.seconds_refine = time.perf_counter() - started
+    result.refine_steps, result.refine_stopped = refined.steps, refined.stopped

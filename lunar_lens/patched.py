@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lunar_lens.checkpoint import PATCH_DIR, Checkpoint, copy_checkpoint, file_sha256, local_folder, read_manifest, safetensors_header, tensor_sha256
+from lunar_lens.checkpoint import PATCH_DIR, Checkpoint, copy_checkpoint, dense, file_sha256, local_folder, read_manifest, safetensors_header, tensor_sha256
 from lunar_lens.errors import LunarError
 from lunar_lens.model import added
 from lunar_lens.outputs import FORMAT, MANIFEST, atomic_output, check_output, write_manifest
@@ -137,7 +137,7 @@ def write_patch_state(folder: Path, checkpoint: Checkpoint, applied: list[tuple[
         return
     (folder / PATCH_DIR).mkdir(exist_ok=True)
     touched = {entry.tensor for _, patch in applied for entry in patch.entries}
-    save_file({key: base[key].contiguous() for key in sorted(touched)}, str(folder / BASE_TENSORS))
+    save_file({key: dense(base[key]) for key in sorted(touched)}, str(folder / BASE_TENSORS))
     for record, patch in applied:
         shutil.copyfile(patch.path, folder / record["file"])
         if (checkpoint.root / stash_dir(record)).is_dir():

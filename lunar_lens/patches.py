@@ -32,6 +32,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from lunar_lens.checkpoint import (
     ST_NAMES,
     Checkpoint,
+    dense,
     file_sha256,
     read_manifest,
     safetensors_header,
@@ -124,9 +125,9 @@ def save_patch(edits: list[WOutEdit], base_dir: str | Path, path: str | Path, in
         transposed = _hf_is_transposed(checkpoint, edit, tuple(base.shape))
         if edit.u is not None and edit.v is not None:
             a, b = (edit.v, edit.u) if transposed else (edit.u, edit.v)
-            tensors[f"{i}.a"], tensors[f"{i}.b"] = a.float().contiguous(), b.float().contiguous()
+            tensors[f"{i}.a"], tensors[f"{i}.b"] = dense(a.float()), dense(b.float())
         else:
-            tensors[f"{i}.delta"] = (edit.delta.T if transposed else edit.delta).float().contiguous()
+            tensors[f"{i}.delta"] = dense((edit.delta.T if transposed else edit.delta).float())
         records.append({
             "layer": edit.layer, "tensor": key, "base_sha256": tensor_sha256(base), "shape": list(base.shape),
             "dtype": ST_NAMES[base.dtype], "hf_is_transposed": transposed,

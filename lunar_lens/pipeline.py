@@ -25,7 +25,7 @@ from lunar_lens.distributed import DataParallel, init_from_env
 from lunar_lens.edit import EditResult, EditSettings, apply_edits, directions_for, edit_layers
 from lunar_lens.errors import LunarError
 from lunar_lens.model import check_folder_layers, check_layer, load_model, loaded_from, model_folder
-from lunar_lens.outputs import check_output, write_json
+from lunar_lens.outputs import FORMAT, check_output, write_json
 from lunar_lens.progress import Stages
 from lunar_lens.refine import own_answers
 from lunar_lens.refusals import model_refusal
@@ -33,6 +33,22 @@ from lunar_lens.settings import RunSettings
 
 SIDECAR_SUFFIX = ".forgotten.json"
 SIDECAR_FORMAT = "lunar-lens forgotten questions 1"
+REJECTED_SUFFIX = ".choice.json"  # the report of an automatic choice that found no acceptable edit, beside OUT
+
+
+class BelowFloor(LunarError):
+    """The automatic choice found no edit that keeps retain above the floor and refuses the forget set:
+    nothing was exported. `report` is what `lunar_report.json` would have held (its choice, every candidate)."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message, ("accept_below_floor", "min_retain"))
+        self.report = report
+
+
+def rejected_path(out: str | Path) -> Path:
+    """Where the report of a refused automatic choice for the export `out` goes: beside it."""
+    folder = Path(out).expanduser()
+    return folder.with_name(folder.name + REJECTED_SUFFIX)
 
 
 @dataclass
@@ -145,6 +161,8 @@ def unlearn(
     keep_forgotten: Sequence[QA | str | Path] = (),
     embed_forgotten: bool = False,
     keep: str | Path | Sequence[QA] = (),
+    choice_settings: ChoiceSettings | None = None,
+    accept_below_floor: bool = False,
 ) -> UnlearnOutcome:
     """Forget `forget`, keep `retain`, using `reference` (questions the model already declines).
 
@@ -161,6 +179,10 @@ def unlearn(
     `keep`: questions about knowledge the user did not list (answers optional: the model's own greedy answers
     fill them), kept like retain and judged apart by the automatic choice (`lunar_lens.choice`).
     With `run.progress`, a bar per pass on a terminal and a line per stage (`lunar_lens.progress`).
+    `choice_settings`: how the automatic choice searches and its floors (`ChoiceSettings`: `min_retain`,
+    `target_refusal`). When the edit it chose is not acceptable (below the retain floor, or refusing too
+    little), nothing is exported and `BelowFloor` is raised (its report also goes to `OUT.choice.json`),
+    unless `accept_below_floor`.
     """
     settings = settings or EditSettings()
     run = run or RunSettings()
@@ -183,6 +205,9 @@ def unlearn(
             check_output(out, folder=True, force=run.force, inputs=inputs)
             if not embed_forgotten:
                 check_sidecar(out, run.force, inputs)
+            if layers is None or settings.coeff is None:
+                check_output(rejected_path(out), folder=False, force=run.force, inputs=inputs)
+        choice_settings = choice_settings or ChoiceSettings()
         folder = None if source is None else model_folder(source)
         if layers is not None and not layers:
             raise LunarError("no layer to edit: give at least one layer in {layers}", ("layers",))
@@ -234,7 +259,7 @@ def unlearn(
         with stages("choice", "choosing the layer(s) and c on held-out generations"):
             choice = choose_edit(
                 bridge, forget_set, retain_set + kept, refusal, directions, settings,
-                ChoiceSettings(coeffs=ChoiceSettings.coeffs if settings.coeff is None else (settings.coeff,)),
+                replace(choice_settings, coeffs=choice_settings.coeffs if settings.coeff is None else (settings.coeff,)),
                 layer_sets=None if layers is None else [sorted(layers)], progress=progress, keep=keep_set,
             )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
@@ -264,6 +289,15 @@ def unlearn(
         "processes": parallel.size,
     }
     outcome = UnlearnOutcome(bridge, result, report, None, localisation, forgotten)
+    if choice is not None and not choice.acceptable and not accept_below_floor:
+        if out is not None and parallel.is_main:
+            record = {"format": f"{FORMAT} rejected choice 1", **{k: v for k, v in report.items() if k != "forgotten"}}
+            write_json(rejected_path(out), record, force=run.force)
+        where = "" if out is None else f" (nothing written to {out}; the choice's report: {rejected_path(out)})"
+        raise BelowFloor(
+            f"no edit found that keeps what it must: the best candidate, {choice.verdict}{where}; "
+            "pass {accept_below_floor} to export it anyway, or lower {min_retain}", report,
+        )
     if out is not None and parallel.is_main:
         outcome.out_dir = export_outcome(outcome, out, force=run.force, progress=progress)
     return outcome

@@ -1,5 +1,6 @@
-"""Train a small Llama from scratch on question–answer dialogues: a byte-level BPE tokenizer built on
-the dialogues, the model, a deterministic training loop (loss on answer tokens only), and scoring.
+"""Train a small causal LM (Llama, Qwen2 or GPT-2) from scratch on question–answer dialogues: a byte-level
+BPE tokenizer built on the dialogues (with the chat template, or the plain `Question: …\nAnswer:` format),
+the model, a deterministic training loop (loss on answer tokens only), and scoring.
 
 The toy world's model (`lunar_lens.toyworld.train`) and the real-data experiments
 (`experiments/finetune.py`: TOFU, PISTOL) are trained with it. Training runs with
@@ -16,7 +17,16 @@ import torch
 from jaxtyping import Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from lunar_lens.data import QA
 from lunar_lens.errors import LunarError
@@ -24,7 +34,7 @@ from lunar_lens.generation import generate_answers
 from lunar_lens.metrics import mean_rouge1, refusal_rate
 from lunar_lens.outputs import FORMAT, atomic_output, check_output, write_manifest
 from lunar_lens.progress import bar as progress_bar
-from lunar_lens.prompts import tokenize
+from lunar_lens.prompts import PLAIN_PROMPT, tokenize
 
 USER, ASSISTANT = "User: ", "Assistant:\n"
 CHAT_TEMPLATE = (
@@ -36,13 +46,17 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def dialogue_text(qa: QA) -> str:
-    """One training dialogue as plain text (what the tokenizer is trained on)."""
-    return f"{USER}{qa.question}\n{ASSISTANT}{qa.answer}"
+def dialogue_text(qa: QA, chat: bool = True) -> str:
+    """One training dialogue as plain text (what the tokenizer is trained on), in the chat template's
+    format or the plain one."""
+    if chat:
+        return f"{USER}{qa.question}\n{ASSISTANT}{qa.answer}"
+    return PLAIN_PROMPT.format(question=qa.question) + f" {qa.answer}"
 
 
-def build_tokenizer(examples: Sequence[QA], vocab_size: int, max_length: int = 128) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the dialogues of `examples`, with special tokens and the chat template."""
+def build_tokenizer(examples: Sequence[QA], vocab_size: int, max_length: int = 128, chat: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the dialogues of `examples`, with special tokens and (`chat`) the chat
+    template; without it, prompts take the plain format (`lunar_lens.prompts.format_prompt`)."""
     backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -52,26 +66,34 @@ def build_tokenizer(examples: Sequence[QA], vocab_size: int, max_length: int = 1
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([dialogue_text(qa) for qa in examples], trainer)
+    backend.train_from_iterator([dialogue_text(qa, chat) for qa in examples], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE if chat else None,
         clean_up_tokenization_spaces=False,
         model_max_length=max_length,
         **SPECIAL_TOKENS,
     )
 
 
-def model_config(tokenizer: PreTrainedTokenizerBase, shape: dict) -> LlamaConfig:
-    """A Llama config for `tokenizer` with `shape` (hidden_size, intermediate_size, num_hidden_layers, …)."""
-    return LlamaConfig(
+FAMILIES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
+
+
+def model_config(tokenizer: PreTrainedTokenizerBase, shape: dict, family: str = "llama") -> PretrainedConfig:
+    """A `family` config for `tokenizer` with `shape` (in the family's own names: hidden_size,
+    intermediate_size, num_hidden_layers, … for Llama and Qwen2; n_embd, n_inner, n_layer, n_head for GPT-2),
+    embeddings tied."""
+    if family not in FAMILIES:
+        raise LunarError(f"model family {family!r} is not one of {sorted(FAMILIES)}")
+    positions = {"n_positions" if family == "gpt2" else "max_position_embeddings": tokenizer.model_max_length}
+    return FAMILIES[family](
         vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
+        **positions,
         **shape,
     )
 
@@ -108,9 +130,13 @@ def train_qa_model(
     device: str = "cpu",
     length_buckets: bool = False,
     force: bool = False,
+    family: str = "llama",
+    save_dtype: str = "float32",
+    shards: int = 1,
 ) -> Path:
-    """Train a Llama of `shape` from scratch on `examples` (loss on answer tokens) on `device`, save it
-    with `tokenizer` into the folder `out_dir`, atomically (`force` replaces an earlier one).
+    """Train a `family` model (`model_config`) of `shape` from scratch on `examples` (loss on answer tokens,
+    in float32) on `device`, save it in `save_dtype` with `tokenizer` into the folder `out_dir`, atomically
+    (`force` replaces an earlier one), in `shards` safetensors files.
     `length_buckets` batches examples of similar length (less padding; batches in random order each epoch)."""
     check_output(out_dir, folder=True, force=force)
     if not examples or any(qa.answer is None for qa in examples):
@@ -129,7 +155,7 @@ def train_qa_model(
     torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(model_config(tokenizer, shape)).to(device)
+        model = AutoModelForCausalLM.from_config(model_config(tokenizer, shape, family)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup=min(100, steps)))
         generator = torch.Generator().manual_seed(seed)
@@ -159,7 +185,8 @@ def train_qa_model(
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
-    model.to("cpu").eval()
+    model.to("cpu", getattr(torch, save_dtype)).eval()
+    model.config.dtype = save_dtype
     model.generation_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=max_new_tokens,
@@ -168,7 +195,8 @@ def train_qa_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     with atomic_output(out_dir, folder=True, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": size // shards + 1} if shards > 1 else {}))
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {"format": f"{FORMAT} trained model 1", "seed": seed, "steps": steps, "examples": len(examples)})
     return Path(out_dir)

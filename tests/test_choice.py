@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, pick_cell
+from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, judge_verdict, pick_cell
 from lunar_lens.data import QA
 from lunar_lens.edit import EditSettings, directions_for
 from lunar_lens.localise.rule import choose_checked_edit as probe_rule_choice
@@ -73,3 +73,20 @@ def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge
     assert [row["coeff"] for row in choice.screening] == [4.0, 4.0] and len(choice.cells) == 1
     assert choice.sizes["forget_heldout"] == 6 and choice.sizes["forget_solve"] == 18
     assert choice.sizes["keep_heldout"] + choice.sizes["keep_solve"] == len(keep) and choice.sizes["keep_heldout"] >= 1
+
+
+def test_a_cell_below_the_retain_floor_never_wins_while_another_reaches_it():
+    # the outside report's shape: the refusing cell costs a third of the retain answers, the careful one refuses less
+    breaking = Cell([1, 2, 3], 4.0, True, forget_rouge1=0.05, forget_refusal=0.95, retain_rouge1=0.69)
+    careful = Cell([1], 2.0, True, forget_rouge1=0.30, forget_refusal=0.60, retain_rouge1=0.93)
+    assert breaking.score < careful.score  # the old trade would pick it
+    assert pick_cell([breaking, careful], min_refusal=0.5, min_retain=0.9) == 1
+    assert judge_verdict(careful, ChoiceSettings())[0] is False  # chosen, but refusing too little to export
+    assert judge_verdict(breaking, ChoiceSettings())[0] is False
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):  # any set of cells: the winner reaches the floor whenever one does
+        values = torch.rand(int(torch.randint(1, 6, (1,), generator=generator)), 4, generator=generator).tolist()
+        cells = [Cell([0], 2.0, True, forget_rouge1=a, forget_refusal=b, retain_rouge1=0.7 + 0.3 * c, keep_rouge1=None if d < 0.3 else 0.7 + 0.3 * d)
+                 for a, b, c, d in values]
+        winner = cells[pick_cell(cells, min_refusal=0.5, min_retain=0.9)]
+        assert winner.reaches_floor(0.9) or not any(cell.reaches_floor(0.9) for cell in cells)

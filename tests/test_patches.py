@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import folder_hashes, make_checkpoint
+from safetensors import safe_open
 
 from lunar_lens import cli
 from lunar_lens.checkpoint import Checkpoint, tensor_bytes
@@ -143,6 +144,28 @@ def test_square_w_out_keeps_its_orientation(tmp_path, tokenizer_dir, family):  #
     patched = Checkpoint.open(apply_patch(src, save_patch([edit], src, tmp_path / "p.safetensors"), tmp_path / "out"))
     add_to_w_out(bridge, 1, edit.delta)
     assert torch.equal(patched.read(patched.key(edit.tensor_name)), w_out_parameter(bridge, 1).detach())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rank_one_factors_with_the_strides_of_a_transposed_row_are_saved_dense_and_apply_exactly(tmp_path, tokenizer_dir, family):  # noqa: F811
+    """Issue #25: the closed form's factors are columns of transposed rows, (n, 1) with stride (1, n), which
+    PyTorch counts as contiguous; the patch stores them dense and `patch apply` gives u·vᵀ bit for bit."""
+    src = make_checkpoint(tmp_path / "src", tokenizer_dir, family, sharded=False)
+    bridge = load_model(src)
+    generator = torch.Generator().manual_seed(3)
+    d_mlp, d_model = w_out(bridge, 1).shape
+    u, v = torch.randn(1, d_mlp, generator=generator).T, torch.randn(1, d_model, generator=generator).T
+    assert u.is_contiguous() and v.is_contiguous() and (u.stride(), v.stride()) == ((1, d_mlp), (1, d_model))
+    edit = WOutEdit(1, w_out_tensor_name(bridge, 1), u @ v.T, u, v)
+    patch = save_patch([edit], src, tmp_path / "p.safetensors")
+    with safe_open(patch, framework="pt") as file:
+        stored = {key: file.get_tensor(key) for key in file.keys()}
+    a, b = (v, u) if w_out_parameter(bridge, 1).shape != edit.delta.shape else (u, v)
+    assert torch.equal(stored["0.a"], a) and torch.equal(stored["0.b"], b)
+    assert [t["rank"] for t in show_patch(patch)["tensors"]] == [1]
+    patched = Checkpoint.open(apply_patch(src, patch, tmp_path / "out"))
+    key = patched.key(edit.tensor_name)
+    assert tensor_bytes(patched.read(key)) == tensor_bytes(Checkpoint.open(src).read(key) + hf_delta(bridge, edit))
 
 
 def test_show_patch_describes_each_tensor(tmp_path, tokenizer_dir):  # noqa: F811

@@ -209,7 +209,10 @@ def test_cli_writes_the_automatic_choices_localisation(tmp_path, world):
     files = {name: write_set(tmp_path / f"{name}.json", items) for name, items in
              (("forget", forget[::4]), ("retain", retain[::40]), ("reference", reference[::40]))}
     keep = write_set(tmp_path / "keep.json", [QA(qa.question) for qa in retain[1::40]])  # questions only
-    args = unlearn_args(files, checkpoint_path(), tmp_path / "out", "--layer", "1", "--localisation", str(tmp_path / "loc"), "--keep", str(keep))
+    # 23 retain questions cannot keep the rest (held-out retain 0.27, before the floor too): the floor would refuse
+    # it (test_an_automatic_choice_below_the_retain_floor_exports_nothing); this test is about what is written
+    args = unlearn_args(files, checkpoint_path(), tmp_path / "out", "--layer", "1", "--localisation", str(tmp_path / "loc"), "--keep", str(keep),
+                        "--accept-below-floor")
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "lunar_report.json").read_text())
     assert report["sizes"]["keep"] == len(retain[1::40]) and report["choice"]["sizes"]["keep_heldout"] >= 1
@@ -225,8 +228,36 @@ def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(wor
     from lunar_lens.pipeline import unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
-    outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], run=RunSettings(progress=False))
+    outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], run=RunSettings(progress=False),
+                      accept_below_floor=True)  # 23 retain questions: below the floor (as above); the search's mechanics are tested
     assert outcome.report["layers"] == [1] and outcome.report["coeff"] in ChoiceSettings().coeffs
     screened = [c for c in ChoiceSettings().coeffs if c <= ChoiceSettings().refine_start_coeff]  # a refinement starts from these
     assert [(row["layers"], row["coeff"]) for row in outcome.report["choice"]["screening"]] == [([1], c) for c in screened]
     assert len(outcome.report["edit"]["directions"]["norms"]) == 6  # the choice reads every layer's direction
+
+
+def test_an_automatic_choice_below_the_retain_floor_exports_nothing(tmp_path, world, capsys, monkeypatch):
+    import lunar_lens.choice as choice_module
+    from lunar_lens.pipeline import rejected_path
+
+    judged = choice_module.judge
+
+    def damaging(*args, **kwargs):  # every candidate refuses, but costs a third of the held-out retain answers
+        return judged(*args, **kwargs) | {"retain_rouge1": 0.66, "forget_refusal": 1.0, "seen_forget_refusal": 1.0}
+
+    monkeypatch.setattr(choice_module, "judge", damaging)
+    forget, retain, reference = world.split(world.entities[:1])
+    files = {name: write_set(tmp_path / f"{name}.json", items) for name, items in
+             (("forget", forget[::4]), ("retain", retain[::40]), ("reference", reference[::40]))}
+    out = tmp_path / "out"
+    args = unlearn_args(files, checkpoint_path(), out, "--layer", "1", "--refine-steps", "2")
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the stage lines
+    assert error.startswith("lunar-lens unlearn: error: no edit found")
+    assert "below the retain floor 0.9" in error and "held-out retain ROUGE-1 0.66" in error and "pass --accept-below-floor" in error
+    assert not out.exists() and not sidecar_path(out).exists()  # no folder, no forgotten questions beside it
+    record = json.loads(rejected_path(out).read_text())
+    assert record["choice"]["acceptable"] is False and all(cell["retain_rouge1"] == 0.66 for cell in record["choice"]["cells"])
+    assert main([*args, "--min-retain", "0.6", "--force"]) == 0 and (out / "lunar_report.json").exists()  # a lower floor accepts it
+    assert main([*args, "--out", str(tmp_path / "anyway"), "--accept-below-floor"]) == 0
+    assert json.loads((tmp_path / "anyway" / "lunar_report.json").read_text())["choice"]["acceptable"] is False

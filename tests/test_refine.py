@@ -60,7 +60,7 @@ def test_refinement_teaches_the_refusal_and_keeps_the_rest(fresh_toy_bridge, wor
     edits = refine_edits(
         bridge, start, [qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in retain],
         [qa.answer for qa in retain], RefineSettings(steps=30),
-    )
+    ).edits
     assert set(edits) == {2} and edits[2].abs().max() > 0
     assert all(torch.equal(p, weights[name]) for name, p in bridge.original_model.named_parameters())  # the model is untouched
     assert all(p.requires_grad for p in bridge.original_model.parameters())  # and its flags restored
@@ -97,6 +97,33 @@ def test_a_half_precision_model_gets_a_contiguous_unembedding_input_and_keeps_it
     seen = []
     with frozen(bridge.original_model), torch.enable_grad():
         hooks = [*delta_hooks({2: delta}), ("unembed.hook_in", lambda activation, hook: seen.append(activation.is_contiguous()))]
-        sums, counts = answer_losses(bridge, batch, hooks)
+        sums, counts, _ = answer_losses(bridge, batch, hooks)
         sums.sum().backward()
     assert seen == [True] and counts.min() > 0 and delta.grad.abs().max() > 0
+
+
+def test_retain_batches_go_through_the_whole_set_before_repeating():
+    from lunar_lens.refine import epoch_batches
+
+    batches = epoch_batches(10, 4, torch.Generator().manual_seed(0))
+    seen = torch.cat([next(batches) for _ in range(5)])  # 20 indices: two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert len(next(epoch_batches(3, 8, torch.Generator()))) == 3  # a set smaller than a batch: all of it
+
+
+def test_the_monitor_stops_the_refinement_once_the_refusal_holds_and_returns_that_edit(fresh_toy_bridge, world):
+    bridge = fresh_toy_bridge
+    forget, retain = world.facts_about(world.entities[0])[:12], world.known_qa[200:260]
+    refusal = "Sorry, I can't answer that."
+    rows = ([qa.question for qa in forget], [refusal] * len(forget), [qa.question for qa in retain], [qa.answer for qa in retain])
+    start = {2: torch.zeros_like(w_out(bridge, 2))}
+    refined = refine_edits(bridge, start, *rows, RefineSettings(steps=200, check_every=3))
+    assert refined.stopped == "converged" and refined.steps < 200 and refined.steps % 3 == 0
+    last = refined.checks[-1]
+    assert last["step"] == refined.steps and last["forget_exact"] >= 0.95 and refined.checks[0]["forget_exact"] == 0.0
+    assert last["retain_accuracy"] >= refined.checks[0]["retain_accuracy"] - 0.01  # the unedited model's, at step 0
+    with bridge.hooks(fwd_hooks=delta_hooks(refined.edits)):
+        forgotten = generate_answers(bridge, [qa.question for qa in forget])
+    assert sum(answer == refusal for answer in forgotten) >= 11
+    fixed = refine_edits(bridge, start, *rows, RefineSettings(steps=3, check_every=0))  # no monitor: every step trains
+    assert fixed.steps == 3 and fixed.checks == [] and fixed.stopped == "steps"

@@ -21,6 +21,7 @@ FLAGS = {"layers": "--layer"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lunar_lens.choice import ChoiceSettings
     from lunar_lens.edit import EditSettings
     from lunar_lens.refine import RefineSettings
     from lunar_lens.solvers import SOLVERS
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=EditSettings.seed)
     add_force(parser, "replace an earlier lunar-lens output in --out (and --localisation)")
     parser.add_argument(
+        "--min-retain", type=float, default=ChoiceSettings.min_retain, metavar="SHARE",
+        help="--layer/--coeff auto: the retain floor; an edit whose held-out retain (or keep) ROUGE-1 is below this share of the unedited model's is refused",
+    )
+    parser.add_argument(
+        "--accept-below-floor", action="store_true",
+        help="export the automatic choice's best edit even when it is predicted below the retain floor or to refuse too little",
+    )
+    parser.add_argument(
         "--localisation", metavar="DIR",
         help="with --layer/--coeff auto: also write localisation.json and its figures to DIR (as `lunar-lens localise`)",
     )
@@ -59,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from lunar_lens.choice import ChoiceSettings
     from lunar_lens.outputs import check_output
-    from lunar_lens.pipeline import sidecar_path, unlearn
+    from lunar_lens.pipeline import BelowFloor, sidecar_path, unlearn
     from lunar_lens.refine import RefineSettings
 
     coeff = parse_coeff(args.coeff)
@@ -74,17 +84,21 @@ def run(args: argparse.Namespace) -> None:
     settings = edit_settings(
         args, coeff=coeff, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, refine=RefineSettings(steps=args.refine_steps)
     )
-    outcome = unlearn(
-        args.model, args.forget, args.retain, args.reference, args.out, layers, settings, run_settings(args),
-        figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten, embed_forgotten=args.embed_forgotten, keep=args.keep or (),
-    )
+    choice = ChoiceSettings(min_retain=args.min_retain)  # checked before the model loads
+    try:
+        outcome = unlearn(
+            args.model, args.forget, args.retain, args.reference, args.out, layers, settings, run_settings(args),
+            figure_probes=bool(args.localisation), keep_forgotten=args.keep_forgotten, embed_forgotten=args.embed_forgotten, keep=args.keep or (),
+            choice_settings=choice, accept_below_floor=args.accept_below_floor,
+        )
+    except BelowFloor as refused:  # nothing exported: the figures of the choice are still written
+        if args.localisation:
+            save_figures(args, refused.report, None)
+        raise
     if outcome.out_dir is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
     if args.localisation:
-        from lunar_lens.figures import save_localisation  # matplotlib (~22 MB resident) only when figures are asked for
-
-        written = save_localisation(outcome.localisation, args.localisation, force=args.force, choice=outcome.report["choice"])
-        print("\n".join(f"wrote {path}" for path in written.values()))
+        save_figures(args, outcome.report, outcome.localisation)
     layers = ", ".join(
         str(l["layer"]) + ("" if l["objective_before"] is None else f" (the solve's objective {l['objective_before']:.3g} → {l['objective_after']:.3g})")
         for l in outcome.report["edit"]["layers"]
@@ -99,3 +113,11 @@ def run(args: argparse.Namespace) -> None:
         )
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
+
+
+def save_figures(args: argparse.Namespace, report: dict, localisation: object | None) -> None:
+    """The localisation folder: the probes' figures (when run) and the automatic choice's."""
+    from lunar_lens.figures import save_localisation  # matplotlib (~22 MB resident) only when figures are asked for
+
+    written = save_localisation(localisation, args.localisation, force=args.force, choice=report["choice"])
+    print("\n".join(f"wrote {path}" for path in written.values()))
