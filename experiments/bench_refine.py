@@ -40,9 +40,8 @@ from transformers import LlamaForCausalLM
 from lunar_lens.data import QA, load_qa
 from lunar_lens.edit import EditSettings, edit_layers
 from lunar_lens.model import load_model, w_out
-from lunar_lens.prompts import first_answer_tokens, rows_of, tokenize
 from lunar_lens.qa_model import build_tokenizer, model_config
-from lunar_lens.refine import RefineSettings, refine_edits
+from lunar_lens.refine import RefineSettings, answer_rows, refine_edits
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data" / "lunar"
@@ -103,10 +102,7 @@ def bench(
     questions = ([qa.question for qa in forget], [REFUSAL] * len(forget), [qa.question for qa in retain], [qa.answer for qa in retain])
     zero = {LAYER: torch.zeros_like(w_out(bridge, LAYER))}
     # the floor's rows: a step's 32 + 32, cut to the same answer tokens
-    pad = bridge.tokenizer.pad_token_id
-    batches = [first_answer_tokens(tokenize(bridge.tokenizer, list(q[:32]), list(a[:32])), settings.answer_tokens, pad)
-               for q, a in ((questions[0], questions[1]), (questions[2], questions[3]))]
-    batches = [rows_of(batch, slice(0, len(batch.input_ids))) for batch in batches]
+    batches = [answer_rows(bridge, (q[:32], a[:32]), settings.answer_tokens) for q, a in ((questions[0], questions[1]), (questions[2], questions[3]))]
     hf = bridge.original_model
     weight = hf.get_decoder().layers[LAYER].mlp.down_proj.weight
     flags = [(p, p.requires_grad) for p in hf.parameters()]

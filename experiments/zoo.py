@@ -106,11 +106,12 @@ def train(model: ZooModel, threads: int, device: str) -> dict:
     return summary
 
 
-def command(args: list[str], log: Path) -> int:
-    """Run a lunar-lens command, its output into `log`; its exit code."""
+def command(args: list[str], log: Path, threads: int) -> int:
+    """Run a lunar-lens command on `threads` CPU threads, its output into `log`; its exit code."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as out:
-        return subprocess.run([LUNAR, *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}).returncode
+        return subprocess.run([LUNAR, *args], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def run(model: ZooModel, threads: int) -> dict:
@@ -124,7 +125,8 @@ def run(model: ZooModel, threads: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # this script's own earlier run: nothing of it may be read as this one's
     started = time.perf_counter()
     code = command(["unlearn", "--model", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"), "--retain", str(sets / f"{retain}.json"),
-                    "--reference", str(sets / "reference.json"), "--layer", "auto", "--coeff", "auto", "--out", str(out), "--force"], work / "unlearn.log")
+                    "--reference", str(sets / "reference.json"), "--layer", "auto", "--coeff", "auto", "--out", str(out), "--force"],
+                   work / "unlearn.log", threads)
     seconds = time.perf_counter() - started
     lines = (work / "unlearn.log").read_text().splitlines()
     report = json.loads((out / "lunar_report.json").read_text()) if code == 0 else None
@@ -135,7 +137,8 @@ def run(model: ZooModel, threads: int) -> dict:
     if report is not None:
         scores = work / "evaluate.json"
         command(["evaluate", "--model", str(out), "--base", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"),
-                 "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"], work / "evaluate.log")
+                 "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"],
+                work / "evaluate.log", threads)
         after = json.loads(scores.read_text())["after"]
         row |= {
             "forget_refusal": after["scores"]["forget"]["refusal_rate"], "forget_rouge1": after["scores"]["forget"]["rouge1"],

@@ -185,6 +185,12 @@ def backward_answer_loss(
 Rows = tuple[Sequence[str], Sequence[str]]  # questions and the answers they must get
 
 
+def answer_rows(bridge: TransformerBridge, rows: Rows, answer_tokens: int) -> TokenBatch:
+    """`rows` tokenised as prompt + answer, the answers cut to their first `answer_tokens` tokens."""
+    questions, answers = rows
+    return first_answer_tokens(tokenize(bridge.tokenizer, list(questions), list(answers)), answer_tokens, bridge.tokenizer.pad_token_id)
+
+
 def epoch_batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches of `size` that go through 0..n-1 in a fresh random order each epoch (every row is seen
     once per ⌈n / size⌉ batches)."""
@@ -201,11 +207,9 @@ class Monitor:
     and retain rows (their answers), against the unedited model's retain accuracy."""
 
     def __init__(self, bridge: TransformerBridge, forget: Rows, retain: Rows, settings: RefineSettings) -> None:
-        pad, k, n = bridge.tokenizer.pad_token_id, settings.answer_tokens, settings.monitor_rows
-        forget_rows, retain_rows = (spread(list(zip(*rows)), n) for rows in (forget, retain))
+        n = settings.monitor_rows
         self.bridge, self.settings = bridge, settings
-        self.forget = first_answer_tokens(tokenize(bridge.tokenizer, *map(list, zip(*forget_rows))), k, pad)
-        self.retain = first_answer_tokens(tokenize(bridge.tokenizer, *map(list, zip(*retain_rows))), k, pad)
+        self.forget, self.retain = (answer_rows(bridge, (spread(rows[0], n), spread(rows[1], n)), settings.answer_tokens) for rows in (forget, retain))
         self.base_retain_accuracy = self.scores({})["retain_accuracy"]
 
     @torch.no_grad()
@@ -247,9 +251,8 @@ def refine_edits(
         raise LunarError("refinement needs one refusal per forget question and one answer per retain question")
     if not forget_questions or not retain_questions:
         raise LunarError("refinement needs forget and retain questions")
-    pad, k = bridge.tokenizer.pad_token_id, settings.answer_tokens
-    forget = first_answer_tokens(tokenize(bridge.tokenizer, list(forget_questions), list(refusals)), k, pad)
-    retain = first_answer_tokens(tokenize(bridge.tokenizer, list(retain_questions), list(retain_answers)), k, pad)
+    forget = answer_rows(bridge, (forget_questions, refusals), settings.answer_tokens)
+    retain = answer_rows(bridge, (retain_questions, retain_answers), settings.answer_tokens)
     if inputs is None:
         params = {layer: torch.nn.Parameter(delta.detach().float().clone()) for layer, delta in edits.items()}
         deltas = lambda: params  # noqa: E731
