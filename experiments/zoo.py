@@ -29,6 +29,8 @@ from pathlib import Path
 
 from finetune import SHARED, Recipe, build_parser, finetune
 
+from lunar_lens.errors import LunarError
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs" / "zoo"
 RESULTS = HERE / "results" / "zoo.json"
@@ -54,7 +56,9 @@ class ZooModel:
 
     @property
     def trained(self) -> bool:
-        return (self.folder / "finetune.json").is_file()
+        """Trained to its recipe's memorisation: finetune.json carries the zoo's record (a failed training leaves it without)."""
+        record = self.folder / "finetune.json"
+        return record.is_file() and "zoo" in json.loads(record.read_text())
 
 
 def llama(d: int, mlp: int, layers: int, heads: int, kv: int) -> dict:
@@ -79,7 +83,7 @@ ZOO = [
     # held out: never tuned on; the headline numbers
     ZooModel("llama-pistol1-hard", True, "pistol", Recipe(1024, 96, llama(256, 768, 6, 4, 2), steps=3400),
              ("--pistol", PISTOL1, "--edge", "A_C"), "the outside report's shape: d 256, GQA 4/2, ~300 epochs to ~0 loss"),
-    ZooModel("gpt2-pistol2-light", True, "pistol", Recipe(1024, 96, gpt2(160, 480, 4, 5), steps=800, family="gpt2", chat=False, save_dtype="bfloat16",
+    ZooModel("gpt2-pistol2-light", True, "pistol", Recipe(1024, 96, gpt2(160, 480, 4, 5), steps=2000, family="gpt2", chat=False, save_dtype="bfloat16",
                     min_memorisation=0.5),
              ("--pistol", PISTOL2, "--edge", "5_6,6_7"), "GPT-2, MLP 3×, bf16, plain format, lightly trained, two edges forgotten"),
     ZooModel("qwen2-tofu-sub", True, "tofu",
@@ -97,7 +101,8 @@ def train(model: ZooModel, threads: int, device: str) -> dict:
     """Train `model` (once: an existing one is kept) and record its recipe and training time."""
     if model.trained:
         return json.loads((model.folder / "finetune.json").read_text())
-    args = build_parser().parse_args([model.task, "--out", str(model.folder), "--threads", str(threads), "--device", device, *model.data])
+    args = build_parser().parse_args([model.task, "--out", str(model.folder), "--threads", str(threads), "--device", device, *model.data,
+                                     *(["--force"] if model.folder.exists() else [])])  # a failed earlier training of this script's
     started = time.perf_counter()
     summary = finetune(args, model.recipe)
     summary |= {"zoo": {"name": model.name, "held_out": model.held_out, "note": model.note, "recipe": asdict(model.recipe)},
@@ -139,18 +144,22 @@ def run(model: ZooModel, threads: int) -> dict:
         command(["evaluate", "--model", str(out), "--base", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"),
                  "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"],
                 work / "evaluate.log", threads)
-        after = json.loads(scores.read_text())["after"]
+        evaluation = json.loads(scores.read_text())
+        after, before = evaluation["after"], evaluation["before"]
         row |= {
             "forget_refusal": after["scores"]["forget"]["refusal_rate"], "forget_rouge1": after["scores"]["forget"]["rouge1"],
             "retain_rouge1": after["scores"]["retain"]["rouge1"], "factual_rouge1": after["scores"]["factual"]["rouge1"],
             "deviation_score": after["deviation_score"], "chosen": {"layers": report["layers"], "coeff": report["coeff"]},
+            # the unedited model's own scores: a lightly trained model knows less to begin with
+            "before": {key: before["scores"][key]["rouge1"] for key in ("forget", "retain", "factual")},
         }
     rejected = out.with_name(out.name + ".choice.json")  # a refused choice leaves its report beside the folder
     choice = report["choice"] if report is not None else json.loads(rejected.read_text())["choice"] if rejected.exists() else None
     if choice is not None:
-        predicted = choice["predicted"]
-        row["predicted"] = {key: predicted[key] for key in ("forget_refusal", "forget_rouge1", "retain_rouge1", "deviation_score")}
-        row["predicted"]["retain_heldout_rouge1"] = predicted["retain_heldout_rouge1"]
+        predicted = choice["predicted"]  # the final edit judged itself (lunar_lens.choice.Prediction), with 95 % intervals
+        keys = ("forget_refusal", "forget_rouge1", "retain_rouge1", "deviation_score", "retain_heldout_rouge1", "keep_rouge1", "intervals", "sizes")
+        row["predicted"] = {key: predicted[key] for key in keys}
+        row["choice_seconds"] = choice["seconds"]
     return row
 
 
@@ -176,7 +185,11 @@ def main() -> None:
         parser.error("name zoo models, or --all / --held-out / --dev")
     for model in {model.name: model for model in chosen}.values():
         if args.action == "train":
-            summary = train(model, args.threads, args.device)
+            try:
+                summary = train(model, args.threads, args.device)
+            except LunarError as failed:  # e.g. memorised too little: the next model still trains
+                print(json.dumps({"model": model.name, "failed": str(failed)}), flush=True)
+                continue
             print(json.dumps({"model": model.name, "seconds_training": summary["seconds_training"], "memorisation": summary["memorisation"]}), flush=True)
         else:
             row = run(model, args.threads)

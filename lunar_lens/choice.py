@@ -11,10 +11,12 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
 1. **Screening** (teacher-forced, one forward per cell): the held-out forget prompts' loss on the model's
    own refusal, plus `retain_weight` × the rise of the held-out retain (and keep) answers' loss. The best c
    of each layer set scores it; the `candidates` best layer sets go on, and further ones in screening order
-   (up to `max_candidates`) while none of those judged is acceptable (step 4). When refining, only the c a
+   (up to `max_candidates`) while none of those judged is acceptable (step 5). When refining, only the c a
    refinement starts from (≤ `refine_start_coeff`) are screened.
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
-   (`lunar_lens.refine`) on the solve part.
+   (`lunar_lens.refine`) on the solve part. When none judged is acceptable, the search goes on with
+   behaviour alone: refinement from ΔW = 0 (c = 0, up to `behaviour_steps`) on the best screened layer set,
+   then on every layer's W_out.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
    held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall of the unedited
    model's own answers (what the edit must keep, at the judge's length). Retain is a constraint, not a
@@ -22,11 +24,13 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
    cannot win while another reaches it. Among those, a cell refusing less than `min_refusal` of the
    held-out forget questions cannot win while any cell refuses that often; among the rest the lowest
    `score` = ‖(forget ROUGE-1, 1 − forget refusal, 1 − retain ROUGE-1, 1 − keep ROUGE-1)‖ wins.
-4. **The verdict**: the chosen cell is *acceptable* when it reaches the retain floor and its predicted forget
-   refusal is at least `target_refusal`; `lunar_lens.pipeline.unlearn` exports nothing else unless told to.
-
-The chosen cell's edit is the final edit (nothing is solved twice), and its held-out numbers are the
-prediction the report sets beside what the exported model measures.
+4. **The prediction**: the chosen cell's edit (nothing is solved twice), once it has learnt every forget
+   and retain question (`finish_share`), is judged itself: forget refusal and ROUGE-1 and retain ROUGE-1 on
+   questions it learnt (up to `max_eval` of each part), keep ROUGE-1 on held-out keep questions it never
+   saw, each with a 95 % interval (`Prediction`). No number rests on the few held-out forget questions alone.
+5. **The verdict**: the edit is *acceptable* when the chosen cell reaches the retain floor, the final edit
+   keeps retain and keep above it, and its forget refusal is at least `target_refusal`;
+   `lunar_lens.pipeline.unlearn` exports nothing else unless told to.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ from lunar_lens.edit import EditSettings, unit_solutions
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.host_memory import release_freed
-from lunar_lens.metrics import is_refusal, rouge_recall
-from lunar_lens.model import n_layers
+from lunar_lens.metrics import is_refusal, mean_interval, rate_interval, rouge_recall
+from lunar_lens.model import n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import first_answer_tokens, rows_of, tokenize
-from lunar_lens.refine import answer_cross_entropy, delta_hooks, own_answers, refine_edits
+from lunar_lens.refine import RefineSettings, answer_cross_entropy, delta_hooks, own_answers, refine_edits
 from lunar_lens.refusals import ModelRefusal
 from lunar_lens.settings import Settings
 
@@ -74,6 +78,9 @@ class ChoiceSettings(Settings):
     min_retain: float = 0.9  # the floor: held-out retain (and keep) ROUGE-1 at least this share of the unedited model's
     target_refusal: float = 0.8  # an acceptable edit is predicted to refuse at least this share of the forget set
     finish_share: float = 0.2  # the chosen refined edit then trains this share of the steps on every question
+    # when no candidate is acceptable: refinement from ΔW = 0 (behaviour only, c = 0) on the best screened layer
+    # set and on every layer's W_out, for at most this many steps (the monitor stops it earlier; 0: never)
+    behaviour_steps: int = 400
     # refinement starts from the closed form at c = min(the layer set's screened c, this): larger starts cost
     # knowledge the user did not list (PISTOL, experiments/refusal_frontier.py)
     refine_start_coeff: float = 4.0
@@ -117,19 +124,31 @@ class Cell:
         keep = 0.0 if self.keep_rouge1 is None else 1.0 - self.keep_rouge1
         return math.hypot(self.forget_rouge1, 1.0 - self.forget_refusal, 1.0 - self.retain_rouge1, keep)
 
-    def prediction(self) -> dict:
-        """What the exported model should measure: on the user's forget and retain sets as seen (it learns
-        every question); on knowledge it was not shown as held out (retain_heldout, keep)."""
-        forget = self.seen_forget_rouge1
-        retain = self.retain_rouge1 if self.seen_retain_rouge1 is None else self.seen_retain_rouge1
-        return {
-            "forget_rouge1": forget, "forget_refusal": self.seen_forget_refusal, "retain_rouge1": retain,
-            "retain_heldout_rouge1": self.retain_rouge1, "keep_rouge1": self.keep_rouge1,
-            "deviation_score": None if forget is None else 100 * math.hypot(forget, 1.0 - retain),
-        }
-
     def to_json(self) -> dict:
         return {**asdict(self), "score": self.score}
+
+
+@dataclass
+class Prediction:
+    """What the exported model should measure, from greedy generations of the final edit itself (the one
+    exported): forget refusal and ROUGE-1, and retain ROUGE-1, on questions it learnt (as the exported model
+    is scored on the user's sets), keep ROUGE-1 on keep questions it never saw (knowledge nobody listed), each
+    with a 95 % interval (Wilson for the refusal rate, a bootstrap for the means) and its number of questions."""
+
+    forget_refusal: float
+    forget_rouge1: float
+    retain_rouge1: float
+    retain_heldout_rouge1: float  # the chosen candidate's on retain questions it was not shown
+    keep_rouge1: float | None
+    intervals: dict[str, tuple[float, float]]
+    sizes: dict[str, int]
+
+    @property
+    def deviation_score(self) -> float:
+        return 100 * math.hypot(self.forget_rouge1, 1.0 - self.retain_rouge1)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "deviation_score": self.deviation_score}
 
 
 @dataclass
@@ -140,12 +159,13 @@ class Choice:
     coeff: float
     refined: bool
     edits: Edits
-    predicted: Cell
+    predicted: Cell  # the chosen candidate, as judged on the held-out part
+    final: Prediction  # the final edit's own numbers: the prediction for the export
     cells: list[Cell]
     screening: list[dict]
     sizes: dict
     seconds: dict = field(default_factory=dict)
-    acceptable: bool = True  # the verdict (module docstring, step 4)
+    acceptable: bool = True  # the verdict (module docstring, step 5)
     verdict: str = ""  # why, in one line
 
     def summary(self) -> dict:
@@ -156,7 +176,7 @@ class Choice:
             "acceptable": self.acceptable,
             "verdict": self.verdict,
             "predicted_heldout": self.predicted.to_json(),
-            "predicted": self.predicted.prediction(),
+            "predicted": self.final.to_json(),
             "cells": [cell.to_json() for cell in self.cells],
             "screening": self.screening,
             "sizes": self.sizes,
@@ -181,30 +201,57 @@ def contiguous_sets(n: int, max_width: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def judge(
-    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA],
-    seen_retain: Sequence[QA], refusal: ModelRefusal, tokens: int,
-) -> dict[str, float | None]:
-    """Greedy answers with `edits` simulated, in one batch, as `Cell`'s measured fields: forget ROUGE-1 and
-    refusal rate on the held-out `forget` questions and on `seen` ones, retain ROUGE-1 on `retain` and on
-    `seen_retain`, keep ROUGE-1 on `keep` (None when empty)."""
-    groups = [list(forget), list(retain), list(seen), list(keep), list(seen_retain)]
-    items = [qa for group in groups for qa in group]
+def judged_answers(
+    bridge: TransformerBridge, edits: Edits, groups: dict[str, Sequence[QA]], refusal: ModelRefusal, tokens: int
+) -> dict[str, tuple[list[float], list[bool]]]:
+    """Greedy answers with `edits` simulated, every group in one batch: per group, each question's ROUGE-1
+    recall of its answer and whether the answer is a refusal."""
+    items = [qa for group in groups.values() for qa in group]
     with bridge.hooks(fwd_hooks=delta_hooks(edits)):
         answers = generate_answers(bridge, [qa.question for qa in items], tokens, batch_size=len(items))
     recall = rouge_recall(answers, [qa.answer for qa in items])["rouge1"]
     refused = [is_refusal(answer, references=refusal.refusals) for answer in answers]
-    bounds = torch.tensor([0] + [len(group) for group in groups]).cumsum(0).tolist()
+    judged, start = {}, 0
+    for name, group in groups.items():
+        judged[name], start = (recall[start : start + len(group)], refused[start : start + len(group)]), start + len(group)
+    return judged
 
-    def mean(values: list, group: int) -> float:
-        part = values[bounds[group] : bounds[group + 1]]
-        return sum(part) / max(1, len(part))
 
+def mean(values: Sequence[float] | Sequence[bool]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def judge(
+    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA],
+    seen_retain: Sequence[QA], refusal: ModelRefusal, tokens: int,
+) -> dict[str, float | None]:
+    """`Cell`'s measured fields (`judged_answers`): forget ROUGE-1 and refusal rate on the held-out `forget`
+    questions and on `seen` ones, retain ROUGE-1 on `retain` and on `seen_retain`, keep ROUGE-1 on `keep`
+    (None when empty)."""
+    groups = {"forget": forget, "retain": retain, "seen": seen, "keep": keep, "seen_retain": seen_retain}
+    judged = judged_answers(bridge, edits, groups, refusal, tokens)
     return {
-        "forget_rouge1": mean(recall, 0), "forget_refusal": mean(refused, 0), "retain_rouge1": mean(recall, 1),
-        "seen_forget_rouge1": mean(recall, 2), "seen_forget_refusal": mean(refused, 2), "keep_rouge1": mean(recall, 3) if keep else None,
-        "seen_retain_rouge1": mean(recall, 4),
+        "forget_rouge1": mean(judged["forget"][0]), "forget_refusal": mean(judged["forget"][1]), "retain_rouge1": mean(judged["retain"][0]),
+        "seen_forget_rouge1": mean(judged["seen"][0]), "seen_forget_refusal": mean(judged["seen"][1]),
+        "keep_rouge1": mean(judged["keep"][0]) if keep else None, "seen_retain_rouge1": mean(judged["seen_retain"][0]),
     }
+
+
+def predict(
+    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA], chosen: Cell,
+    refusal: ModelRefusal, tokens: int,
+) -> Prediction:
+    """The final `edits`' `Prediction`: forget and retain questions it learnt, keep questions it never saw."""
+    judged = judged_answers(bridge, edits, {"forget": forget, "retain": retain, "keep": keep}, refusal, tokens)
+    (forget_recall, refused), (retain_recall, _), (keep_recall, _) = judged["forget"], judged["retain"], judged["keep"]
+    intervals = {
+        "forget_refusal": rate_interval(sum(refused), len(refused)), "forget_rouge1": mean_interval(forget_recall),
+        "retain_rouge1": mean_interval(retain_recall), **({"keep_rouge1": mean_interval(keep_recall)} if keep else {}),
+    }
+    return Prediction(
+        mean(refused), mean(forget_recall), mean(retain_recall), chosen.retain_rouge1, mean(keep_recall) if keep else None, intervals,
+        {"forget": len(forget), "retain": len(retain), "keep": len(keep)},
+    )
 
 
 def choose_edit(
@@ -280,45 +327,73 @@ def choose_edit(
     # the refinement's monitor: the held-out forget questions (the refusal) and retain and keep questions (the model's answers)
     watched = [*retain_judged, *keep_judged]
     monitor = (([qa.question for qa in forget_held], [refusal.target] * len(forget_held)), ([qa.question for qa in watched], [qa.answer for qa in watched]))
-    for row in bar(candidates, "judging candidates" if progress else None):
-        if len(cells) >= settings.candidates and any(judge_verdict(cell, settings)[0] for cell in cells):
-            break  # an acceptable edit is among those judged: the search goes no further
-        start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
-        edits = {layer: start * (units[layer][0] @ units[layer][1].T) for layer in row["layers"]}
+
+    def judge_candidate(layer_set: list[int], start: float, edits: Edits, refine: RefineSettings) -> None:
+        """Refine `edits` (started at c = `start`) and judge them by greedy generation: a new cell."""
         steps = 0
         if refining:
-            refined = refine_edits(bridge, edits, *refine_rows(forget_solve, fit_retain, refusal), edit.refine, progress, monitor=monitor)
+            refined = refine_edits(bridge, edits, *refine_rows(forget_solve, fit_retain, refusal), refine, progress, monitor=monitor)
             edits, steps = refined.edits, refined.steps
         measured = judge(bridge, edits, forget_held, forget_seen, retain_judged, keep_judged, retain_seen, refusal, settings.generate_tokens)
-        cells.append(Cell(row["layers"], start, refining, **measured, refine_steps=steps))
+        cells.append(Cell(layer_set, start, refining, **measured, refine_steps=steps))
         edits_of.append(edits)
         release_freed()  # a candidate's passes leave freed memory that the next one's peak would add to
+
+    def found() -> bool:
+        return any(judge_verdict(cell, settings)[0] for cell in cells)
+
+    for row in bar(candidates, "judging candidates" if progress else None):
+        if len(cells) >= settings.candidates and found():
+            break  # an acceptable edit is among those judged: the search goes no further
+        start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
+        judge_candidate(row["layers"], start, {layer: start * (units[layer][0] @ units[layer][1].T) for layer in row["layers"]}, edit.refine)
+    if refining and settings.behaviour_steps and not found():
+        # still nothing acceptable: behaviour only, refined from ΔW = 0 (c = 0), on the best screened layer set and on every layer's W_out
+        behaviour = replace(edit.refine, steps=settings.behaviour_steps)
+        for layer_set in dict.fromkeys([tuple(candidates[0]["layers"]), tuple(range(n_layers(bridge)))]):
+            if found():
+                break
+            judge_candidate(list(layer_set), 0.0, {layer: torch.zeros(w_out(bridge, layer).shape) for layer in layer_set}, behaviour)
     best = pick_cell(cells, settings.min_refusal, settings.min_retain)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
     chosen, edits = cells[best], edits_of[best]
-    if refining and settings.finish_share:  # the chosen edit goes on learning from every question, held-out ones too
+    if refining and settings.finish_share:
+        # the chosen edit goes on learning from every forget and retain question, held-out ones too; the held-out keep
+        # questions stay unseen, so that the prediction still measures knowledge nobody listed
         finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
-        edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep, refusal), finish, progress, monitor=monitor).edits
+        edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep_solve, refusal), finish, progress, monitor=monitor).edits
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
+    final = predict(bridge, edits, [*forget_held, *forget_seen], [*retain_judged, *retain_seen], keep_judged, chosen, refusal, settings.generate_tokens)
+    seconds["prediction"] = time.perf_counter() - started - sum(seconds.values())
     sizes = {
         "forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve),
         "retain_heldout": len(retain_judged), "keep_solve": len(keep_solve), "keep_heldout": len(keep_judged),
     }
-    acceptable, verdict = judge_verdict(chosen, settings)
-    return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, cells, screening, sizes, seconds, acceptable, verdict)
+    acceptable, verdict = judge_verdict(chosen, settings, final)
+    return Choice(chosen.layers, chosen.coeff, chosen.refined, edits, chosen, final, cells, screening, sizes, seconds, acceptable, verdict)
 
 
-def judge_verdict(cell: Cell, settings: ChoiceSettings) -> tuple[bool, str]:
-    """Step 4: whether the chosen `cell` may be exported, and a line with its predicted numbers."""
-    predicted = cell.prediction()
-    refusal = predicted["forget_refusal"] if predicted["forget_refusal"] is not None else cell.forget_refusal
+def judge_verdict(cell: Cell, settings: ChoiceSettings, final: Prediction | None = None) -> tuple[bool, str]:
+    """Step 4: whether the chosen `cell` may be exported (and, once made, the `final` edit: its own refusal,
+    retain and keep must hold too), and a line with the predicted numbers."""
+    refusal = cell.seen_forget_refusal if cell.seen_forget_refusal is not None else cell.forget_refusal
     numbers = (
-        f"layers {','.join(map(str, cell.layers))}, c {cell.coeff:g}: predicted forget refusal {refusal:.2f}, "
-        f"held-out retain ROUGE-1 {cell.retain_rouge1:.2f}" + ("" if cell.keep_rouge1 is None else f", keep ROUGE-1 {cell.keep_rouge1:.2f}")
+        f"layers {','.join(map(str, cell.layers))}, c {cell.coeff:g}: held-out retain ROUGE-1 {cell.retain_rouge1:.2f}"
+        + ("" if cell.keep_rouge1 is None else f", keep ROUGE-1 {cell.keep_rouge1:.2f}")
     )
     problems = []
     if not cell.reaches_floor(settings.min_retain):
         problems.append(f"below the retain floor {settings.min_retain:g}")
+    if final is not None:
+        refusal = final.forget_refusal
+        low, high = final.intervals["forget_refusal"]
+        numbers += f"; the final edit: forget refusal {refusal:.2f} (95 % {low:.2f}–{high:.2f}), retain ROUGE-1 {final.retain_rouge1:.2f}"
+        numbers += "" if final.keep_rouge1 is None else f", keep ROUGE-1 {final.keep_rouge1:.2f}"
+        kept = [value for value in (final.retain_rouge1, final.keep_rouge1) if value is not None]
+        if cell.reaches_floor(settings.min_retain) and min(kept) < settings.min_retain - 1e-9:
+            problems.append(f"the final edit below the retain floor {settings.min_retain:g}")
+    else:
+        numbers += f", predicted forget refusal {refusal:.2f}"
     if refusal < settings.target_refusal - 1e-9:
         problems.append(f"refusal below {settings.target_refusal:g}")
     return not problems, numbers + ("" if not problems else f" ({' and '.join(problems)})")

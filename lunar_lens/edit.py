@@ -33,9 +33,10 @@ STATISTICS_SHARE, STATISTICS_BYTES = 0.25, (64 * 2**20, 512 * 2**20)
 
 
 def check_coeff(coeff: float | None) -> float:
-    """The redirection coefficient c, refused unless it is a finite number > 0."""
-    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff <= 0:
-        raise LunarError(f"{{coeff}} {coeff} is not a finite number > 0: give the redirection coefficient c, e.g. 4", ("coeff",))
+    """The redirection coefficient c, refused unless it is a finite number ≥ 0 (0: no redirection, the
+    refinement alone trains W_out on behaviour)."""
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff < 0:
+        raise LunarError(f"{{coeff}} {coeff} is not a finite number ≥ 0: give the redirection coefficient c, e.g. 4", ("coeff",))
     return float(coeff)
 
 
@@ -54,6 +55,9 @@ class EditSettings(Settings):
     refusal: str | None = None  # the response redirected forget prompts should give; default: from the reference set
     batch_size: int = 32
     seed: int = 0
+    # packaged general-knowledge questions kept with the model's own answers (knowledge nobody listed:
+    # lunar_lens.unlisted), added to any keep set; 0: none
+    unlisted: int = 100
     # after the solve, W_out is trained on behaviour (the refusal on forget prompts, the answers on retain
     # ones: lunar_lens.refine); steps = 0 keeps the solver's edit as it is
     refine: RefineSettings = field(default_factory=RefineSettings)
@@ -63,6 +67,8 @@ class EditSettings(Settings):
             raise LunarError(f"unknown {{positions}} {self.positions!r}: use one of {', '.join(POSITION_RULES)}", ("positions",))
         if self.solver not in SOLVERS:
             raise LunarError(f"unknown {{solver}} {self.solver!r}: use one of {', '.join(SOLVERS)}", ("solver",))
+        if isinstance(self.unlisted, bool) or not isinstance(self.unlisted, int) or self.unlisted < 0:
+            raise LunarError(f"{{unlisted}} {self.unlisted} is not a whole number ≥ 0: the general-knowledge questions kept, e.g. 100 (0: none)", ("unlisted",))
         for name in ("batch_size", "lora_rank"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LunarError(f"{{{name}}} {getattr(self, name)} is not a whole number ≥ 1: e.g. 32", (name,))
@@ -70,6 +76,8 @@ class EditSettings(Settings):
             raise LunarError(f"{{ridge}} {self.ridge} is not a finite number ≥ 0: e.g. 1e-4", ("ridge",))
         if self.coeff is not None:
             check_coeff(self.coeff)
+            if self.coeff == 0 and not self.refine.steps:
+                raise LunarError("{coeff} 0 with no refinement steps changes nothing: give c > 0, or refinement steps (behaviour only)", ("coeff",))
 
 
 @dataclass

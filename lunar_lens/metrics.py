@@ -91,6 +91,13 @@ def rouge_recall(predictions: list[str], references: list[str], stemmer: bool = 
     return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
 
 
+def rouge_f1(predictions: list[str], references: list[str]) -> list[float]:
+    """Per-example ROUGE-1 F1 of each prediction and its reference (how alike two texts are, symmetric)."""
+    if len(predictions) != len(references):
+        raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
+    return [_scorer(False).score(ref, pred)["rouge1"].fmeasure for pred, ref in zip(predictions, references)]
+
+
 def mean_rouge1(answers: list[str], references: list[str]) -> float:
     """The mean ROUGE-1 recall of `references` by `answers`."""
     recall = rouge_recall(answers, references)["rouge1"]
@@ -319,3 +326,27 @@ def kl_to_base(model: LogitModel, base: LogitModel, questions: list[str], batch_
         log_p, log_q = _last_prompt_log_probs(base, batch), _last_prompt_log_probs(model, batch)
         kls += kl_divergence(log_p, log_q).tolist()
     return kls
+
+
+def rate_interval(hits: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson interval of a rate of `hits` in `n` (e.g. refused questions); (0, 1) when n is 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return 0.0, 1.0
+    interval = binomtest(int(hits), n).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the mean of `values` (e.g. per-question ROUGE-1); the mean itself
+    when every value is the same."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if not values:
+        return 0.0, 1.0
+    if min(values) == max(values):
+        return float(values[0]), float(values[0])
+    result = bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile", rng=seed)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -30,6 +30,7 @@ from lunar_lens.progress import Stages
 from lunar_lens.refine import own_answers
 from lunar_lens.refusals import model_refusal
 from lunar_lens.settings import RunSettings
+from lunar_lens.unlisted import unlisted_keep
 
 SIDECAR_SUFFIX = ".forgotten.json"
 SIDECAR_FORMAT = "lunar-lens forgotten questions 1"
@@ -243,6 +244,13 @@ def unlearn(
     if keep_set:
         with stages("keep", f"the model's own answers to {len(keep_set)} keep questions"):
             keep_set = own_answers(bridge, keep_set)
+    unlisted: list[QA] = []
+    if settings.unlisted:
+        with stages("unlisted", "the model's own answers to general-knowledge questions (knowledge nobody listed)"):
+            unlisted = unlisted_keep(
+                bridge, settings.unlisted, [qa.question for qa in [*forget_set, *kept]], [qa.question for qa in [*retain_set, *keep_set]]
+            )
+    keep_set = keep_set + unlisted
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
     directions.metadata["model"] = str(loaded_from(read_from))
@@ -280,7 +288,8 @@ def unlearn(
         "refusal": refusal.summary(),
         "choice": None if choice is None else choice.summary(),
         "sizes": {
-            "forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set), "keep": len(keep_set), "kept_forgotten": len(kept),
+            "forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set),
+            "keep": len(keep_set) - len(unlisted), "unlisted": len(unlisted), "kept_forgotten": len(kept),
         },
         "edit": result.report(),
         "localisation": None if localisation is None else localisation.summary(),  # the probes' view (figures)

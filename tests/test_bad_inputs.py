@@ -259,9 +259,11 @@ CASES = {
                               "differs from the edited one outside W_out of layer(s) 1", "pass the unedited model"),
     "attack-wrong-layer": (ATTACK + ["--base", "model", "--out", "a.json", "--layer", "2", "--max-new-tokens", "2"], None,
                            "differs from the edited one outside W_out of layer(s) 2", "the edited layers"),
-    "coeff-nan": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "nan"], None, "--coeff nan is not a finite number > 0", "e.g. 4"),
+    "coeff-nan": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "nan"], None, "--coeff nan is not a finite number ≥ 0", "e.g. 4"),
     "coeff-inf": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "inf"], None, "--coeff inf is not a finite number", "e.g. 4"),
-    "coeff-negative": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "-2"], None, "--coeff -2.0 is not a finite number > 0", "e.g. 4"),
+    "coeff-negative": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "-2"], None, "--coeff -2.0 is not a finite number ≥ 0", "e.g. 4"),
+    "coeff-zero-unrefined": (UNLEARN + ["--out", "out", "--layer", "1", "--coeff", "0", "--refine-steps", "0"], None,
+                             "--coeff 0 with no refinement steps changes nothing", "refinement steps (behaviour only)"),
     "attack-coeff-nan": (ATTACK + ["--base", "model", "--out", "a.json", "--coeff", "nan"], None, "--coeff nan is not a finite", "e.g. 4"),
     "localise-coeffs-nan": (["localise", "--model", "model", *DATA, "--out", "loc", "--coeffs", "1,nan"], None,
                             "must be finite positive numbers", "e.g. --coeffs 1,2,4,8"),
@@ -455,7 +457,7 @@ def test_an_edit_far_larger_than_w_out_is_reported(ws):
         edit_layers(bridge, forget, retain, reference, [1], EditSettings(coeff=1e9))
     settings = EditSettings()
     settings.coeff = float("nan")  # set after construction, unchecked
-    with pytest.raises(LunarError, match="coeff nan is not a finite number > 0"):
+    with pytest.raises(LunarError, match="coeff nan is not a finite number ≥ 0"):
         edit_layers(bridge, forget, retain, reference, [1], settings)
 
 

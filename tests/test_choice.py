@@ -68,7 +68,12 @@ def test_the_choice_on_the_toy_world_refuses_held_out_questions(fresh_toy_bridge
     assert choice.layers in ([1], [2, 3]) and set(choice.edits) == set(choice.layers)
     assert choice.refined and choice.predicted.forget_refusal >= 0.8 and choice.predicted.retain_rouge1 >= 0.9
     assert choice.predicted.keep_rouge1 >= 0.9 and choice.predicted.seen_retain_rouge1 >= 0.9
-    assert choice.summary()["predicted"]["retain_rouge1"] == choice.predicted.seen_retain_rouge1  # the exported model learns every retain row
+    final = choice.final  # the final edit judged itself: what the export will show, with intervals
+    assert final.forget_refusal >= 0.8 and final.retain_rouge1 >= 0.9 and final.keep_rouge1 >= 0.9
+    assert final.sizes == {"forget": 24, "retain": choice.sizes["retain_heldout"] + 32, "keep": choice.sizes["keep_heldout"]}
+    low, high = final.intervals["forget_refusal"]
+    assert low < final.forget_refusal <= high and high - low < 0.4  # Wilson, 24 questions
+    assert choice.summary()["predicted"]["retain_rouge1"] == final.retain_rouge1 and choice.acceptable
     # refining starts from c <= refine_start_coeff (4): c = 8 is not screened
     assert [row["coeff"] for row in choice.screening] == [4.0, 4.0] and len(choice.cells) == 1
     assert choice.sizes["forget_heldout"] == 6 and choice.sizes["forget_solve"] == 18
@@ -90,3 +95,25 @@ def test_a_cell_below_the_retain_floor_never_wins_while_another_reaches_it():
                  for a, b, c, d in values]
         winner = cells[pick_cell(cells, min_refusal=0.5, min_retain=0.9)]
         assert winner.reaches_floor(0.9) or not any(cell.reaches_floor(0.9) for cell in cells)
+
+
+def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_toy_bridge, world, monkeypatch):
+    import lunar_lens.choice as choice_module
+
+    judged = choice_module.judge
+    monkeypatch.setattr(choice_module, "judge", lambda *args, **kwargs: judged(*args, **kwargs) | {"retain_rouge1": 0.5})  # every cell breaks retain
+    bridge = fresh_toy_bridge
+    forget, retain, reference = world.split(world.entities[:1])
+    refusal = model_refusal(bridge, reference[:32])
+    settings = EditSettings(refusal=refusal.target, refine=RefineSettings(steps=2))
+    directions = directions_for(bridge, forget, reference[:64], settings)
+    tried = {}
+    for steps in (3, 0):
+        choice = choose_edit(
+            bridge, forget, retain[::16], refusal, directions, settings, ChoiceSettings(coeffs=(4.0,), max_candidates=1, behaviour_steps=steps),
+            layer_sets=[[1]],
+        )
+        tried[steps] = [(cell.layers, cell.coeff, cell.refine_steps) for cell in choice.cells]
+        assert not choice.acceptable and "below the retain floor" in choice.verdict
+    # the closed form at c 4, then refinement from ΔW = 0 on the screened layer set and on every layer's W_out (3 steps each)
+    assert tried[3] == [([1], 4.0, 2), ([1], 0.0, 3), ([0, 1, 2, 3, 4, 5], 0.0, 3)] and tried[0] == [([1], 4.0, 2)]

@@ -106,7 +106,7 @@ def test_bad_edit_requests_are_clear_errors(tiny):
         edit_layers(tiny, FORGET, [], REFERENCE, [1], settings)
     with pytest.raises(LunarError, match="reference set is empty"):
         edit_layers(tiny, FORGET, RETAIN, [], [1], settings)
-    with pytest.raises(LunarError, match="coeff None is not a finite number > 0: give the redirection coefficient c"):
+    with pytest.raises(LunarError, match="coeff None is not a finite number ≥ 0: give the redirection coefficient c"):
         edit_layers(tiny, FORGET, RETAIN, REFERENCE, [1], EditSettings())  # None: only unlearn chooses c
     with pytest.raises(LunarError, match="unknown positions"):
         EditSettings(positions="everywhere")

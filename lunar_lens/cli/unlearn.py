@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep", metavar="FILE",
         help="questions about knowledge you did not list that must stay (answers optional: the model's own are kept); judged apart by the automatic choice",
     )
+    parser.add_argument(
+        "--unlisted", type=whole_number(minimum=0), default=EditSettings.unlisted, metavar="N",
+        help="packaged general-knowledge questions kept with the model's own answers, besides --keep (knowledge nobody listed); 0: none",
+    )
     parser.add_argument("--layer", default="auto", help="auto, or layer number(s): 3 or 2,3")
     parser.add_argument("--coeff", default="auto", help="auto, or the redirection coefficient c")
     add_edit_arguments(parser)
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> None:
         inputs += [args.keep] if args.keep else []
         check_output(args.localisation, folder=True, force=args.force, inputs=inputs, parameter="localisation")
     settings = edit_settings(
-        args, coeff=coeff, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, refine=RefineSettings(steps=args.refine_steps)
+        args, coeff=coeff, solver=args.solver, lora_rank=args.lora_rank, seed=args.seed, unlisted=args.unlisted,
+        refine=RefineSettings(steps=args.refine_steps),
     )
     choice = ChoiceSettings(min_retain=args.min_retain)  # checked before the model loads
     try:
@@ -111,6 +116,12 @@ def run(args: argparse.Namespace) -> None:
             + (", knowledge outside the retain set not judged (give --keep)" if held["keep_rouge1"] is None else f", keep ROUGE-1 {held['keep_rouge1']:.3f}")
             + f" (aimed at the model's own refusal {outcome.report['refusal']['target']!r})"
         )
+        final = outcome.report["choice"]["predicted"]
+        print("predicted for the export (95 % intervals): " + ", ".join(
+            f"{name} {final[key]:.2f} ({final['intervals'][key][0]:.2f}–{final['intervals'][key][1]:.2f})"
+            for name, key in (("forget refusal", "forget_refusal"), ("retain ROUGE-1", "retain_rouge1"), ("keep ROUGE-1", "keep_rouge1"))
+            if final[key] is not None
+        ))
     beside = "" if args.embed_forgotten else f" and {sidecar_path(outcome.out_dir)} (the forgotten questions: keep it private)"
     print(f"edited layer(s) {layers} with c = {outcome.report['coeff']:g}; wrote {outcome.out_dir}{beside}")
 
