@@ -28,8 +28,9 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
    and retain question (`finish_share`), is judged itself: forget refusal and ROUGE-1 and retain ROUGE-1 on
    questions it learnt (up to `max_eval` of each part), keep ROUGE-1 on held-out keep questions it never
    saw, each with a 95 % interval (`Prediction`). No number rests on the few held-out forget questions alone.
-5. **The verdict**: the edit is *acceptable* when the chosen cell reaches the retain floor, the final edit
-   keeps retain and keep above it, and its forget refusal is at least `target_refusal`;
+5. **The verdict**: the edit is *acceptable* when the chosen cell reaches the retain floor, the final edit's
+   retain and keep are not wholly below it (the top of their 95 % intervals), and its forget refusal is at
+   least `target_refusal`;
    `lunar_lens.pipeline.unlearn` exports nothing else unless told to.
 """
 
@@ -389,8 +390,9 @@ def judge_verdict(cell: Cell, settings: ChoiceSettings, final: Prediction | None
         low, high = final.intervals["forget_refusal"]
         numbers += f"; the final edit: forget refusal {refusal:.2f} (95 % {low:.2f}–{high:.2f}), retain ROUGE-1 {final.retain_rouge1:.2f}"
         numbers += "" if final.keep_rouge1 is None else f", keep ROUGE-1 {final.keep_rouge1:.2f}"
-        kept = [value for value in (final.retain_rouge1, final.keep_rouge1) if value is not None]
-        if cell.reaches_floor(settings.min_retain) and min(kept) < settings.min_retain - 1e-9:
+        # below the floor when the whole 95 % interval is (a mean of two keep questions is not a measurement)
+        highs = [final.intervals[key][1] for key in ("retain_rouge1", "keep_rouge1") if key in final.intervals]
+        if cell.reaches_floor(settings.min_retain) and min(highs) < settings.min_retain - 1e-9:
             problems.append(f"the final edit below the retain floor {settings.min_retain:g}")
     else:
         numbers += f", predicted forget refusal {refusal:.2f}"
