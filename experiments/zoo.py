@@ -164,6 +164,8 @@ def run(model: ZooModel, threads: int) -> dict:
             # the unedited model's own scores: a lightly trained model knows less to begin with
             "before": {key: before["scores"][key]["rouge1"] for key in ("forget", "retain", "factual")},
         }
+        # what was kept of what the model knew (its retain and factual ROUGE-1 after / before): the targets for a model that knew little
+        row |= {f"{key}_kept": row[f"{key}_rouge1"] / max(row["before"][key], 1e-9) for key in ("retain", "factual")}
     rejected = out.with_name(out.name + ".choice.json")  # a refused choice leaves its report beside the folder
     choice = report["choice"] if report is not None else json.loads(rejected.read_text())["choice"] if rejected.exists() else None
     if choice is not None:

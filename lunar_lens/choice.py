@@ -51,7 +51,7 @@ from lunar_lens.edit import EditSettings, unit_solutions
 from lunar_lens.errors import LunarError
 from lunar_lens.generation import generate_answers
 from lunar_lens.host_memory import release_freed
-from lunar_lens.metrics import is_refusal, mean_interval, rate_interval, rouge_recall
+from lunar_lens.metrics import is_refusal, mean_interval, rate_interval, rouge1, rouge_recall
 from lunar_lens.model import n_layers, w_out
 from lunar_lens.progress import bar
 from lunar_lens.prompts import first_answer_tokens, rows_of, tokenize
@@ -72,6 +72,7 @@ class ChoiceSettings(Settings):
     candidates: int = 2  # layer sets judged by greedy generation (and refined) ...
     max_candidates: int = 6  # ... and more, in screening order, while none judged so far is acceptable
     max_eval: int = 32  # held-out questions per set, at most
+    known_precision: float = 0.5  # a retain question is known when the model's answer agrees this much with the given one (ROUGE-1 precision)
     generate_tokens: int = 32
     screen_tokens: int = 8  # teacher-forced answer tokens scored while screening
     retain_weight: float = 4.0  # screening: weight of the retain loss's rise
@@ -218,6 +219,13 @@ def judged_answers(
     return judged
 
 
+def known(items: Sequence[QA], agreement: Sequence[float], settings: ChoiceSettings) -> list[QA]:
+    """The first `max_eval` of `items` whose answer agrees with the given one (`known_precision`); all of the
+    first `max_eval` when fewer than a quarter of those agree (a model that knows little is judged on what it says)."""
+    chosen = [qa for qa, share in zip(items, agreement) if share >= settings.known_precision][: settings.max_eval]
+    return chosen if len(chosen) >= settings.max_eval / 4 else list(items[: settings.max_eval])
+
+
 def mean(values: Sequence[float] | Sequence[bool]) -> float:
     return sum(values) / max(1, len(values))
 
@@ -275,15 +283,19 @@ def choose_edit(
     forget_solve, forget_held = holdout_split(forget, settings.holdout)
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
     # retain is judged against the model's own answers at the judge's length (what the edit must keep: a long
-    # reference answer cut at `generate_tokens` would read as lost knowledge; TOFU: 0.85 against 0.96 measured)
-    asked_retain = [QA(qa.question) for qa in [*retain_held[: settings.max_eval], *spread(retain_solve, settings.max_eval)]]
-    parts = [list(retain), list(keep), forget_held[: settings.max_eval], spread(forget_solve, settings.max_eval), asked_retain]
+    # reference answer cut at `generate_tokens` would read as lost knowledge; TOFU: 0.85 against 0.96 measured),
+    # on questions the model knows: its answer agrees with the given one (ROUGE-1 precision >= `known_precision`).
+    # A wrong answer is no knowledge to lose, and it changes under any edit (a lightly trained model's mostly are)
+    pool = 3 * settings.max_eval
+    given = [*retain_held[:pool], *spread(retain_solve, pool)]
+    parts = [list(retain), list(keep), forget_held[: settings.max_eval], spread(forget_solve, settings.max_eval), [QA(qa.question) for qa in given]]
     answered = iter(own_answers(bridge, [qa for part in parts for qa in part], settings.generate_tokens))  # one generation pass
     retain, keep, forget_held, forget_seen, asked_retain = ([next(answered) for _ in part] for part in parts)
     retain_solve, retain_held = holdout_split(retain, settings.holdout)
     keep_solve, keep_held = holdout_split(keep, settings.holdout) if keep else ([], [])
-    n_held = min(len(retain_held), settings.max_eval)
-    retain_judged, retain_seen = asked_retain[:n_held], asked_retain[n_held:]
+    agree = rouge1([qa.answer for qa in asked_retain], [qa.answer or own.answer for qa, own in zip(given, asked_retain)], "precision")
+    n_held = min(len(retain_held), pool)
+    retain_judged, retain_seen = (known(asked_retain[part], agree[part], settings) for part in (slice(0, n_held), slice(n_held, None)))
     keep_judged = keep_held[: settings.max_eval]
     fit_retain = retain_solve + keep_solve  # the rows the edit keeps: keep rows are retain rows, judged apart
     sets = [sorted(layer_set) for layer_set in layer_sets] if layer_sets else contiguous_sets(n_layers(bridge), settings.max_width)

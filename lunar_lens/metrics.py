@@ -91,11 +91,12 @@ def rouge_recall(predictions: list[str], references: list[str], stemmer: bool = 
     return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
 
 
-def rouge_f1(predictions: list[str], references: list[str]) -> list[float]:
-    """Per-example ROUGE-1 F1 of each prediction and its reference (how alike two texts are, symmetric)."""
+def rouge1(predictions: list[str], references: list[str], measure: str = "fmeasure") -> list[float]:
+    """Per-example ROUGE-1 `measure` (fmeasure: how alike two texts are; precision: how much of the prediction
+    the reference holds, whatever the reference's length)."""
     if len(predictions) != len(references):
         raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
-    return [_scorer(False).score(ref, pred)["rouge1"].fmeasure for pred, ref in zip(predictions, references)]
+    return [getattr(_scorer(False).score(ref, pred)["rouge1"], measure) for pred, ref in zip(predictions, references)]
 
 
 def mean_rouge1(answers: list[str], references: list[str]) -> float:

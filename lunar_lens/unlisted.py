@@ -21,7 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from lunar_lens.data import QA
-from lunar_lens.metrics import rouge_f1
+from lunar_lens.metrics import rouge1
 from lunar_lens.refine import answer_rows, answer_statistics, own_answers
 
 
@@ -39,7 +39,7 @@ def unlisted_questions(n: int, forget: Sequence[str], listed: Sequence[str] = ()
     for question in general_questions():
         if len(chosen) == n:
             break
-        if question in listed_set or (forget and max(rouge_f1([question] * len(forget), list(forget))) >= max_similarity):
+        if question in listed_set or (forget and max(rouge1([question] * len(forget), list(forget))) >= max_similarity):
             continue
         chosen.append(question)
     return chosen

@@ -8,7 +8,7 @@ import pytest
 
 from lunar_lens.edit import EditSettings
 from lunar_lens.generation import generate_answers
-from lunar_lens.metrics import is_refusal, rouge_f1, rouge_recall
+from lunar_lens.metrics import is_refusal, rouge1, rouge_recall
 from lunar_lens.refine import RefineSettings
 from lunar_lens.settings import RunSettings
 from lunar_lens.unlisted import general_questions, unlisted_keep, unlisted_questions
@@ -34,7 +34,7 @@ def test_no_packaged_question_asks_what_the_evaluations_factual_sets_ask():
     factual = [qa["question"] for qa in json.loads((SHARED / "lunar" / "unlearning" / "factual_data.json").read_text())]
     for split in ("world_facts", "real_authors"):
         factual += [json.loads(line)["question"] for line in (SHARED / "tofu" / f"{split}.json").read_text().splitlines() if line.strip()]
-    closest = max(max(rouge_f1([q] * len(factual), factual)) for q in general_questions())
+    closest = max(max(rouge1([q] * len(factual), factual)) for q in general_questions())
     assert closest < 0.9  # shared question frames ("What is the capital of …?") score up to 0.86; the same fact asked scored 1.0
 
 
