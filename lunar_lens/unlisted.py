@@ -6,8 +6,9 @@ general-knowledge prompts shows up there before it shows up in a user's factual 
 
 Only answers the model gives with confidence are kept (geometric-mean token probability ≥ `min_confidence`):
 those are knowledge. A guess is not, and it flips under any change of W_out: on a PISTOL model that knows none
-of these questions (experiments/zoo.py's llama-pistol1-ab), every redirecting candidate kept 0.16–0.33 of its
-guessed answers while its factual ROUGE-1 stayed 0.99, so guesses as keep rows would refuse every edit.
+of these questions (experiments/zoo.py's dev model llama-pistol1-ab, with every answer kept, commit "WIP: knowledge
+nobody listed"), every redirecting candidate kept 0.16–0.33 of its guessed answers and nothing was exported, while
+the edit exported with confident answers only keeps its factual ROUGE-1 at 0.97.
 Questions too close to a forget question (ROUGE-1 F1 ≥ `max_similarity`) or already listed are dropped, so
 the keep rows never ask for what must go. (Questions the model samples itself were tried first: models
 fine-tuned with the loss on answers only, like the zoo's and the toy world's, do not write questions.)"""
