@@ -130,9 +130,9 @@ def command(args: list[str], log: Path, threads: int) -> int:
         return subprocess.run([LUNAR, *args], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run(model: ZooModel, threads: int) -> dict:
+def run(model: ZooModel, threads: int, cost: bool = False) -> dict:
     """`unlearn --layer auto --coeff auto` on `model` as a user would (no keep set), then `evaluate` on the
-    export: one results row."""
+    export: one results row. With `cost`, one refined edit at the chosen setting is timed beside it."""
     if not model.trained:
         raise SystemExit(f"{model.name} is not trained: python experiments/zoo.py train {model.name}")
     sets, work = model.folder / "sets", model.folder / "unlearn"
@@ -168,6 +168,15 @@ def run(model: ZooModel, threads: int) -> dict:
         row |= {f"{key}_kept": row[f"{key}_rouge1"] / max(row["before"][key], 1e-9) for key in ("retain", "factual")}
     rejected = out.with_name(out.name + ".choice.json")  # a refused choice leaves its report beside the folder
     choice = report["choice"] if report is not None else json.loads(rejected.read_text())["choice"] if rejected.exists() else None
+    if choice is not None and cost:
+        # the cost of the automatic choice against one refined edit at the setting it chose, in the same run
+        fixed = work / "fixed"
+        started = time.perf_counter()
+        command(["unlearn", "--model", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"), "--retain", str(sets / f"{retain}.json"),
+                 "--reference", str(sets / "reference.json"), "--layer", ",".join(map(str, choice["layers"])), "--coeff", f"{choice['coeff']:g}",
+                 "--out", str(fixed), "--force"], work / "fixed.log", threads)
+        row["fixed_edit_seconds"] = time.perf_counter() - started
+        row["auto_over_fixed"] = seconds / row["fixed_edit_seconds"]
     if choice is not None:
         predicted = choice["predicted"]  # the final edit judged itself (lunar_lens.choice.Prediction), with 95 % intervals
         keys = ("forget_refusal", "forget_rouge1", "retain_rouge1", "deviation_score", "retain_heldout_rouge1", "keep_rouge1", "intervals", "sizes")
@@ -185,6 +194,7 @@ def main() -> None:
     parser.add_argument("--dev", action="store_true", help="the dev models")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="training device (cpu or cuda)")
+    parser.add_argument("--cost", action="store_true", help="run: also time one refined edit at the chosen setting (--layer/--coeff given)")
     args = parser.parse_args()
     unknown = [name for name in args.names if name not in BY_NAME]
     if unknown:
@@ -205,7 +215,7 @@ def main() -> None:
                 continue
             print(json.dumps({"model": model.name, "seconds_training": summary["seconds_training"], "memorisation": summary["memorisation"]}), flush=True)
         else:
-            row = run(model, args.threads)
+            row = run(model, args.threads, args.cost)
             rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
             rows = [r for r in rows if r["model"] != model.name] + [row]
             RESULTS.write_text(json.dumps(rows, indent=1))

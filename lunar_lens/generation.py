@@ -51,9 +51,20 @@ def cache_bytes_per_row(bridge: TransformerBridge, tokens: int) -> int:
     return tokens * n_layers(bridge) * 2 * d_model * element + tokens * 4 * d_mlp * element + vocabulary * 8
 
 
+def position_limit(bridge: TransformerBridge) -> int | None:
+    """The most positions the model has embeddings for (GPT-2's `n_positions`: indexing past it fails), if it says."""
+    config = bridge.original_model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def _generate(bridge: TransformerBridge, batch: TokenBatch, max_new_tokens: int, device: torch.device) -> list[str]:
     tokenizer = bridge.tokenizer
     batch = batch.to(device)
+    limit = position_limit(bridge)
+    if limit is not None:  # an edited model that no longer stops would run past its last position
+        max_new_tokens = min(max_new_tokens, limit - batch.input_ids.shape[1])
+    if max_new_tokens < 1:
+        return [""] * len(batch.input_ids)
     output = bridge.original_model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

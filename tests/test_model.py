@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, TINYSTORIES, tiny_hf_model
+from conftest import FAMILIES, TINYSTORIES, tiny_config, tiny_hf_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lunar_lens.model as model_module
@@ -217,3 +217,15 @@ def test_the_declared_transformers_range_is_checked_at_load(monkeypatch, tmp_pat
         "lunar-lens evaluate: error: transformers 5.24.0 is installed, but lunar-lens supports transformers>=5.9,<5.24 "
         "(with 5.24 and later, TransformerLens 4.3's bridge generates wrongly): pip install 'transformers>=5.9,<5.24'"
     ]
+
+
+def test_generation_stops_at_the_last_position_the_model_has(toy_tokenizer):
+    # GPT-2's positions are embeddings: an edited model that no longer says eos would index past the last one
+    width = tokenize(toy_tokenizer, QUESTIONS).input_ids.shape[1]
+    config = tiny_config("gpt2", len(toy_tokenizer))
+    config.n_positions, config.eos_token_id = width + 6, None  # a model that never stops
+    torch.manual_seed(0)
+    bridge = wrap_hf_model(transformers.AutoModelForCausalLM.from_config(config).eval(), toy_tokenizer)
+    answers = generate_answers(bridge, QUESTIONS, max_new_tokens=64)
+    assert answers == generate_answers(bridge, QUESTIONS, max_new_tokens=6) and any(answers)  # the 6 positions left, then it stops
+    assert generate_answers(bridge, [QUESTIONS[1] * 3], max_new_tokens=8) == [""]  # no position left at all
