@@ -17,10 +17,9 @@ import json
 import time
 
 import torch
-from zoo import BY_NAME, HERE, command
+from zoo import BY_NAME, HERE, score_export, set_names
 
 from lunar_lens.edit import EditSettings
-from lunar_lens.model import n_layers
 from lunar_lens.pipeline import unlearn
 from lunar_lens.refine import RefineSettings
 from lunar_lens.settings import RunSettings
@@ -41,7 +40,7 @@ def best_single_layer(name: str) -> int | None:
 def frontier(name: str, steps: int, lr: float, threads: int) -> list[dict]:
     model = BY_NAME[name]
     sets, work = model.folder / "sets", model.folder / "frontier"
-    forget, retain = ("forget10", "retain90") if model.task == "tofu" else ("forget", "retain")
+    forget, retain = set_names(model)
     depth = model.recipe.shape.get("num_hidden_layers", model.recipe.shape.get("n_layer"))
     single = best_single_layer(name)
     rows = []
@@ -52,18 +51,8 @@ def frontier(name: str, steps: int, lr: float, threads: int) -> list[dict]:
         outcome = unlearn(str(model.folder / "model"), str(sets / f"{forget}.json"), str(sets / f"{retain}.json"), str(sets / "reference.json"),
                           out, layers, settings, RunSettings(force=True, progress=False))
         seconds = time.perf_counter() - started
-        assert len(outcome.report["edit"]["layers"]) == len(layers) <= n_layers(outcome.bridge)
-        scores = work / (out.name + ".evaluate.json")
-        command(["evaluate", "--model", str(out), "--base", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"),
-                 "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"],
-                work / (out.name + ".evaluate.log"), threads)
-        evaluation = json.loads(scores.read_text())
-        after, before = evaluation["after"], evaluation["before"]
-        row = {"model": name, "held_out": model.held_out, "layers": layers, "steps": steps, "lr": lr, "seconds": seconds,
-               "forget_refusal": after["scores"]["forget"]["refusal_rate"], "forget_rouge1": after["scores"]["forget"]["rouge1"],
-               "retain_rouge1": after["scores"]["retain"]["rouge1"], "factual_rouge1": after["scores"]["factual"]["rouge1"],
-               "deviation_score": after["deviation_score"], "before": {key: before["scores"][key]["rouge1"] for key in ("forget", "retain", "factual")}}
-        row |= {f"{key}_kept": row[f"{key}_rouge1"] / max(row["before"][key], 1e-9) for key in ("retain", "factual")}
+        assert [layer["layer"] for layer in outcome.report["edit"]["layers"]] == layers
+        row = {"model": name, "held_out": model.held_out, "layers": layers, "steps": steps, "lr": lr, "seconds": seconds} | score_export(model, out, threads)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

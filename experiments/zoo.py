@@ -130,19 +130,53 @@ def command(args: list[str], log: Path, threads: int) -> int:
         return subprocess.run([LUNAR, *args], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run(model: ZooModel, threads: int, cost: bool = False) -> dict:
+def set_names(model: ZooModel) -> tuple[str, str]:
+    """The forget and retain sets' file stems."""
+    return ("forget10", "retain90") if model.task == "tofu" else ("forget", "retain")
+
+
+def unlearn_args(model: ZooModel, out: Path, *extra: str) -> list[str]:
+    """`lunar-lens unlearn` on the zoo model's sets as a user would run it (reference as questions only, no keep set)."""
+    sets = model.folder / "sets"
+    forget, retain = set_names(model)
+    return ["unlearn", "--model", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"), "--retain", str(sets / f"{retain}.json"),
+            "--reference", str(sets / "reference.json"), "--out", str(out), "--force", *extra]
+
+
+def score_export(model: ZooModel, out: Path, threads: int) -> dict:
+    """`lunar-lens evaluate` of the exported folder `out` against the unedited model (greedy, 64 new tokens):
+    forget refusal and ROUGE-1, retain and factual ROUGE-1, DS, the unedited model's own, and what was kept."""
+    sets = model.folder / "sets"
+    forget, retain = set_names(model)
+    scores = out.with_name(out.name + ".evaluate.json")
+    command(["evaluate", "--model", str(out), "--base", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"),
+             "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"],
+            out.with_name(out.name + ".evaluate.log"), threads)
+    evaluation = json.loads(scores.read_text())
+    after, before = evaluation["after"], evaluation["before"]
+    row = {
+        "forget_refusal": after["scores"]["forget"]["refusal_rate"], "forget_rouge1": after["scores"]["forget"]["rouge1"],
+        "retain_rouge1": after["scores"]["retain"]["rouge1"], "factual_rouge1": after["scores"]["factual"]["rouge1"],
+        "deviation_score": after["deviation_score"],
+        # the unedited model's own scores: a lightly trained model knows less to begin with
+        "before": {key: before["scores"][key]["rouge1"] for key in ("forget", "retain", "factual")},
+    }
+    # what was kept of what the model knew (its retain and factual ROUGE-1 after / before): the targets for a model that knew little
+    return row | {f"{key}_kept": row[f"{key}_rouge1"] / max(row["before"][key], 1e-9) for key in ("retain", "factual")}
+
+
+def run(model: ZooModel, threads: int, cost: bool = False, measure_refused: bool = False) -> dict:
     """`unlearn --layer auto --coeff auto` on `model` as a user would (no keep set), then `evaluate` on the
-    export: one results row. With `cost`, one refined edit at the chosen setting is timed beside it."""
+    export: one results row. With `cost`, one refined edit at the chosen setting is timed beside it; with
+    `measure_refused`, a refused choice is run again with --accept-below-floor and its export scored (what the
+    tool refused to hand over)."""
     if not model.trained:
         raise SystemExit(f"{model.name} is not trained: python experiments/zoo.py train {model.name}")
-    sets, work = model.folder / "sets", model.folder / "unlearn"
-    forget, retain = ("forget10", "retain90") if model.task == "tofu" else ("forget", "retain")
+    work = model.folder / "unlearn"
     out = work / "export"
     shutil.rmtree(work, ignore_errors=True)  # this script's own earlier run: nothing of it may be read as this one's
     started = time.perf_counter()
-    code = command(["unlearn", "--model", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"), "--retain", str(sets / f"{retain}.json"),
-                    "--reference", str(sets / "reference.json"), "--layer", "auto", "--coeff", "auto", "--out", str(out), "--force"],
-                   work / "unlearn.log", threads)
+    code = command(unlearn_args(model, out, "--layer", "auto", "--coeff", "auto"), work / "unlearn.log", threads)
     seconds = time.perf_counter() - started
     lines = (work / "unlearn.log").read_text().splitlines()
     report = json.loads((out / "lunar_report.json").read_text()) if code == 0 else None
@@ -151,30 +185,18 @@ def run(model: ZooModel, threads: int, cost: bool = False) -> dict:
            "trained_seconds": json.loads((model.folder / "finetune.json").read_text()).get("seconds_training"),
            "unlearn_seconds": seconds, "exported": code == 0, "reason": None if code == 0 else (lines[-1] if lines else f"exit {code}")}
     if report is not None:
-        scores = work / "evaluate.json"
-        command(["evaluate", "--model", str(out), "--base", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"),
-                 "--retain", str(sets / f"{retain}.json"), "--factual", str(sets / "factual.json"), "--out", str(scores), "--force"],
-                work / "evaluate.log", threads)
-        evaluation = json.loads(scores.read_text())
-        after, before = evaluation["after"], evaluation["before"]
-        row |= {
-            "forget_refusal": after["scores"]["forget"]["refusal_rate"], "forget_rouge1": after["scores"]["forget"]["rouge1"],
-            "retain_rouge1": after["scores"]["retain"]["rouge1"], "factual_rouge1": after["scores"]["factual"]["rouge1"],
-            "deviation_score": after["deviation_score"], "chosen": {"layers": report["layers"], "coeff": report["coeff"]},
-            # the unedited model's own scores: a lightly trained model knows less to begin with
-            "before": {key: before["scores"][key]["rouge1"] for key in ("forget", "retain", "factual")},
-        }
-        # what was kept of what the model knew (its retain and factual ROUGE-1 after / before): the targets for a model that knew little
-        row |= {f"{key}_kept": row[f"{key}_rouge1"] / max(row["before"][key], 1e-9) for key in ("retain", "factual")}
+        row |= score_export(model, out, threads) | {"chosen": {"layers": report["layers"], "coeff": report["coeff"]}}
     rejected = out.with_name(out.name + ".choice.json")  # a refused choice leaves its report beside the folder
     choice = report["choice"] if report is not None else json.loads(rejected.read_text())["choice"] if rejected.exists() else None
+    if code == 2 and measure_refused:
+        accepted = work / "accepted"
+        command(unlearn_args(model, accepted, "--layer", "auto", "--coeff", "auto", "--accept-below-floor"), work / "accepted.log", threads)
+        row["refused_candidate"] = score_export(model, accepted, threads)
     if choice is not None and cost:
         # the cost of the automatic choice against one refined edit at the setting it chose, in the same run
         fixed = work / "fixed"
         started = time.perf_counter()
-        command(["unlearn", "--model", str(model.folder / "model"), "--forget", str(sets / f"{forget}.json"), "--retain", str(sets / f"{retain}.json"),
-                 "--reference", str(sets / "reference.json"), "--layer", ",".join(map(str, choice["layers"])), "--coeff", f"{choice['coeff']:g}",
-                 "--out", str(fixed), "--force"], work / "fixed.log", threads)
+        command(unlearn_args(model, fixed, "--layer", ",".join(map(str, choice["layers"])), "--coeff", f"{choice['coeff']:g}"), work / "fixed.log", threads)
         row["fixed_edit_seconds"] = time.perf_counter() - started
         row["auto_over_fixed"] = seconds / row["fixed_edit_seconds"]
     if choice is not None:
@@ -194,6 +216,7 @@ def main() -> None:
     parser.add_argument("--dev", action="store_true", help="the dev models")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="training device (cpu or cuda)")
+    parser.add_argument("--measure-refused", action="store_true", help="run: score what a refused choice would have exported")
     parser.add_argument("--cost", action="store_true", help="run: also time one refined edit at the chosen setting (--layer/--coeff given)")
     args = parser.parse_args()
     unknown = [name for name in args.names if name not in BY_NAME]
@@ -215,7 +238,7 @@ def main() -> None:
                 continue
             print(json.dumps({"model": model.name, "seconds_training": summary["seconds_training"], "memorisation": summary["memorisation"]}), flush=True)
         else:
-            row = run(model, args.threads, args.cost)
+            row = run(model, args.threads, args.cost, args.measure_refused)
             rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
             rows = [r for r in rows if r["model"] != model.name] + [row]
             RESULTS.write_text(json.dumps(rows, indent=1))
