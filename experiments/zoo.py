@@ -8,6 +8,7 @@ automatic choice's defaults; **held-out** models never are, and every headline n
     .venv/bin/python experiments/zoo.py train llama-pistol1-ab    # one model (skipped when already trained)
     .venv/bin/python experiments/zoo.py train --all               # every missing model, cheapest first
     .venv/bin/python experiments/zoo.py run --held-out            # unlearn + score the export → results/zoo.json
+    .venv/bin/python experiments/zoo.py table                     # the tables of experiments/README.md
 
 `train` writes runs/zoo/NAME (the checkpoint, its sets and finetune.json with the recipe and the training
 time; out of git): a machine that lacks a checkpoint rebuilds it with the same command. `run` calls the
@@ -207,9 +208,43 @@ def run(model: ZooModel, threads: int, cost: bool = False, measure_refused: bool
     return row
 
 
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def score_cells(scores: dict) -> str:
+    """forget refusal | forget R1 | retain R1 (kept) | factual R1 (kept) | DS, as table cells."""
+    return (
+        f"{fmt(scores['forget_refusal'])} | {fmt(scores['forget_rouge1'])} | {fmt(scores['retain_rouge1'])} ({fmt(scores.get('retain_kept'))}) | "
+        f"{fmt(scores['factual_rouge1'])} ({fmt(scores.get('factual_kept'))}) | {fmt(scores['deviation_score'], '.1f')}"
+    )
+
+
+def table() -> str:
+    """The markdown tables of experiments/README.md ("The model zoo") from results/zoo.json and results/frontier.json."""
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    frontier_file = HERE / "results" / "frontier.json"
+    frontier = json.loads(frontier_file.read_text()) if frontier_file.exists() else []
+    lines = ["| model | split | result | forget refusal | forget R1 | retain R1 (kept) | factual R1 (kept) | DS | predicted refusal / retain | s |",
+             "|---" * 10 + "|"]
+    for row in sorted(rows, key=lambda row: (not row["held_out"], row["model"])):
+        start = f"| {row['model']} | {'held out' if row['held_out'] else 'dev'} |"
+        predicted = row.get("predicted") or {}
+        end = f"| {fmt(predicted.get('forget_refusal'))} / {fmt(predicted.get('retain_rouge1'))} | {row['unlearn_seconds']:.0f} |"
+        if row["exported"]:
+            lines.append(f"{start} exported | {score_cells(row)} {end}")
+        else:
+            lines.append(f"{start} refused (exit 2) | | | | | {end}")
+            if "refused_candidate" in row:
+                lines.append(f"{start} the refused edit, forced out | {score_cells(row['refused_candidate'])} | | |")
+    lines += ["", "| frontier model | layers | steps | forget refusal | forget R1 | retain R1 (kept) | factual R1 (kept) | DS |", "|---" * 8 + "|"]
+    lines += [f"| {row['model']} | {','.join(map(str, row['layers']))} | {row['steps']} | {score_cells(row)} |" for row in frontier]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("list", "train", "run"))
+    parser.add_argument("action", choices=("list", "train", "run", "table"))
     parser.add_argument("names", nargs="*", help=f"zoo models: {', '.join(BY_NAME)}")
     parser.add_argument("--all", action="store_true", help="every model")
     parser.add_argument("--held-out", action="store_true", help="the held-out models")
@@ -226,6 +261,9 @@ def main() -> None:
     if args.action == "list":
         for model in ZOO:
             print(f"{model.name:26} {'held-out' if model.held_out else 'dev':8} {'trained' if model.trained else '-':8} {model.note}")
+        return
+    if args.action == "table":
+        print(table())
         return
     if not chosen:
         parser.error("name zoo models, or --all / --held-out / --dev")

@@ -16,7 +16,7 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
    (`lunar_lens.refine`) on the solve part. When none judged is acceptable, the search goes on with
    behaviour alone: refinement from ΔW = 0 (c = 0, up to `behaviour_steps`) on the best screened layer set,
-   then on every layer's W_out.
+   then (unless the caller named the layer sets) on every layer's W_out.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
    held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall of the unedited
    model's own answers (what the edit must keep, at the judge's length). Retain is a constraint, not a
@@ -363,7 +363,8 @@ def choose_edit(
     if refining and settings.behaviour_steps and not found():
         # still nothing acceptable: behaviour only, refined from ΔW = 0 (c = 0), on the best screened layer set and on every layer's W_out
         behaviour = replace(edit.refine, steps=settings.behaviour_steps)
-        for layer_set in dict.fromkeys([tuple(candidates[0]["layers"]), tuple(range(n_layers(bridge)))]):
+        every = [] if layer_sets else [tuple(range(n_layers(bridge)))]  # the caller's layer sets are kept to
+        for layer_set in dict.fromkeys([tuple(candidates[0]["layers"]), *every]):
             if found():
                 break
             judge_candidate(list(layer_set), 0.0, {layer: torch.zeros(w_out(bridge, layer).shape) for layer in layer_set}, behaviour)
