@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINYSTORIES
 
 from lunar_lens.edit import EditSettings
 from lunar_lens.generation import generate_answers
@@ -54,3 +55,10 @@ def test_only_answers_the_model_is_sure_of_are_kept_and_the_edit_keeps_them(worl
         after = generate_answers(bridge, [qa.question for qa in sure])
         kept[n] = sum(rouge_recall(after, [qa.answer for qa in sure])["rouge1"]) / len(sure)
     assert kept[100] > 0.95 and kept[100] > kept[0]
+
+
+@pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared TinyStories model absent")
+def test_a_model_that_knows_no_general_knowledge_keeps_none_of_it():
+    from lunar_lens.model import load_model
+
+    assert unlisted_keep(load_model(TINYSTORIES), 100, []) == []  # a children's-story model: every answer a guess
