@@ -160,7 +160,8 @@ def plot_choice(summary: dict, path: str | Path) -> Path:
     for row in summary["screening"]:
         proxy[sets.index(tuple(row["layers"])), coeffs.index(row["coeff"])] = row["proxy"]
     labels = [",".join(map(str, layer_set)) for layer_set in sets]
-    judged = [(sets.index(tuple(cell["layers"])), int(np.nanargmin(proxy[sets.index(tuple(cell["layers"]))]))) for cell in summary["cells"]]
+    screened = [sets.index(tuple(cell["layers"])) for cell in summary["cells"] if tuple(cell["layers"]) in sets]  # not behaviour-only sets beyond them
+    judged = [(row, int(np.nanargmin(proxy[row]))) for row in dict.fromkeys(screened)]
     chosen = [cell for cell in judged if sets[cell[0]] == tuple(summary["layers"])][:1]
     figure, axes = new_figure(1, 2, panel=(5.2, max(3.6, 0.28 * len(sets))))
     heatmap(
@@ -169,9 +170,11 @@ def plot_choice(summary: dict, path: str | Path) -> Path:
     )
     ax = axes[0, 1]
     names = [f"{','.join(map(str, cell['layers']))} c{cell['coeff']:g}" + (" refined" if cell["refined"] else "") for cell in summary["cells"]]
-    width, x = 0.27, np.arange(len(names))
-    for offset, key, label in ((-1, "forget_refusal", "forget refusal ↑"), (0, "forget_rouge1", "forget ROUGE-1 ↓"), (1, "retain_rouge1", "retain ROUGE-1 ↑")):
-        ax.bar(x + offset * width, [cell[key] for cell in summary["cells"]], width, label=label)
+    bars = [("forget_refusal", "forget refusal ↑"), ("forget_rouge1", "forget ROUGE-1 ↓"), ("retain_rouge1", "retain ROUGE-1 ↑")]
+    bars += [("keep_rouge1", "keep ROUGE-1 ↑")] if any(cell.get("keep_rouge1") is not None for cell in summary["cells"]) else []
+    width, x = 0.8 / len(bars), np.arange(len(names))
+    for offset, (key, label) in enumerate(bars):
+        ax.bar(x + (offset - (len(bars) - 1) / 2) * width, [cell.get(key) or 0.0 for cell in summary["cells"]], width, label=label)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_title("candidates, greedy answers to held-out questions")

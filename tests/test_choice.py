@@ -10,6 +10,7 @@ import torch
 from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, judge_verdict, pick_cell
 from lunar_lens.data import QA
 from lunar_lens.edit import EditSettings, directions_for
+from lunar_lens.figures import save_localisation
 from lunar_lens.localise.rule import choose_checked_edit as probe_rule_choice
 from lunar_lens.refine import RefineSettings
 from lunar_lens.refusals import model_refusal
@@ -97,7 +98,7 @@ def test_a_cell_below_the_retain_floor_never_wins_while_another_reaches_it():
         assert winner.reaches_floor(0.9) or not any(cell.reaches_floor(0.9) for cell in cells)
 
 
-def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_toy_bridge, world, monkeypatch):
+def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_toy_bridge, world, monkeypatch, tmp_path):
     import lunar_lens.choice as choice_module
 
     judged = choice_module.judge
@@ -108,12 +109,17 @@ def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_t
     settings = EditSettings(refusal=refusal.target, refine=RefineSettings(steps=2))
     directions = directions_for(bridge, forget, reference[:64], settings)
     tried = {}
-    for steps in (3, 0):
+    for name, steps, layer_sets in (("all", 3, None), ("given", 3, [[1]]), ("off", 0, [[1]])):
         choice = choose_edit(
             bridge, forget, retain[::16], refusal, directions, settings, ChoiceSettings(coeffs=(4.0,), max_candidates=1, behaviour_steps=steps),
-            layer_sets=[[1]],
+            layer_sets=layer_sets,
         )
-        tried[steps] = [(cell.layers, cell.coeff, cell.refine_steps) for cell in choice.cells]
+        tried[name] = [(cell.layers, cell.coeff, cell.refine_steps) for cell in choice.cells]
         assert not choice.acceptable and "below the retain floor" in choice.verdict
-    # the closed form at c 4, then refinement from ΔW = 0 on the screened layer set and on every layer's W_out (3 steps each)
-    assert tried[3] == [([1], 4.0, 2), ([1], 0.0, 3), ([0, 1, 2, 3, 4, 5], 0.0, 3)] and tried[0] == [([1], 4.0, 2)]
+        figure = save_localisation(None, tmp_path / name, choice=choice.summary())["choice"]  # cells beyond the screened sets too
+        assert figure.stat().st_size > 20_000
+    # the closed form at c 4, then refinement from ΔW = 0 (3 steps) on the screened layer set and on every layer's W_out ...
+    best = tried["all"][0][0]  # the best screened of the two judged (`candidates` 2)
+    assert [coeff for _, coeff, _ in tried["all"][:2]] == [4.0, 4.0] and tried["all"][2:] == [(best, 0.0, 3), ([0, 1, 2, 3, 4, 5], 0.0, 3)]
+    # ... but only on the layer sets a caller named, and not at all without behaviour steps
+    assert tried["given"] == [([1], 4.0, 2), ([1], 0.0, 3)] and tried["off"] == [([1], 4.0, 2)]
