@@ -15,7 +15,7 @@ costs elsewhere (TOFU: held-out retain ROUGE-1 preferred the layer that cost a f
    refinement starts from (≤ `refine_start_coeff`) are screened.
 2. **Refinement** (when `EditSettings.refine.steps` > 0): each candidate's edit is trained on behaviour
    (`lunar_lens.refine`) on the solve part. When none judged is acceptable, the search goes on with
-   behaviour alone: refinement from ΔW = 0 (c = 0, up to `behaviour_steps`) on the best screened layer set,
+   behaviour alone: refinement from ΔW = 0 (c = 0, up to `behaviour_factor` × its steps) on the best screened layer set,
    then (unless the caller named the layer sets) on every layer's W_out.
 3. **The decision**, from greedy generations of each candidate's edit (closed form and refined) on the
    held-out part: forget refusal rate and ROUGE-1 recall, retain (and keep) ROUGE-1 recall of the unedited
@@ -81,8 +81,9 @@ class ChoiceSettings(Settings):
     target_refusal: float = 0.8  # an acceptable edit is predicted to refuse at least this share of the forget set
     finish_share: float = 0.2  # the chosen refined edit then trains this share of the steps on every question
     # when no candidate is acceptable: refinement from ΔW = 0 (behaviour only, c = 0) on the best screened layer
-    # set and on every layer's W_out, for at most this many steps (the monitor stops it earlier; 0: never)
-    behaviour_steps: int = 400
+    # set and on every layer's W_out, for at most this many times the refinement's steps (the monitor stops it
+    # earlier; 0: never)
+    behaviour_factor: int = 4
     # refinement starts from the closed form at c = min(the layer set's screened c, this): larger starts cost
     # knowledge the user did not list (PISTOL, experiments/refusal_frontier.py)
     refine_start_coeff: float = 4.0
@@ -360,9 +361,9 @@ def choose_edit(
             break  # an acceptable edit is among those judged: the search goes no further
         start = min(row["coeff"], settings.refine_start_coeff) if refining else row["coeff"]
         judge_candidate(row["layers"], start, {layer: start * (units[layer][0] @ units[layer][1].T) for layer in row["layers"]}, edit.refine)
-    if refining and settings.behaviour_steps and not found():
+    if refining and settings.behaviour_factor and not found():
         # still nothing acceptable: behaviour only, refined from ΔW = 0 (c = 0), on the best screened layer set and on every layer's W_out
-        behaviour = replace(edit.refine, steps=settings.behaviour_steps)
+        behaviour = replace(edit.refine, steps=settings.behaviour_factor * edit.refine.steps)
         every = [] if layer_sets else [tuple(range(n_layers(bridge)))]  # the caller's layer sets are kept to
         for layer_set in dict.fromkeys([tuple(candidates[0]["layers"]), *every]):
             if found():

@@ -109,17 +109,17 @@ def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_t
     settings = EditSettings(refusal=refusal.target, refine=RefineSettings(steps=2))
     directions = directions_for(bridge, forget, reference[:64], settings)
     tried = {}
-    for name, steps, layer_sets in (("all", 3, None), ("given", 3, [[1]]), ("off", 0, [[1]])):
+    for name, factor, layer_sets in (("all", 2, None), ("given", 2, [[1]]), ("off", 0, [[1]])):
         choice = choose_edit(
-            bridge, forget, retain[::16], refusal, directions, settings, ChoiceSettings(coeffs=(4.0,), max_candidates=1, behaviour_steps=steps),
+            bridge, forget, retain[::16], refusal, directions, settings, ChoiceSettings(coeffs=(4.0,), max_candidates=1, behaviour_factor=factor),
             layer_sets=layer_sets,
         )
         tried[name] = [(cell.layers, cell.coeff, cell.refine_steps) for cell in choice.cells]
         assert not choice.acceptable and "below the retain floor" in choice.verdict
         figure = save_localisation(None, tmp_path / name, choice=choice.summary())["choice"]  # cells beyond the screened sets too
         assert figure.stat().st_size > 20_000
-    # the closed form at c 4, then refinement from ΔW = 0 (3 steps) on the screened layer set and on every layer's W_out ...
+    # the closed form at c 4, then refinement from ΔW = 0 (2 × 2 steps) on the screened layer set and on every layer's W_out ...
     best = tried["all"][0][0]  # the best screened of the two judged (`candidates` 2)
-    assert [coeff for _, coeff, _ in tried["all"][:2]] == [4.0, 4.0] and tried["all"][2:] == [(best, 0.0, 3), ([0, 1, 2, 3, 4, 5], 0.0, 3)]
+    assert [coeff for _, coeff, _ in tried["all"][:2]] == [4.0, 4.0] and tried["all"][2:] == [(best, 0.0, 4), ([0, 1, 2, 3, 4, 5], 0.0, 4)]
     # ... but only on the layer sets a caller named, and not at all without behaviour steps
-    assert tried["given"] == [([1], 4.0, 2), ([1], 0.0, 3)] and tried["off"] == [([1], 4.0, 2)]
+    assert tried["given"] == [([1], 4.0, 2), ([1], 0.0, 4)] and tried["off"] == [([1], 4.0, 2)]

@@ -229,7 +229,8 @@ def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(wor
 
     forget, retain, reference = world.split(world.entities[:1])
     outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], run=RunSettings(progress=False),
-                      accept_below_floor=True)  # 23 retain questions: below the floor (as above); the search's mechanics are tested
+                      accept_below_floor=True,  # 23 retain questions: below the floor (as above); the search's mechanics are tested
+                      choice_settings=ChoiceSettings(behaviour_factor=1))  # behaviour-only cells: test_choice.py
     assert outcome.report["layers"] == [1] and outcome.report["coeff"] in (0.0, *ChoiceSettings().coeffs)  # 0: behaviour only (nothing acceptable)
     assert {tuple(cell["layers"]) for cell in outcome.report["choice"]["cells"]} == {(1,)}  # the given layer is kept to
     screened = [c for c in ChoiceSettings().coeffs if c <= ChoiceSettings().refine_start_coeff]  # a refinement starts from these

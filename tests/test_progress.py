@@ -67,6 +67,7 @@ def test_an_unlearn_run_with_tqdm_disable_logs_one_line_per_stage(monkeypatch, t
     stages = [STAGE_LINE.match(line).group(1) for line in log.splitlines() if STAGE_LINE.match(line)]
     assert stages == [
         "loaded the model and the sets", "the model's own refusal (its answers to the reference questions)",
+        "the model's own answers to general-knowledge questions (knowledge nobody listed)",
         f"directions from {len(forget[::4])} forget and {len(reference[::40])} reference prompts",
         "edit of W_out, layer(s) 0, c = 6", f"export to {tmp_path / 'out'}, verified by reloading",
     ]
