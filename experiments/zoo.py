@@ -171,8 +171,12 @@ def run(model: ZooModel, threads: int, cost: bool = False, measure_refused: bool
     export: one results row. With `cost`, one refined edit at the chosen setting is timed beside it; with
     `measure_refused`, a refused choice is run again with --accept-below-floor and its export scored (what the
     tool refused to hand over)."""
+    row = {"model": model.name, "family": model.recipe.family, "d_model": model.recipe.shape.get("hidden_size", model.recipe.shape.get("n_embd")),
+           "layers": model.recipe.shape.get("num_hidden_layers", model.recipe.shape.get("n_layer")), "held_out": model.held_out,
+           "trained_seconds": None, "exported": False, "predicted": None,
+           **dict.fromkeys(("forget_refusal", "forget_rouge1", "retain_rouge1", "factual_rouge1", "deviation_score"))}
     if not model.trained:
-        raise SystemExit(f"{model.name} is not trained: python experiments/zoo.py train {model.name}")
+        return row | {"reason": f"not trained on this machine: python experiments/zoo.py train {model.name}"}
     work = model.folder / "unlearn"
     out = work / "export"
     shutil.rmtree(work, ignore_errors=True)  # this script's own earlier run: nothing of it may be read as this one's
@@ -181,10 +185,8 @@ def run(model: ZooModel, threads: int, cost: bool = False, measure_refused: bool
     seconds = time.perf_counter() - started
     lines = (work / "unlearn.log").read_text().splitlines()
     report = json.loads((out / "lunar_report.json").read_text()) if code == 0 else None
-    row = {"model": model.name, "family": model.recipe.family, "d_model": model.recipe.shape.get("hidden_size", model.recipe.shape.get("n_embd")),
-           "layers": model.recipe.shape.get("num_hidden_layers", model.recipe.shape.get("n_layer")), "held_out": model.held_out,
-           "trained_seconds": json.loads((model.folder / "finetune.json").read_text()).get("seconds_training"),
-           "unlearn_seconds": seconds, "exported": code == 0, "reason": None if code == 0 else (lines[-1] if lines else f"exit {code}")}
+    row |= {"trained_seconds": json.loads((model.folder / "finetune.json").read_text()).get("seconds_training"),
+            "unlearn_seconds": seconds, "exported": code == 0, "reason": None if code == 0 else (lines[-1] if lines else f"exit {code}")}
     if report is not None:
         row |= score_export(model, out, threads) | {"chosen": {"layers": report["layers"], "coeff": report["coeff"]}}
     rejected = out.with_name(out.name + ".choice.json")  # a refused choice leaves its report beside the folder
@@ -230,8 +232,10 @@ def table() -> str:
     for row in sorted(rows, key=lambda row: (not row["held_out"], row["model"])):
         start = f"| {row['model']} | {'held out' if row['held_out'] else 'dev'} |"
         predicted = row.get("predicted") or {}
-        end = f"| {fmt(predicted.get('forget_refusal'))} / {fmt(predicted.get('retain_rouge1'))} | {row['unlearn_seconds']:.0f} |"
-        if row["exported"]:
+        end = f"| {fmt(predicted.get('forget_refusal'))} / {fmt(predicted.get('retain_rouge1'))} | {fmt(row.get('unlearn_seconds'), '.0f')} |"
+        if "unlearn_seconds" not in row:
+            lines.append(f"{start} not trained | | | | | | | |")
+        elif row["exported"]:
             lines.append(f"{start} exported | {score_cells(row)} {end}")
         else:
             lines.append(f"{start} refused (exit 2) | | | | | {end}")
