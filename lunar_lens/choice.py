@@ -231,36 +231,37 @@ def mean(values: Sequence[float] | Sequence[bool]) -> float:
     return sum(values) / max(1, len(values))
 
 
+GROUPS = ("forget", "retain", "seen", "keep", "seen_retain")  # what `judge` asks: held-out and seen forget, held-out and seen retain, keep
+
+
 def judge(
     bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], seen: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA],
     seen_retain: Sequence[QA], refusal: ModelRefusal, tokens: int,
-) -> dict[str, float | None]:
+) -> tuple[dict[str, float | None], dict[str, tuple[list[float], list[bool]]]]:
     """`Cell`'s measured fields (`judged_answers`): forget ROUGE-1 and refusal rate on the held-out `forget`
     questions and on `seen` ones, retain ROUGE-1 on `retain` and on `seen_retain`, keep ROUGE-1 on `keep`
-    (None when empty)."""
-    groups = {"forget": forget, "retain": retain, "seen": seen, "keep": keep, "seen_retain": seen_retain}
-    judged = judged_answers(bridge, edits, groups, refusal, tokens)
-    return {
+    (None when empty); and the per-question judgement (`predict` reads it)."""
+    judged = judged_answers(bridge, edits, dict(zip(GROUPS, (forget, retain, seen, keep, seen_retain))), refusal, tokens)
+    measured = {
         "forget_rouge1": mean(judged["forget"][0]), "forget_refusal": mean(judged["forget"][1]), "retain_rouge1": mean(judged["retain"][0]),
         "seen_forget_rouge1": mean(judged["seen"][0]), "seen_forget_refusal": mean(judged["seen"][1]),
         "keep_rouge1": mean(judged["keep"][0]) if keep else None, "seen_retain_rouge1": mean(judged["seen_retain"][0]),
     }
+    return measured, judged
 
 
-def predict(
-    bridge: TransformerBridge, edits: Edits, forget: Sequence[QA], retain: Sequence[QA], keep: Sequence[QA], chosen: Cell,
-    refusal: ModelRefusal, tokens: int,
-) -> Prediction:
-    """The final `edits`' `Prediction`: forget and retain questions it learnt, keep questions it never saw."""
-    judged = judged_answers(bridge, edits, {"forget": forget, "retain": retain, "keep": keep}, refusal, tokens)
-    (forget_recall, refused), (retain_recall, _), (keep_recall, _) = judged["forget"], judged["retain"], judged["keep"]
+def predict(judged: dict[str, tuple[list[float], list[bool]]], chosen: Cell) -> Prediction:
+    """The `Prediction` of the final edit from its judgement (`judge`): forget and retain, held-out and seen
+    together (it learnt them all), keep questions it never saw."""
+    forget_recall, refused = judged["forget"][0] + judged["seen"][0], judged["forget"][1] + judged["seen"][1]
+    retain_recall, keep_recall = judged["retain"][0] + judged["seen_retain"][0], judged["keep"][0]
     intervals = {
         "forget_refusal": rate_interval(sum(refused), len(refused)), "forget_rouge1": mean_interval(forget_recall),
-        "retain_rouge1": mean_interval(retain_recall), **({"keep_rouge1": mean_interval(keep_recall)} if keep else {}),
+        "retain_rouge1": mean_interval(retain_recall), **({"keep_rouge1": mean_interval(keep_recall)} if keep_recall else {}),
     }
     return Prediction(
-        mean(refused), mean(forget_recall), mean(retain_recall), chosen.retain_rouge1, mean(keep_recall) if keep else None, intervals,
-        {"forget": len(forget), "retain": len(retain), "keep": len(keep)},
+        mean(refused), mean(forget_recall), mean(retain_recall), chosen.retain_rouge1, mean(keep_recall) if keep_recall else None, intervals,
+        {"forget": len(refused), "retain": len(retain_recall), "keep": len(keep_recall)},
     )
 
 
@@ -342,15 +343,19 @@ def choose_edit(
     watched = [*retain_judged, *keep_judged]
     monitor = (([qa.question for qa in forget_held], [refusal.target] * len(forget_held)), ([qa.question for qa in watched], [qa.answer for qa in watched]))
 
+    judged_sets = (forget_held, forget_seen, retain_judged, keep_judged, retain_seen)
+    judged_of: list[dict] = []
+
     def judge_candidate(layer_set: list[int], start: float, edits: Edits, refine: RefineSettings) -> None:
         """Refine `edits` (started at c = `start`) and judge them by greedy generation: a new cell."""
         steps = 0
         if refining:
             refined = refine_edits(bridge, edits, *refine_rows(forget_solve, fit_retain, refusal), refine, progress, monitor=monitor)
             edits, steps = refined.edits, refined.steps
-        measured = judge(bridge, edits, forget_held, forget_seen, retain_judged, keep_judged, retain_seen, refusal, settings.generate_tokens)
+        measured, judged = judge(bridge, edits, *judged_sets, refusal, settings.generate_tokens)
         cells.append(Cell(layer_set, start, refining, **measured, refine_steps=steps))
         edits_of.append(edits)
+        judged_of.append(judged)
         release_freed()  # a candidate's passes leave freed memory that the next one's peak would add to
 
     def found() -> bool:
@@ -371,14 +376,17 @@ def choose_edit(
             judge_candidate(list(layer_set), 0.0, {layer: torch.zeros(w_out(bridge, layer).shape) for layer in layer_set}, behaviour)
     best = pick_cell(cells, settings.min_refusal, settings.min_retain)
     seconds["judging"] = time.perf_counter() - started - seconds["statistics"] - seconds["screening"]
-    chosen, edits = cells[best], edits_of[best]
-    if refining and settings.finish_share:
+    chosen, edits, judged = cells[best], edits_of[best], judged_of[best]
+    finished = bool(refining and settings.finish_share)
+    if finished:
         # the chosen edit goes on learning from every forget and retain question, held-out ones too; the held-out keep
         # questions stay unseen, so that the prediction still measures knowledge nobody listed
         finish = replace(edit.refine, steps=max(1, round(edit.refine.steps * settings.finish_share)))
         edits = refine_edits(bridge, edits, *refine_rows(forget, retain + keep_solve, refusal), finish, progress, monitor=monitor).edits
     seconds["finish"] = time.perf_counter() - started - sum(seconds.values())
-    final = predict(bridge, edits, [*forget_held, *forget_seen], [*retain_judged, *retain_seen], keep_judged, chosen, refusal, settings.generate_tokens)
+    if finished:  # the final edit judged itself (without a finish it is the chosen cell's edit, already judged)
+        judged = judge(bridge, edits, *judged_sets, refusal, settings.generate_tokens)[1]
+    final = predict(judged, chosen)
     seconds["prediction"] = time.perf_counter() - started - sum(seconds.values())
     sizes = {
         "forget_solve": len(forget_solve), "forget_heldout": len(forget_held), "retain_solve": len(retain_solve),
@@ -389,7 +397,7 @@ def choose_edit(
 
 
 def judge_verdict(cell: Cell, settings: ChoiceSettings, final: Prediction | None = None) -> tuple[bool, str]:
-    """Step 4: whether the chosen `cell` may be exported (and, once made, the `final` edit: its own refusal,
+    """Step 5: whether the chosen `cell` may be exported (and, once made, the `final` edit: its own refusal,
     retain and keep must hold too), and a line with the predicted numbers."""
     refusal = cell.seen_forget_refusal if cell.seen_forget_refusal is not None else cell.forget_refusal
     numbers = (

@@ -85,18 +85,20 @@ def _scorer(stemmer: bool = False) -> RougeScorer:
 def rouge_recall(predictions: list[str], references: list[str], stemmer: bool = False) -> dict[str, list[float]]:
     """Per-example ROUGE-1 and ROUGE-L recall of `references` by `predictions` (rouge_score); with
     `stemmer`, words are Porter-stemmed first (as open-unlearning scores TOFU's `Q_A_ROUGE`)."""
-    if len(predictions) != len(references):
-        raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
-    scores = [_scorer(stemmer).score(ref, pred) for pred, ref in zip(predictions, references)]
+    scores = _rouge_scores(predictions, references, stemmer)
     return {key: [s[key].recall for s in scores] for key in ("rouge1", "rougeL")}
 
 
 def rouge1(predictions: list[str], references: list[str], measure: str = "fmeasure") -> list[float]:
     """Per-example ROUGE-1 `measure` (fmeasure: how alike two texts are; precision: how much of the prediction
     the reference holds, whatever the reference's length)."""
+    return [getattr(s["rouge1"], measure) for s in _rouge_scores(predictions, references, False)]
+
+
+def _rouge_scores(predictions: list[str], references: list[str], stemmer: bool) -> list[dict]:
     if len(predictions) != len(references):
         raise LunarError(f"{len(predictions)} predictions for {len(references)} references: pass one prediction per reference")
-    return [getattr(_scorer(False).score(ref, pred)["rouge1"], measure) for pred, ref in zip(predictions, references)]
+    return [_scorer(stemmer).score(ref, pred) for pred, ref in zip(predictions, references)]
 
 
 def mean_rouge1(answers: list[str], references: list[str]) -> float:

@@ -250,7 +250,7 @@ def unlearn(
             unlisted = unlisted_keep(
                 bridge, settings.unlisted, [qa.question for qa in [*forget_set, *kept]], [qa.question for qa in [*retain_set, *keep_set]]
             )
-    keep_set = keep_set + unlisted
+    keep_rows = keep_set + unlisted  # kept like retain, judged apart
     with stages("directions", f"directions from {len(forget_set)} forget and {len(reference_set)} reference prompts"):
         directions = directions_for(read_from, forget_set, reference_set, settings, progress, parallel, deepest)
     directions.metadata["model"] = str(loaded_from(read_from))
@@ -268,14 +268,14 @@ def unlearn(
             choice = choose_edit(
                 bridge, forget_set, retain_set + kept, refusal, directions, settings,
                 replace(choice_settings, coeffs=choice_settings.coeffs if settings.coeff is None else (settings.coeff,)),
-                layer_sets=None if layers is None else [sorted(layers)], progress=progress, keep=keep_set,
+                layer_sets=None if layers is None else [sorted(layers)], progress=progress, keep=keep_rows,
             )
         choice = parallel.gather(choice)[0]  # every rank makes the edit rank 0 chose
         settings = replace(settings, coeff=choice.coeff)
         result = apply_edits(bridge, choice.edits, directions, settings.coeff, refusal.target)
     else:
         with stages("edit", f"edit of W_out, layer(s) {', '.join(map(str, sorted(layers)))}, c = {settings.coeff:g}"):
-            result = edit_layers(bridge, forget_set, retain_set + keep_set, reference_set, layers, settings, directions, kept, progress, parallel)
+            result = edit_layers(bridge, forget_set, retain_set + keep_rows, reference_set, layers, settings, directions, kept, progress, parallel)
 
     forgotten = list(dict.fromkeys(qa.question for qa in [*kept, *forget_set]))
     hashes = list(dict.fromkeys([*(question_sha256(qa.question) for qa in kept), *unkept, *(question_sha256(qa.question) for qa in forget_set)]))
@@ -289,7 +289,7 @@ def unlearn(
         "choice": None if choice is None else choice.summary(),
         "sizes": {
             "forget": len(forget_set), "retain": len(retain_set), "reference": len(reference_set),
-            "keep": len(keep_set) - len(unlisted), "unlisted": len(unlisted), "kept_forgotten": len(kept),
+            "keep": len(keep_set), "unlisted": len(unlisted), "kept_forgotten": len(kept),
         },
         "edit": result.report(),
         "localisation": None if localisation is None else localisation.summary(),  # the probes' view (figures)

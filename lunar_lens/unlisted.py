@@ -1,8 +1,7 @@
 """Knowledge the user did not list, protected with nothing asked of them: a packaged set of general-knowledge
 questions (`resources/general_knowledge.txt`, 100 questions written for lunar-lens, none asking a fact that
-the evaluation's factual sets ask) with the model's own greedy answers, kept like a `--keep` set. Whatever
-the model answers there (a fact, a guess, a refusal) is what an edit must leave alone: an edit that fires on
-general-knowledge prompts shows up there before it shows up in a user's factual evaluation.
+the evaluation's factual sets ask) with the model's own greedy answers, kept like a `--keep` set: an edit that
+fires on general-knowledge prompts shows up there before it shows up in a user's factual evaluation.
 
 Only answers the model gives with confidence are kept (geometric-mean token probability ≥ `min_confidence`):
 those are knowledge. A guess is not, and it flips under any change of W_out: on a PISTOL model that knows none

@@ -102,7 +102,11 @@ def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_t
     import lunar_lens.choice as choice_module
 
     judged = choice_module.judge
-    monkeypatch.setattr(choice_module, "judge", lambda *args, **kwargs: judged(*args, **kwargs) | {"retain_rouge1": 0.5})  # every cell breaks retain
+    def breaking(*args, **kwargs):  # every cell breaks retain
+        measured, per_question = judged(*args, **kwargs)
+        return measured | {"retain_rouge1": 0.5}, per_question
+
+    monkeypatch.setattr(choice_module, "judge", breaking)
     bridge = fresh_toy_bridge
     forget, retain, reference = world.split(world.entities[:1])
     refusal = model_refusal(bridge, reference[:32])

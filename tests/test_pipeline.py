@@ -245,7 +245,8 @@ def test_an_automatic_choice_below_the_retain_floor_exports_nothing(tmp_path, wo
     judged = choice_module.judge
 
     def damaging(*args, **kwargs):  # every candidate refuses, but costs a third of the held-out retain answers
-        return judged(*args, **kwargs) | {"retain_rouge1": 0.66, "forget_refusal": 1.0, "seen_forget_refusal": 1.0}
+        measured, per_question = judged(*args, **kwargs)
+        return measured | {"retain_rouge1": 0.66, "forget_refusal": 1.0, "seen_forget_refusal": 1.0}, per_question
 
     monkeypatch.setattr(choice_module, "judge", damaging)
     forget, retain, reference = world.split(world.entities[:1])
