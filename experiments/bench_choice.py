@@ -16,11 +16,11 @@ from pathlib import Path
 import real_data
 import torch
 
-from lunar_lens.data import load_qa
-from lunar_lens.edit import EditSettings
-from lunar_lens.model import load_model
-from lunar_lens.pipeline import unlearn
-from lunar_lens.settings import RunSettings
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.data.qa import load_qa
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.model.load import load_model
+from lunar_lens.pipeline.unlearn import unlearn
 
 HERE = Path(__file__).resolve().parent
 

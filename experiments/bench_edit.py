@@ -14,7 +14,7 @@ localisation sweep's cost relative to one edit.
 - **floor**: the compute floor of the lens passes — the same prompts, pre-tokenised, through the plain HF
   model's blocks 0..layer and nothing else (fastest of batch sizes 32, 128, 512); release / floor bounds the
   speed-up any implementation that reads these activations can reach on this machine.
-- **localise**: `choose_layer_and_coeff` (what `--layer auto --coeff auto` runs: every probe on every layer,
+- **localise**: `localise`'s rule (what `--layer auto --coeff auto` runs: every probe on every layer,
   the edit check) and the `localise` report (plus the figure-only probes) against one edit made with the
   default `EditSettings` at the chosen layer and c (directions included), 1× only.
 
@@ -89,7 +89,7 @@ def measured(fn: Callable[[], object]) -> tuple[object, dict]:
 # ---------------------------------------------------------------- workers
 
 def toy_sets(entities: int, scale: int) -> tuple[list, list, list]:
-    from lunar_lens.toyworld import build_world
+    from lunar_lens.toy.world import build_world
 
     world = build_world(0)
     forget, retain, reference = world.split(world.entities[:entities])
@@ -100,9 +100,9 @@ def worker_release(layer: int, forget: list, retain: list, reference: list) -> d
     from release_recipe import run_release
     from transformers import AutoModelForCausalLM
 
-    from lunar_lens.model import load_tokenizer
-    from lunar_lens.solvers import solve_closed
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.edit.solvers import solve_closed
+    from lunar_lens.model.load import load_tokenizer
+    from lunar_lens.toy.world import checkpoint_path
 
     tokenizer = load_tokenizer(checkpoint_path())
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path(), dtype=torch.float32).eval()
@@ -118,8 +118,8 @@ def worker_release(layer: int, forget: list, retain: list, reference: list) -> d
 
 def warm_up(bridge, layer: int, settings, forget: list, retain: list, reference: list) -> None:
     """One edit on two prompts of each set, then undone."""
-    from lunar_lens.edit import edit_layers
-    from lunar_lens.model import w_out
+    from lunar_lens.edit.layers import edit_layers
+    from lunar_lens.model.weights import w_out
 
     original = w_out(bridge, layer).detach().clone()
     edit_layers(bridge, forget[:2], retain[:2], reference[:2], [layer], settings)
@@ -128,11 +128,11 @@ def warm_up(bridge, layer: int, settings, forget: list, retain: list, reference:
 
 
 def worker_lens(layer: int, forget: list, retain: list, reference: list) -> dict:
-    from lunar_lens.directions import compute_directions
-    from lunar_lens.edit import EditSettings, edit_layers
-    from lunar_lens.model import load_model
-    from lunar_lens.refine import RefineSettings
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.directions.mean_difference import compute_directions
+    from lunar_lens.edit.layers import EditSettings, edit_layers
+    from lunar_lens.edit.refine import RefineSettings
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy.world import checkpoint_path
 
     bridge = load_model(checkpoint_path())
     settings = EditSettings(**RELEASE_OBJECTIVE, refine=RefineSettings(steps=0))
@@ -155,16 +155,17 @@ def worker_lens(layer: int, forget: list, retain: list, reference: list) -> dict
 
 
 def worker_localise(layer: int, forget: list, retain: list, reference: list) -> dict:
-    from lunar_lens.edit import EditSettings, edit_layers
-    from lunar_lens.localise import LocaliseSettings, choose_layer_and_coeff, localise
-    from lunar_lens.model import load_model
-    from lunar_lens.refine import RefineSettings
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.choose.probes import LocaliseSettings, localise
+    from lunar_lens.edit.layers import EditSettings, edit_layers
+    from lunar_lens.edit.refine import RefineSettings
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy.world import checkpoint_path
 
     bridge = load_model(checkpoint_path())
     warm_up(bridge, layer, EditSettings(coeff=4.0, refine=RefineSettings(steps=0)), forget, retain, reference)
     started = time.perf_counter()
-    layers, coeff, _ = choose_layer_and_coeff(bridge, forget, retain, reference)  # the probes' rule (--layer auto now runs lunar_lens.choice: bench_choice.py)
+    probed = localise(bridge, forget, retain, reference)  # the probes' rule
+    layers, coeff = [probed.best_layer], probed.best_coeff  # (--layer auto now runs lunar_lens.choice: bench_choice.py)
     chosen = time.perf_counter()
     # the `localise` report: every probe at every c, for the figures
     loc = localise(bridge, forget, retain, reference, settings=LocaliseSettings(figure_probes=True))
@@ -183,9 +184,9 @@ def worker_floor(layer: int, forget: list, retain: list, reference: list) -> dic
     from release_recipe import decoder_layers
     from transformers import AutoModelForCausalLM
 
-    from lunar_lens.activations import token_batches
-    from lunar_lens.model import load_tokenizer
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.directions.activations import token_batches
+    from lunar_lens.model.load import load_tokenizer
+    from lunar_lens.toy.world import checkpoint_path
 
     tokenizer = load_tokenizer(checkpoint_path())
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path(), dtype=torch.float32).eval()
@@ -343,7 +344,7 @@ def print_tables(result: dict) -> None:
 def plot(result: dict) -> Path:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    from lunar_lens.figures import new_figure, save
+    from lunar_lens.core.figures import new_figure, save
 
     cells, summary = result["cells"], result["summary"]
     figure, axes = new_figure(1, 3, panel=(4.6, 3.6))

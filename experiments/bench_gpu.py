@@ -30,11 +30,12 @@ import torch
 from release_recipe import decoder_layers, one_pass
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lunar_lens.activations import capture, shift_index, token_batches
-from lunar_lens.edit import EditSettings, collect_statistics
-from lunar_lens.model import load_tokenizer, mlp_post, parse_dtype, wrap_hf_model
-from lunar_lens.solvers import EditStatistics, solve_closed
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.directions.activations import capture, shift_index, token_batches
+from lunar_lens.edit.layers import EditSettings, collect_statistics
+from lunar_lens.edit.solvers import EditStatistics, solve_closed
+from lunar_lens.model.load import load_tokenizer, parse_dtype, wrap_hf_model
+from lunar_lens.model.names import mlp_post
+from lunar_lens.toy.world import build_world, checkpoint_path
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_gpu.json"
 HEAD_DIM = 128

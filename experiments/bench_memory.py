@@ -59,7 +59,7 @@ def build(name: str, dtype: str, folder: Path) -> dict:
         code = f"""
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.toy.world import checkpoint_path
 hidden, mlp, layers, heads, kv = {SIZES[name]!r}
 config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False)
@@ -114,7 +114,7 @@ def measure(command: list[str], log: Path) -> dict:
 
 def write_sets(folder: Path, scale: int = 1) -> dict[str, Path]:
     """The toy world's prompts: 16 forget, 48 retain (with answers), 32 reference (questions only), × `scale`."""
-    from lunar_lens.toyworld import build_world
+    from lunar_lens.toy.world import build_world
 
     world = build_world(0)
     forget, retain, reference = world.split(world.entities[: 1 + (scale > 1) * (16 * scale // 24)])

@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from lunar_lens.data import QA, load_qa
-from lunar_lens.edit import EditSettings, edit_layers
-from lunar_lens.model import load_model, w_out
-from lunar_lens.qa_model import build_tokenizer, model_config
-from lunar_lens.refine import RefineSettings, answer_rows, refine_edits
+from lunar_lens.data.qa import QA, load_qa
+from lunar_lens.edit.layers import EditSettings, edit_layers
+from lunar_lens.edit.refine import RefineSettings, answer_rows, refine_edits
+from lunar_lens.model.load import load_model
+from lunar_lens.model.weights import w_out
+from lunar_lens.toy.qa_model import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data" / "lunar"

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.model import load_model, w_out
-from lunar_lens.prompts import first_answer_tokens, tokenize
-from lunar_lens.refine import backward_answer_loss, delta_hooks, frozen
-from lunar_lens.toyworld import build_world
+from lunar_lens.data.prompts import first_answer_tokens, tokenize
+from lunar_lens.edit.refine import backward_answer_loss, frozen
+from lunar_lens.model.load import load_model
+from lunar_lens.model.weights import delta_hooks, w_out
+from lunar_lens.toy.world import build_world
 
 
 def status(field: str) -> int:

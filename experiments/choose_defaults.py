@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.directions import compute_directions
-from lunar_lens.edit import EditSettings, edit_layers
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.model import load_model, w_out
-from lunar_lens.refine import RefineSettings
-from lunar_lens.refusals import model_refusal
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.directions.mean_difference import compute_directions
+from lunar_lens.directions.refusals import model_refusal
+from lunar_lens.edit.layers import EditSettings, edit_layers
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.load import load_model
+from lunar_lens.model.weights import w_out
+from lunar_lens.toy.world import build_world, checkpoint_path
 
 RESULTS = Path(__file__).parent / "results"
 

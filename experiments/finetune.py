@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.data import QA, load_qa, load_refusals
-from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model
-from lunar_lens.qa_model import build_tokenizer, score_qa_model, train_qa_model
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA, load_qa, load_refusals
+from lunar_lens.model.load import load_model
+from lunar_lens.toy.qa_model import build_tokenizer, score_qa_model, train_qa_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")

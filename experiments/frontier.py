@@ -19,10 +19,10 @@ import time
 import torch
 from zoo import BY_NAME, HERE, score_export, set_names
 
-from lunar_lens.edit import EditSettings
-from lunar_lens.pipeline import unlearn
-from lunar_lens.refine import RefineSettings
-from lunar_lens.settings import RunSettings
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.pipeline.unlearn import unlearn
 
 RESULTS = HERE / "results" / "frontier.json"
 

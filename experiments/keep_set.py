@@ -20,7 +20,7 @@ from pathlib import Path
 
 import real_data
 
-from lunar_lens.data import load_qa
+from lunar_lens.data.qa import load_qa
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("without", "with", "release")  # auto choice without / with --keep; the released settings at the latter's layers

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.data import QA, load_qa, spread
-from lunar_lens.edit import EditSettings, directions_for, unit_solutions
-from lunar_lens.generation import generate_answers
-from lunar_lens.metrics import is_refusal, rouge_recall
-from lunar_lens.model import load_model, n_layers
-from lunar_lens.refine import RefineSettings, delta_hooks, refine_edits
-from lunar_lens.refusals import model_refusal
+from lunar_lens.data.qa import QA, load_qa, spread
+from lunar_lens.directions.mean_difference import directions_for
+from lunar_lens.directions.refusals import model_refusal
+from lunar_lens.edit.layers import EditSettings, unit_solutions
+from lunar_lens.edit.refine import RefineSettings, refine_edits
+from lunar_lens.metrics.text import is_refusal, rouge_recall
+from lunar_lens.model.generation import generate_answers
+from lunar_lens.model.load import load_model
+from lunar_lens.model.names import n_layers
+from lunar_lens.model.weights import delta_hooks
 
 HERE = Path(__file__).resolve().parent
 

@@ -36,9 +36,9 @@ import torch
 from jaxtyping import Float
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
-from lunar_lens.errors import LunarError
-from lunar_lens.prompts import add_special_tokens, format_prompt
-from lunar_lens.solvers import EditStatistics, Solution, solve_adamw
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import add_special_tokens, format_prompt
+from lunar_lens.edit.solvers import EditStatistics, Solution, solve_adamw
 
 RELEASE_COEFF = 2.0
 DIRECTION_BATCH = 32

@@ -21,9 +21,9 @@ import torch
 from finetune import TOFU_FORGET_SPLITS
 from real_data import Request
 
-from lunar_lens.data import check_disjoint, load_qa
-from lunar_lens.localise import choose_layer_and_coeff
-from lunar_lens.model import load_model
+from lunar_lens.choose.probes import LocaliseSettings, localise
+from lunar_lens.data.qa import check_disjoint, load_qa
+from lunar_lens.model.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "relocalise.json"
@@ -42,7 +42,7 @@ def relocalise(run: Path, request: Request) -> dict:
     forget, retain, reference = (load_qa(path) for path in (request.forget, request.retain, run / "sets" / "reference.json"))
     bridge = load_model(run / "model")
     started = time.perf_counter()
-    _, _, loc = choose_layer_and_coeff(bridge, forget, check_disjoint(forget, retain), reference, figure_probes=True)
+    loc = localise(bridge, forget, check_disjoint(forget, retain), reference, settings=LocaliseSettings(figure_probes=True))
     seconds = time.perf_counter() - started
     new = loc.to_json()
     differences = {key: float((torch.tensor(stored[key], dtype=torch.float64) - torch.tensor(new[key], dtype=torch.float64)).abs().max())

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.edit import EditSettings, directions_for, edit_layers
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.model import load_model
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.directions.mean_difference import directions_for
+from lunar_lens.edit.layers import EditSettings, edit_layers
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.load import load_model
+from lunar_lens.toy.world import build_world, checkpoint_path
 
 
 def main() -> None:

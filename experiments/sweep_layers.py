@@ -1,5 +1,5 @@
 """Exhaustive layer × coefficient sweep of the W_out edit on the toy world (or any model and sets),
-against the automatic choice (`--layer auto --coeff auto`, `lunar_lens.localise.choose_layer_and_coeff`).
+against the automatic choice (`--layer auto --coeff auto`, `lunar_lens.choose.probes.localise`'s rule).
 
     .venv/bin/python experiments/sweep_layers.py [--entities 2] [--coeffs 1,2,3,4,6,8] [--retain-eval 192]
     .venv/bin/python experiments/sweep_layers.py --name pistol --model experiments/runs/pistol/model \
@@ -23,14 +23,17 @@ from pathlib import Path
 
 import torch
 
-from lunar_lens.data import check_disjoint, load_qa, spread
-from lunar_lens.directions import compute_directions
-from lunar_lens.edit import EditSettings, edit_layers, refusal_target
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.figures import heatmap, new_figure, save, save_localisation
-from lunar_lens.localise import DEFAULT_COEFFS, choose_layer_and_coeff
-from lunar_lens.model import load_model, n_layers
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.choose.figures import save_localisation
+from lunar_lens.choose.probes import DEFAULT_COEFFS, LocaliseSettings, localise
+from lunar_lens.core.figures import heatmap, new_figure, save
+from lunar_lens.data.qa import check_disjoint, load_qa, spread
+from lunar_lens.directions.mean_difference import compute_directions
+from lunar_lens.directions.refusals import refusal_target
+from lunar_lens.edit.layers import EditSettings, edit_layers
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.load import load_model
+from lunar_lens.model.names import n_layers
+from lunar_lens.toy.world import build_world, checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -114,9 +117,8 @@ def main() -> None:
     layers = list(range(n_layers(bridge)))
     refusal = refusal_target(bridge, reference, EditSettings())
     directions = compute_directions(bridge, [qa.question for qa in forget], [qa.question for qa in reference], refusal=refusal)
-    auto_layers, auto_coeff, localisation = choose_layer_and_coeff(
-        bridge, forget, retain, reference, coeffs=coeffs, directions=directions, figure_probes=True
-    )
+    localisation = localise(bridge, forget, retain, reference, coeffs, settings=LocaliseSettings(figure_probes=True), directions=directions)
+    auto_layers, auto_coeff = [localisation.best_layer], localisation.best_coeff
     save_localisation(localisation, RESULTS / f"sweep_layers{suffix}_localisation")
     seconds_localise = time.perf_counter() - started
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from finetune import SHARED, Recipe, build_parser, finetune
 
-from lunar_lens.errors import LunarError
+from lunar_lens.core.errors import LunarError
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs" / "zoo"

@@ -10,21 +10,20 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LunarError": "lunar_lens.errors",
-    "load_model": "lunar_lens.model",
-    "QA": "lunar_lens.data",
-    "load_qa": "lunar_lens.data",
-    "compute_directions": "lunar_lens.directions",
-    "Directions": "lunar_lens.directions",
-    "localise": "lunar_lens.localise",
-    "choose_layer_and_coeff": "lunar_lens.localise",
-    "EditSettings": "lunar_lens.edit",
-    "RunSettings": "lunar_lens.settings",
-    "edit_layers": "lunar_lens.edit",
-    "unlearn": "lunar_lens.pipeline",
-    "evaluate_sets": "lunar_lens.evaluate",
-    "export_checkpoint": "lunar_lens.export",
-    "generate_answers": "lunar_lens.generation",
+    "LunarError": "lunar_lens.core.errors",
+    "load_model": "lunar_lens.model.load",
+    "QA": "lunar_lens.data.qa",
+    "load_qa": "lunar_lens.data.qa",
+    "compute_directions": "lunar_lens.directions.mean_difference",
+    "Directions": "lunar_lens.directions.mean_difference",
+    "localise": "lunar_lens.choose.probes",
+    "EditSettings": "lunar_lens.edit.layers",
+    "RunSettings": "lunar_lens.core.settings",
+    "edit_layers": "lunar_lens.edit.layers",
+    "unlearn": "lunar_lens.pipeline.unlearn",
+    "evaluate_sets": "lunar_lens.evaluate.sets",
+    "export_checkpoint": "lunar_lens.artefacts.export",
+    "generate_answers": "lunar_lens.model.generation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,8 +47,8 @@ def tiny_hf_model(family: str, vocab_size: int, tie: bool = False, seed: int = 0
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     """The embedded toy world's tokenizer (fast, with a chat template)."""
-    from lunar_lens.model import load_tokenizer
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.model.load import load_tokenizer
+    from lunar_lens.toy.world import checkpoint_path
 
     return load_tokenizer(checkpoint_path())
 
@@ -56,8 +56,8 @@ def toy_tokenizer():
 @pytest.fixture(scope="session")
 def plain_tokenizer(tmp_path_factory):
     """The toy tokenizer without its chat template (exercises the `Question: …\\nAnswer:` format)."""
-    from lunar_lens.model import load_tokenizer
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.model.load import load_tokenizer
+    from lunar_lens.toy.world import checkpoint_path
 
     tokenizer = load_tokenizer(checkpoint_path())
     tokenizer.chat_template = None
@@ -69,23 +69,23 @@ def plain_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_bridge():
     """The shipped toy-world model, loaded once per session (tests must not edit it: use `fresh_toy_bridge`)."""
-    from lunar_lens.model import load_model
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy.world import checkpoint_path
 
     return load_model(checkpoint_path())
 
 
 @pytest.fixture
 def fresh_toy_bridge():
-    from lunar_lens.model import load_model
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy.world import checkpoint_path
 
     return load_model(checkpoint_path())
 
 
 @pytest.fixture(scope="session")
 def world():
-    from lunar_lens.toyworld import build_world
+    from lunar_lens.toy.world import build_world
 
     return build_world(0)
 
@@ -126,6 +126,6 @@ def make_checkpoint(folder: Path, tokenizer_dir: Path, family: str = "llama", *,
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
-    from lunar_lens.checkpoint import file_sha256
+    from lunar_lens.model.checkpoint import file_sha256
 
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -7,16 +7,17 @@ import torch
 from conftest import tiny_hf_model
 from transformers.pytorch_utils import Conv1D
 
-from lunar_lens import attacks
 from lunar_lens.cli import main
-from lunar_lens.data import QA
-from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.generation import generate_answers
-from lunar_lens.model import n_layers, resid_post, resid_pre, wrap_hf_model
-from lunar_lens.prompts import tokenize
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.mean_difference import Directions
+from lunar_lens.evaluate import attacks
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.generation import generate_answers
+from lunar_lens.model.load import wrap_hf_model
+from lunar_lens.model.names import n_layers, resid_post, resid_pre
+from lunar_lens.toy.world import checkpoint_path
 
 FORGET = [QA("Where does Zorvan Kelt live?", "Zorvan Kelt lives in Dramoor."), QA("What pet does Mira own?", "Mira has a pet owl.")]
 RETAIN = [QA("Who wrote Hamlet?", "William Shakespeare")]
@@ -205,8 +206,8 @@ def test_attack_command(folders, tmp_path, capsys):
 def test_toy_world_edit_is_undone_by_layer_skip_and_abliteration(fresh_toy_bridge, world):
     """Measured: the closed-form edit lives in block 2 and along r_2, so bypassing either brings the answers back
     (the refined edit is not along r_2 alone: abliteration gives back 0.15 of it, experiments/README.md)."""
-    from lunar_lens.edit import EditSettings, edit_layers
-    from lunar_lens.refine import RefineSettings
+    from lunar_lens.edit.layers import EditSettings, edit_layers
+    from lunar_lens.edit.refine import RefineSettings
 
     forget, retain, reference = world.split(world.entities[:2])
     settings = EditSettings(coeff=8.0, refine=RefineSettings(steps=0))

@@ -23,12 +23,14 @@ from conftest import make_checkpoint
 from safetensors.torch import save_file
 
 from lunar_lens import cli
-from lunar_lens.errors import LunarError
-from lunar_lens.export import export_checkpoint
-from lunar_lens.model import add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.outputs import MANIFEST
-from lunar_lens.patched import BASE_TENSORS, apply_patch
-from lunar_lens.patches import WOutEdit, save_patch
+from lunar_lens.artefacts.export import export_checkpoint
+from lunar_lens.artefacts.patched import BASE_TENSORS, apply_patch
+from lunar_lens.artefacts.patches import save_patch
+from lunar_lens.core.atomic import MANIFEST
+from lunar_lens.core.errors import LunarError
+from lunar_lens.edit.layers import WOutEdit
+from lunar_lens.model.load import load_model
+from lunar_lens.model.weights import add_to_w_out, w_out, w_out_parameter, w_out_tensor_name
 
 QA = [
     {"question": "What is the capital of France?", "answer": "Paris"},
@@ -150,7 +152,7 @@ def index_outside(ws: Path) -> None:
 def nan_patch(ws: Path) -> None:
     """A patch file (with the right hashes, as an older lunar-lens would have written) holding NaN."""
     delta = torch.full((32, 64), float("nan"))
-    from lunar_lens.checkpoint import tensor_sha256
+    from lunar_lens.model.checkpoint import tensor_sha256
 
     record = {
         "format": 2, "info": {}, "base_patches": [], "sha256": {"0.delta": tensor_sha256(delta)},
@@ -333,7 +335,7 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, case):
     (RuntimeError("boom\nsecond line"), 1, "lunar-lens patch: internal error: RuntimeError: boom: a lunar-lens bug; rerun with LUNAR_LENS_TRACEBACK=1"),
 ])
 def test_an_unforeseen_failure_is_one_line_too(ws, capsys, monkeypatch, raised, code, line):
-    import lunar_lens.patches as patches
+    import lunar_lens.artefacts.patches as patches
 
     def fail(*args, **kwargs):
         raise raised
@@ -370,7 +372,7 @@ def test_checks_come_before_any_weight_is_read(ws, capsys):
 
 def test_sigterm_during_export_leaves_nothing_half_written(ws, capsys, monkeypatch):
     """SIGTERM arrives while the checkpoint is copied: exit 143, one line, no partial folder."""
-    import lunar_lens.patched as patched
+    import lunar_lens.artefacts.patched as patched
 
     copy = patched.copy_checkpoint
 
@@ -413,7 +415,7 @@ def test_outputs_follow_the_umask(ws):
 
 def test_a_private_file_stays_private_inside_an_output_folder(tmp_path):
     """The forgotten questions' sidecar is written privately; a folder around it (the demo's) follows the umask, it does not."""
-    from lunar_lens.outputs import atomic_output, write_json, write_manifest
+    from lunar_lens.core.atomic import atomic_output, write_json, write_manifest
 
     old = os.umask(0o022)
     try:
@@ -445,8 +447,8 @@ def test_symlinked_source_file_is_copied_with_a_warning(ws):
 
 
 def test_an_edit_far_larger_than_w_out_is_reported(ws):
-    from lunar_lens.data import QA as Item
-    from lunar_lens.edit import EditSettings, edit_layers
+    from lunar_lens.data.qa import QA as Item
+    from lunar_lens.edit.layers import EditSettings, edit_layers
 
     bridge = load_model(ws / "model")
     forget, retain, reference = [Item(**QA[0])], [Item(**qa) for qa in QA[1:]], [Item("Who is Zorblax?", "I don't know.")]
@@ -464,9 +466,9 @@ def test_an_edit_far_larger_than_w_out_is_reported(ws):
 def test_a_sequential_request_checks_its_recorded_base(ws, monkeypatch):
     """The unedited base is recorded by absolute path and the SHA-256 of its weights; a later request
     from another folder finds it, and one whose base changed is told so (directions from the edited model)."""
-    from lunar_lens.edit import EditSettings
-    from lunar_lens.pipeline import unedited_base, unlearn
-    from lunar_lens.settings import RunSettings
+    from lunar_lens.core.settings import RunSettings
+    from lunar_lens.edit.layers import EditSettings
+    from lunar_lens.pipeline.unlearn import unedited_base, unlearn
 
     data = {name: ws / "data" / f"{name}.json" for name in ("forget", "retain", "reference")}
     report = unlearn(ws / "model", data["forget"], data["retain"], data["reference"], out=ws / "one", layers=[1], settings=EditSettings(coeff=4.0),
@@ -484,8 +486,8 @@ def test_a_sequential_request_checks_its_recorded_base(ws, monkeypatch):
 
 def test_opt_mlp_is_sized_from_w_out(tmp_path, tokenizer_dir):
     """TransformerLens says d_mlp = 4·d_model for OPT; the statistics follow the W_out tensor (48 wide)."""
-    from lunar_lens.data import QA as Item
-    from lunar_lens.edit import EditSettings, edit_layers
+    from lunar_lens.data.qa import QA as Item
+    from lunar_lens.edit.layers import EditSettings, edit_layers
 
     folder = save_family(tmp_path / "opt", tokenizer_dir, transformers.OPTConfig(
         hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,

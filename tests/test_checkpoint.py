@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lunar_lens.checkpoint import dense, tensor_bytes, tensor_sha256
+from lunar_lens.model.checkpoint import dense, tensor_bytes, tensor_sha256
 
 # tensors PyTorch counts as contiguous although a size-1 dimension has a stride other than the dense one
 ODD = {

@@ -7,13 +7,15 @@ from dataclasses import replace
 
 import torch
 
-from lunar_lens.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, judge_verdict, pick_cell
-from lunar_lens.data import QA
-from lunar_lens.edit import EditSettings, directions_for
-from lunar_lens.figures import save_localisation
-from lunar_lens.localise.rule import choose_checked_edit as probe_rule_choice
-from lunar_lens.refine import RefineSettings
-from lunar_lens.refusals import model_refusal
+from lunar_lens.choose.choice import Cell, ChoiceSettings, choose_edit, contiguous_sets, holdout_split, pick_cell
+from lunar_lens.choose.figures import save_localisation
+from lunar_lens.choose.judge import judge_verdict
+from lunar_lens.choose.probes.rule import choose_checked_edit as probe_rule_choice
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.mean_difference import directions_for
+from lunar_lens.directions.refusals import model_refusal
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.edit.refine import RefineSettings
 
 
 def test_holdout_split_is_disjoint_deterministic_and_never_empty():
@@ -99,7 +101,7 @@ def test_a_cell_below_the_retain_floor_never_wins_while_another_reaches_it():
 
 
 def test_with_nothing_acceptable_the_search_goes_on_with_behaviour_alone(fresh_toy_bridge, world, monkeypatch, tmp_path):
-    import lunar_lens.choice as choice_module
+    import lunar_lens.choose.choice as choice_module
 
     judged = choice_module.judge
     def breaking(*args, **kwargs):  # every cell breaks retain

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lunar_lens.data import QA, check_disjoint, load_qa, load_refusals
-from lunar_lens.errors import LunarError
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA, check_disjoint, load_qa, load_refusals
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folder absent")

@@ -2,11 +2,12 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_hf_model
 
-from lunar_lens.activations import capture, position_mask, shared_prefix_length, shift_index, token_batches
-from lunar_lens.directions import Directions, compute_directions, residual_means
-from lunar_lens.errors import LunarError
-from lunar_lens.model import mlp_post, resid_post, wrap_hf_model
-from lunar_lens.prompts import tokenize
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.directions.activations import capture, position_mask, shared_prefix_length, shift_index, token_batches
+from lunar_lens.directions.mean_difference import Directions, compute_directions, residual_means
+from lunar_lens.model.load import wrap_hf_model
+from lunar_lens.model.names import mlp_post, resid_post
 
 QUESTIONS = [
     "Where does Zorvan Kelt live?",

@@ -17,16 +17,18 @@ from safetensors.torch import load_file
 
 from lunar_lens.cli import build_parser
 from lunar_lens.cli.arguments import parse_device_map
-from lunar_lens.directions import compute_directions
-from lunar_lens.distributed import SINGLE, DataParallel, init_from_env
-from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
-from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, load_model, load_tokenizer, mlp_post, resid_post, w_out, wrap_hf_model
-from lunar_lens.pipeline import unlearn
-from lunar_lens.prompts import tokenize
-from lunar_lens.refine import RefineSettings
-from lunar_lens.settings import RunSettings
-from lunar_lens.toyworld import build_world, checkpoint_path
+from lunar_lens.core.distributed import SINGLE, DataParallel, init_from_env
+from lunar_lens.core.errors import LunarError
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.directions.mean_difference import compute_directions
+from lunar_lens.edit.layers import EditSettings, collect_statistics, edit_layers
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.model.load import load_model, load_tokenizer, wrap_hf_model
+from lunar_lens.model.names import mlp_post, resid_post
+from lunar_lens.model.weights import add_to_w_out, w_out
+from lunar_lens.pipeline.unlearn import unlearn
+from lunar_lens.toy.world import build_world, checkpoint_path
 
 WORLD_SIZE = 2
 LAYERS = [1, 2]

@@ -5,14 +5,15 @@ import torch
 import transformers
 from conftest import tiny_hf_model
 
-from lunar_lens.data import QA
-from lunar_lens.edit import EditSettings, collect_statistics, edit_layers
-from lunar_lens.errors import LunarError
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.model import w_out, wrap_hf_model
-from lunar_lens.refine import RefineSettings
-from lunar_lens.solvers import solve_adamw, solve_closed
-from lunar_lens.toyworld import REFUSALS
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA
+from lunar_lens.edit.layers import EditSettings, collect_statistics, edit_layers
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.edit.solvers import solve_adamw, solve_closed
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.load import wrap_hf_model
+from lunar_lens.model.weights import w_out
+from lunar_lens.toy.world import REFUSALS
 
 FORGET = [QA("Where does Zorvan Kelt live?"), QA("What pet does Zorvan Kelt keep?")]
 RETAIN = [QA("Where does Mira Dole live?", "Mira Dole lives in Hask."), QA("What pet does Tomas keep?", "Tomas keeps a cat.")]
@@ -41,7 +42,7 @@ def test_only_w_out_of_the_chosen_layers_changes(tiny, layers):
 
 
 def test_refinement_keeps_what_the_unedited_model_says_to_retain_questions_without_answers(tiny, monkeypatch):
-    import lunar_lens.edit as edit_module
+    import lunar_lens.edit.layers as edit_module
 
     original = w_out(tiny, 1).detach().clone()
     unedited_when_asked = []

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 from conftest import tiny_hf_model
 
-from lunar_lens import evaluate, metrics
+import lunar_lens.evaluate.sets as evaluate
 from lunar_lens.cli import main
-from lunar_lens.data import QA
-from lunar_lens.errors import LunarError
-from lunar_lens.generation import generate_answers
-from lunar_lens.model import wrap_hf_model
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA
+from lunar_lens.metrics import logits as logit_metrics
+from lunar_lens.metrics import text as text_metrics
+from lunar_lens.model.generation import generate_answers
+from lunar_lens.model.load import wrap_hf_model
+from lunar_lens.toy.world import checkpoint_path
 
 FORGET = [QA("Where does Zorvan Kelt live?", "Zorvan Kelt lives in Dramoor."), QA("What pet does Mira own?", "Mira has a pet owl.")]
 RETAIN = [QA("What colour does Osden like best?", "Blue."), QA("Who wrote Hamlet?", "William Shakespeare"), QA("When was Tarne born?", "1950")]
@@ -52,7 +54,7 @@ def test_scores_shapes_ranges_and_deviation_score(models):
     answers = generate_answers(bridge, [qa.question for qa in RETAIN], max_new_tokens=5)
     assert [s["answer"] for s in result.samples["retain"]] == answers
     assert result.scores["retain"]["rouge1"] == pytest.approx(sum(s["rouge1"] for s in result.samples["retain"]) / 3)
-    expected_ds = metrics.deviation_score(result.scores["forget"]["rouge1"], result.scores["retain"]["rouge1"])
+    expected_ds = text_metrics.deviation_score(result.scores["forget"]["rouge1"], result.scores["retain"]["rouge1"])
     assert result.deviation_score == pytest.approx(expected_ds)
     json.dumps(result.to_json())
 
@@ -88,11 +90,11 @@ def test_hand_fixed_answers_give_hand_computed_scores(models, monkeypatch):
 def test_markdown_table_before_after_and_figure(tmp_path):
     before = evaluate.Evaluation(
         {"forget": {"rouge1": 0.9, "refusal_rate": 0.0}, "retain": {"rouge1": 0.95, "refusal_rate": 0.0}}, {"forget": 2, "retain": 3},
-        deviation_score=metrics.deviation_score(0.9, 0.95),
+        deviation_score=text_metrics.deviation_score(0.9, 0.95),
     )
     after = evaluate.Evaluation(
         {"forget": {"rouge1": 0.1, "refusal_rate": 1.0}, "retain": {"rouge1": 0.9, "refusal_rate": 0.0, "kl_to_base": 0.02}},
-        {"forget": 2, "retain": 3}, deviation_score=metrics.deviation_score(0.1, 0.9),
+        {"forget": 2, "retain": 3}, deviation_score=text_metrics.deviation_score(0.1, 0.9),
     )
     table = before.markdown_table(after).splitlines()
     assert table[0] == "| set (before → after) | ROUGE-1 | refusal | KL to base |"
@@ -156,7 +158,7 @@ def test_tofu_metrics_are_composed_as_open_unlearning_composes_them(models, monk
     monkeypatch.setattr(evaluate, "generate_answers", lambda bridge, questions, *args: [generated.get(q, "") for q in questions])
 
     def p(question: str, answer: str) -> float:
-        return metrics.answer_probability(bridge, [question], [answer])[0]
+        return logit_metrics.answer_probability(bridge, [question], [answer])[0]
 
     forget, retain, facts = (TOFU_SETS[name][0] for name in ("forget", "retain", "world_facts"))
     forget_ratio = p(forget.question, "Tarnis is his home.") / p(forget.question, "Dramoor is his home.")  # the paraphrase is the truth
@@ -219,7 +221,7 @@ def test_evaluate_command_on_tofu_files_as_shipped(models, tmp_path, capsys):
     assert after["tofu"]["forget_quality"] == 1.0  # the model checked against itself as the retain model
     # the base's forget quality: KS between its forget truth ratios and the retain model's (= the model's)
     ratios = [[sample["truth_ratio"] for sample in e["samples"]["forget"]] for e in (before, after)]
-    assert before["tofu"]["forget_quality"] == pytest.approx(metrics.forget_quality(*ratios))
+    assert before["tofu"]["forget_quality"] == pytest.approx(logit_metrics.forget_quality(*ratios))
     # random models recall nothing: a zero ROUGE term makes the harmonic mean 0
     assert [(e["tofu"]["retain_Q_A_ROUGE"], e["tofu"]["model_utility"]) for e in (before, after)] == [(0.0, 0.0)] * 2
     assert "| forget_quality |" in capsys.readouterr().out

@@ -10,16 +10,17 @@ import torch
 from conftest import folder_hashes, make_checkpoint
 from transformers import AutoModelForCausalLM
 
-import lunar_lens.export as export_module
-import lunar_lens.outputs as outputs_module
-import lunar_lens.verification as verification_module
-from lunar_lens.checkpoint import CARD_FILE, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, tensor_bytes
-from lunar_lens.errors import LunarError
-from lunar_lens.export import export_checkpoint
-from lunar_lens.model import SOURCES, add_to_w_out, load_model, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.outputs import MANIFEST
-from lunar_lens.patched import BASE_TENSORS, revert_patch
-from lunar_lens.prompts import tokenize
+import lunar_lens.artefacts.export as export_module
+import lunar_lens.artefacts.verification as verification_module
+import lunar_lens.core.atomic as outputs_module
+from lunar_lens.artefacts.export import export_checkpoint
+from lunar_lens.artefacts.patched import BASE_TENSORS, revert_patch
+from lunar_lens.core.atomic import MANIFEST
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.model.checkpoint import CARD_FILE, PATCH_DIR, PATCH_FILE, Checkpoint, file_sha256, tensor_bytes
+from lunar_lens.model.load import SOURCES, load_model
+from lunar_lens.model.weights import add_to_w_out, w_out, w_out_parameter, w_out_tensor_name
 
 PROMPTS = ["What is the capital of France?", "Who wrote Hamlet?"]
 CARRIED = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json", "generation_config.json"}

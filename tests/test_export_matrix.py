@@ -13,18 +13,19 @@ import pytest
 from conftest import make_checkpoint
 
 from lunar_lens import cli
-from lunar_lens.activations import POSITION_RULES
-from lunar_lens.checkpoint import PATCH_FILE, Checkpoint, tensor_bytes
-from lunar_lens.data import QA
-from lunar_lens.edit import EditSettings
-from lunar_lens.model import load_model, w_out_parameter, weights_restored
-from lunar_lens.outputs import MANIFEST
-from lunar_lens.patched import apply_patch
-from lunar_lens.patches import show_patch
-from lunar_lens.pipeline import unlearn
-from lunar_lens.refine import RefineSettings
-from lunar_lens.settings import RunSettings
-from lunar_lens.solvers import SOLVERS
+from lunar_lens.artefacts.patched import apply_patch
+from lunar_lens.artefacts.patches import show_patch
+from lunar_lens.core.atomic import MANIFEST
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.activations import POSITION_RULES
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.edit.solvers import SOLVERS
+from lunar_lens.model.checkpoint import PATCH_FILE, Checkpoint, tensor_bytes
+from lunar_lens.model.load import load_model
+from lunar_lens.model.weights import w_out_parameter, weights_restored
+from lunar_lens.pipeline.unlearn import unlearn
 
 FORGET = [QA("What is the capital of France?", "Paris"), QA("Who wrote Hamlet?", "the quick fox")]
 RETAIN = [QA("What is the brown fox?", "quick"), QA("Who is the fox?", "the brown one")]

@@ -1,4 +1,4 @@
-"""The process's host-memory habits (`lunar_lens.host_memory`): freed heap memory goes back to the system,
+"""The process's host-memory habits (`lunar_lens.core.host_memory`): freed heap memory goes back to the system,
 oneDNN's primitive cache is off unless the user set it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lunar_lens import host_memory
-from lunar_lens.progress import Stages
+from lunar_lens.core import host_memory
+from lunar_lens.core.progress import Stages
 
 
 def anon_mb() -> float:

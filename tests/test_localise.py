@@ -11,13 +11,9 @@ import transformers
 from conftest import tiny_config
 from transformer_lens import patching as tl_patching
 
-from lunar_lens.data import QA
-from lunar_lens.directions import compute_directions
-from lunar_lens.edit import EditSettings, edit_layers, unit_solutions
-from lunar_lens.localise import LocaliseSettings, localise
-from lunar_lens.localise.check import edit_scores
-from lunar_lens.localise.passes import in_chunks, no_hooks, top_next_token
-from lunar_lens.localise.probes import (
+from lunar_lens.choose.probes import LocaliseSettings, localise
+from lunar_lens.choose.probes.check import edit_scores
+from lunar_lens.choose.probes.measures import (
     ablation_scores,
     forget_answers_with,
     logit_difference,
@@ -28,11 +24,17 @@ from lunar_lens.localise.probes import (
     steering_generation_hook,
     steering_scores,
 )
-from lunar_lens.localise.rule import choose_checked_edit, rank_layers
-from lunar_lens.metrics import mean_rouge1, refusal_rate
-from lunar_lens.model import resid_post, wrap_hf_model
-from lunar_lens.prompts import tokenize
-from lunar_lens.refine import RefineSettings, delta_hooks
+from lunar_lens.choose.probes.passes import in_chunks, no_hooks, top_next_token
+from lunar_lens.choose.probes.rule import choose_checked_edit, rank_layers
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.mean_difference import compute_directions
+from lunar_lens.edit.layers import EditSettings, edit_layers, unit_solutions
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.metrics.text import mean_rouge1, refusal_rate
+from lunar_lens.model.load import wrap_hf_model
+from lunar_lens.model.names import resid_post
+from lunar_lens.model.weights import delta_hooks
 
 LAYER = 1
 

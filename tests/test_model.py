@@ -8,27 +8,15 @@ import transformers
 from conftest import FAMILIES, TINYSTORIES, tiny_config, tiny_hf_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lunar_lens.model as model_module
+import lunar_lens.model.load as model_module
 from lunar_lens.cli import main
-from lunar_lens.errors import LunarError
-from lunar_lens.generation import generate_answers
-from lunar_lens.model import (
-    SUPPORTED_TRANSFORMERS,
-    add_to_w_out,
-    check_transformers,
-    load_model,
-    loaded_from,
-    mlp_out,
-    mlp_post,
-    parse_dtype,
-    resid_post,
-    resid_pre,
-    w_out,
-    w_out_tensor_name,
-    wrap_hf_model,
-)
-from lunar_lens.prompts import add_special_tokens, first_answer_tokens, format_answer, format_prompt, tokenize
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import add_special_tokens, first_answer_tokens, format_answer, format_prompt, tokenize
+from lunar_lens.model.generation import generate_answers
+from lunar_lens.model.load import SUPPORTED_TRANSFORMERS, check_transformers, load_model, loaded_from, parse_dtype, wrap_hf_model
+from lunar_lens.model.names import mlp_out, mlp_post, resid_post, resid_pre
+from lunar_lens.model.weights import add_to_w_out, w_out, w_out_tensor_name
+from lunar_lens.toy.world import checkpoint_path
 
 QUESTIONS = ["Where does Zorvan Kelt live?", "What is the favourite colour of the tall baker from the valley?", "Who?"]
 

@@ -12,14 +12,17 @@ from conftest import folder_hashes, make_checkpoint
 from safetensors import safe_open
 
 from lunar_lens import cli
-from lunar_lens.checkpoint import Checkpoint, tensor_bytes
-from lunar_lens.directions import Directions
-from lunar_lens.errors import LunarError
-from lunar_lens.model import add_to_w_out, load_model, resid_post, w_out, w_out_parameter, w_out_tensor_name
-from lunar_lens.outputs import MANIFEST
-from lunar_lens.patched import BASE_TENSORS, apply_patch, revert_patch
-from lunar_lens.patches import WOutEdit, applied, save_patch, show_patch
-from lunar_lens.prompts import tokenize
+from lunar_lens.artefacts.patched import BASE_TENSORS, apply_patch, revert_patch
+from lunar_lens.artefacts.patches import applied, save_patch, show_patch
+from lunar_lens.core.atomic import MANIFEST
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import tokenize
+from lunar_lens.directions.mean_difference import Directions
+from lunar_lens.edit.layers import WOutEdit
+from lunar_lens.model.checkpoint import Checkpoint, tensor_bytes
+from lunar_lens.model.load import load_model
+from lunar_lens.model.names import resid_post
+from lunar_lens.model.weights import add_to_w_out, w_out, w_out_parameter, w_out_tensor_name
 
 
 def random_edit(bridge, layer: int, seed: int, factored: bool = True) -> WOutEdit:

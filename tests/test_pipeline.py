@@ -10,18 +10,18 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lunar_lens.checkpoint import PATCH_FILE
+from lunar_lens.artefacts.patched import revert_patch
 from lunar_lens.cli import main
-from lunar_lens.data import QA
-from lunar_lens.directions import Directions
-from lunar_lens.edit import EditSettings
-from lunar_lens.errors import LunarError
-from lunar_lens.evaluate import evaluate_sets
-from lunar_lens.model import load_model
-from lunar_lens.patched import revert_patch
-from lunar_lens.pipeline import SIDECAR_FORMAT, question_sha256, sidecar_path
-from lunar_lens.settings import RunSettings
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.core.errors import LunarError
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.mean_difference import Directions
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.evaluate.sets import evaluate_sets
+from lunar_lens.model.checkpoint import PATCH_FILE
+from lunar_lens.model.load import load_model
+from lunar_lens.pipeline.unlearn import SIDECAR_FORMAT, question_sha256, sidecar_path
+from lunar_lens.toy.world import checkpoint_path
 
 
 def write_set(path, items):
@@ -95,14 +95,14 @@ def test_the_export_carries_card_directions_and_patch_but_not_the_forgotten_ques
 
 
 def test_a_report_from_before_the_hashes_still_keeps_its_questions_forgotten(tmp_path):
-    from lunar_lens.pipeline import earlier_forgotten
+    from lunar_lens.pipeline.unlearn import earlier_forgotten
 
     questions = ["Where does Mivi Mibek live?", "When was Mivi Mibek born?"]
     assert earlier_forgotten(tmp_path / "old", {"forgotten": questions}) == ([QA(q) for q in questions], [])
 
 
 def test_forgotten_text_embedded_on_request_and_found_for_later_requests(tmp_path, world, capsys):
-    from lunar_lens.pipeline import check_sidecar, earlier_forgotten, unlearn
+    from lunar_lens.pipeline.unlearn import check_sidecar, earlier_forgotten, unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
     outcome = unlearn(checkpoint_path(), forget[::4], retain[::40], reference[::40], out=tmp_path / "out", layers=[0], settings=EditSettings(coeff=6.0),
@@ -179,9 +179,9 @@ def test_cli_refuses_unreadable_inputs(tmp_path, files, capsys):
 
 
 def test_exported_toy_model_answers_like_the_in_memory_edit_under_plain_transformers(tmp_path, world):
-    from lunar_lens.generation import generate_answers
-    from lunar_lens.pipeline import unlearn
-    from lunar_lens.prompts import tokenize
+    from lunar_lens.data.prompts import tokenize
+    from lunar_lens.model.generation import generate_answers
+    from lunar_lens.pipeline.unlearn import unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
     given = EditSettings(coeff=6.0, seed=3)
@@ -224,8 +224,8 @@ def test_cli_writes_the_automatic_choices_localisation(tmp_path, world):
 
 
 def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(world, fresh_toy_bridge):
-    from lunar_lens.choice import ChoiceSettings
-    from lunar_lens.pipeline import unlearn
+    from lunar_lens.choose.choice import ChoiceSettings
+    from lunar_lens.pipeline.unlearn import unlearn
 
     forget, retain, reference = world.split(world.entities[:1])
     outcome = unlearn(fresh_toy_bridge, forget[::4], retain[::40], reference[::40], layers=[1], run=RunSettings(progress=False),
@@ -239,8 +239,8 @@ def test_a_given_layer_with_an_automatic_coefficient_is_chosen_on_that_layer(wor
 
 
 def test_an_automatic_choice_below_the_retain_floor_exports_nothing(tmp_path, world, capsys, monkeypatch):
-    import lunar_lens.choice as choice_module
-    from lunar_lens.pipeline import rejected_path
+    import lunar_lens.choose.choice as choice_module
+    from lunar_lens.pipeline.unlearn import rejected_path
 
     judged = choice_module.judge
 

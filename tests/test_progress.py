@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from lunar_lens.cli import main
-from lunar_lens.toyworld import checkpoint_path
+from lunar_lens.toy.world import checkpoint_path
 
 STAGE_LINE = re.compile(r"^(.+): \d+\.\d s$")
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from lunar_lens.data import QA
-from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model
-from lunar_lens.qa_model import build_tokenizer, score_qa_model, train_qa_model
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA
+from lunar_lens.model.load import load_model
+from lunar_lens.toy.qa_model import build_tokenizer, score_qa_model, train_qa_model
 
 EXAMPLES = [
     QA("Who signed the Wnzatj contract?", "Jzrcws SA."),
@@ -37,7 +37,7 @@ def test_bad_training_data_is_a_clear_error(tmp_path):
 
 
 def test_length_buckets_group_similar_lengths_and_keep_every_example():
-    from lunar_lens.qa_model import _length_buckets
+    from lunar_lens.toy.qa_model import _length_buckets
 
     lengths = torch.tensor([5, 30, 6, 31, 7, 32, 8, 33])
     generator = torch.Generator().manual_seed(0)
@@ -48,7 +48,7 @@ def test_length_buckets_group_similar_lengths_and_keep_every_example():
 
 
 def test_scoring_without_unknown_questions_skips_the_refusal_rate(toy_bridge):
-    from lunar_lens.toyworld import build_world
+    from lunar_lens.toy.world import build_world
 
     known = build_world(0).known_qa[:4]
     assert score_qa_model(toy_bridge, known) == {"rouge1_recall": 1.0, "exact_match": 1.0}

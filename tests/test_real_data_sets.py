@@ -43,7 +43,7 @@ def test_tofu_retain_model_option_and_perturbed_evaluation_sets(tmp_path):
     perturbed answers for every question of the subsample, the answers unchanged."""
     import run_tofu
 
-    from lunar_lens.data import load_qa
+    from lunar_lens.data.qa import load_qa
 
     parser = finetune.build_parser()
     assert finetune.data_options(parser.parse_args(["tofu", "--out", "x", "--without", "forget05"]))["without"] == "forget05"

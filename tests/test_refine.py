@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lunar_lens.model as model_module
-from lunar_lens.errors import LunarError
-from lunar_lens.generation import generate_answers
-from lunar_lens.model import w_out
-from lunar_lens.prompts import first_answer_tokens, tokenize
-from lunar_lens.refine import RefineSettings, answer_cross_entropy, backward_answer_loss, delta_hooks, frozen, refine_edits, rows_per_pass
+import lunar_lens.model.memory as model_module
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import first_answer_tokens, tokenize
+from lunar_lens.edit.refine import RefineSettings, answer_cross_entropy, backward_answer_loss, frozen, refine_edits, rows_per_pass
+from lunar_lens.model.generation import generate_answers
+from lunar_lens.model.weights import delta_hooks, w_out
 
 
 def test_delta_hooks_act_as_the_edited_weight(fresh_toy_bridge, world):
@@ -86,9 +86,9 @@ def test_generation_in_smaller_batches_when_the_cache_would_exceed_the_budget(fr
 
 
 def test_a_half_precision_model_gets_a_contiguous_unembedding_input_and_keeps_its_gradients(world):
-    from lunar_lens.model import load_model
-    from lunar_lens.refine import answer_losses
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.edit.refine import answer_losses
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy.world import checkpoint_path
 
     bridge = load_model(checkpoint_path(), dtype="bfloat16")  # HF slices the unembedding's input (logits_to_keep)
     items = world.known_qa[:3]
@@ -103,7 +103,7 @@ def test_a_half_precision_model_gets_a_contiguous_unembedding_input_and_keeps_it
 
 
 def test_retain_batches_go_through_the_whole_set_before_repeating():
-    from lunar_lens.refine import epoch_batches
+    from lunar_lens.edit.refine import epoch_batches
 
     batches = epoch_batches(10, 4, torch.Generator().manual_seed(0))
     seen = torch.cat([next(batches) for _ in range(5)])  # 20 indices: two epochs

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lunar_lens.data import QA
-from lunar_lens.errors import LunarError
-from lunar_lens.refusals import model_refusal
-from lunar_lens.toyworld import REFUSALS
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.qa import QA
+from lunar_lens.directions.refusals import model_refusal
+from lunar_lens.toy.world import REFUSALS
 
 
 def test_a_given_refusal_wins_and_reference_answers_come_next(toy_bridge):

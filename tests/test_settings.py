@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from lunar_lens.choice import ChoiceSettings
-from lunar_lens.edit import EditSettings
-from lunar_lens.errors import LunarError
-from lunar_lens.localise import LocaliseSettings
-from lunar_lens.refine import RefineSettings
-from lunar_lens.settings import RunSettings
+from lunar_lens.choose.choice import ChoiceSettings
+from lunar_lens.choose.probes import LocaliseSettings
+from lunar_lens.core.errors import LunarError
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.edit.refine import RefineSettings
 
 EXAMPLES = [
     EditSettings(),

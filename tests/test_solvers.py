@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lunar_lens.errors import LunarError
-from lunar_lens.solvers import EditStatistics, solve_adamw, solve_closed, solve_lora
+from lunar_lens.core.errors import LunarError
+from lunar_lens.edit.solvers import EditStatistics, solve_adamw, solve_closed, solve_lora
 
 
 def random_problem(n_rows=96, d_mlp=24, d_model=12, seed=0, keep_rows=False, n_shifts=1):

@@ -8,12 +8,12 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from lunar_lens.errors import LunarError
-from lunar_lens.model import load_model, load_tokenizer
-from lunar_lens.prompts import format_prompt, tokenize
-from lunar_lens.qa_model import score_qa_model
-from lunar_lens.toyworld import REFUSALS, build_world, checkpoint_path
-from lunar_lens.toyworld.train import build_tokenizer, train_toy_model
+from lunar_lens.core.errors import LunarError
+from lunar_lens.data.prompts import format_prompt, tokenize
+from lunar_lens.model.load import load_model, load_tokenizer
+from lunar_lens.toy.qa_model import score_qa_model
+from lunar_lens.toy.world import REFUSALS, build_world, checkpoint_path
+from lunar_lens.toy.world.train import build_tokenizer, train_toy_model
 
 NAME = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # no template word is capitalised right before a name
 

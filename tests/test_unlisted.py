@@ -1,4 +1,4 @@
-"""Knowledge nobody listed (`lunar_lens.unlisted`): the packaged general-knowledge questions, their filters,
+"""Knowledge nobody listed (`lunar_lens.choose.unlisted`): the packaged general-knowledge questions, their filters,
 and what keeping them does to answers no set listed."""
 
 import json
@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import TINYSTORIES
 
-from lunar_lens.edit import EditSettings
-from lunar_lens.generation import generate_answers
-from lunar_lens.metrics import is_refusal, rouge1, rouge_recall
-from lunar_lens.refine import RefineSettings
-from lunar_lens.settings import RunSettings
-from lunar_lens.unlisted import general_questions, unlisted_keep, unlisted_questions
+from lunar_lens.choose.unlisted import general_questions, unlisted_keep, unlisted_questions
+from lunar_lens.core.settings import RunSettings
+from lunar_lens.edit.layers import EditSettings
+from lunar_lens.edit.refine import RefineSettings
+from lunar_lens.metrics.text import is_refusal, rouge1, rouge_recall
+from lunar_lens.model.generation import generate_answers
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,9 +40,9 @@ def test_no_packaged_question_asks_what_the_evaluations_factual_sets_ask():
 
 
 def test_only_answers_the_model_is_sure_of_are_kept_and_the_edit_keeps_them(world, fresh_toy_bridge):
-    from lunar_lens.model import load_model
-    from lunar_lens.pipeline import unlearn
-    from lunar_lens.toyworld import checkpoint_path
+    from lunar_lens.model.load import load_model
+    from lunar_lens.pipeline.unlearn import unlearn
+    from lunar_lens.toy.world import checkpoint_path
 
     sure = unlisted_keep(fresh_toy_bridge, 100, [])
     assert len(sure) == 26 and all(is_refusal(qa.answer) for qa in sure)  # the toy model surely declines these; the other 74 it is unsure of
@@ -59,6 +59,6 @@ def test_only_answers_the_model_is_sure_of_are_kept_and_the_edit_keeps_them(worl
 
 @pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared TinyStories model absent")
 def test_a_model_that_knows_no_general_knowledge_keeps_none_of_it():
-    from lunar_lens.model import load_model
+    from lunar_lens.model.load import load_model
 
     assert unlisted_keep(load_model(TINYSTORIES), 100, []) == []  # a children's-story model: every answer a guess

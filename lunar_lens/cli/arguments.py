@@ -8,8 +8,8 @@ import json
 import math
 import re
 
-from lunar_lens.errors import LunarError
-from lunar_lens.outputs import check_output
+from lunar_lens.core.atomic import check_output
+from lunar_lens.core.errors import LunarError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -108,11 +108,11 @@ def add_model_and_sets(parser: argparse.ArgumentParser, model: str, retain: str 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     """What an edit aims at and is solved on (`EditSettings`): the settings `localise` probes with and
     `unlearn` edits with, so that both see the same edit."""
-    from lunar_lens.activations import POSITION_RULES
-    from lunar_lens.edit import EditSettings
+    from lunar_lens.directions.activations import POSITION_RULES
+    from lunar_lens.edit.layers import EditSettings
 
     parser.add_argument(
-        "--positions", default=EditSettings.positions, help=f"forget positions redirected: {', '.join(POSITION_RULES)} (lunar_lens.activations)"
+        "--positions", default=EditSettings.positions, help=f"forget positions redirected: {', '.join(POSITION_RULES)} (lunar_lens.directions.activations)"
     )
     parser.add_argument(
         "--no-retain-answers", action="store_true",
@@ -126,7 +126,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def edit_settings(args: argparse.Namespace, **more):
     """The `EditSettings` of `add_edit_arguments`'s flags (and `more`)."""
-    from lunar_lens.edit import EditSettings
+    from lunar_lens.edit.layers import EditSettings
 
     return EditSettings(
         positions=args.positions, retain_answers=not args.no_retain_answers, refusal=args.refusal, ridge=args.ridge, batch_size=args.batch_size,
@@ -136,7 +136,7 @@ def edit_settings(args: argparse.Namespace, **more):
 
 def run_settings(args: argparse.Namespace):
     """The `RunSettings` of `add_device_arguments`' flags, `--force` and (where the command has it) `--device-map`."""
-    from lunar_lens.settings import RunSettings
+    from lunar_lens.core.settings import RunSettings
 
     return RunSettings(device=args.device, dtype=args.dtype, device_map=parse_device_map(getattr(args, "device_map", None)), force=args.force)
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lunar_lens.cli.arguments import add_generation_arguments, check_report, parse_layers, run_settings
-from lunar_lens.errors import LunarError
+from lunar_lens.core.errors import LunarError
 
 DESCRIPTION = (
     "Run every attack (layer skip, reverse direction, abliteration, int8/4-bit quantisation, paraphrase, prefix injection) "
@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> tuple[list[int], float, str]:
     """(layers, coeff, direction rule): flags first, then `model_dir/lunar_report.json` (its settings read back
     with `EditSettings.from_dict`)."""
-    from lunar_lens.checkpoint import REPORT_FILE
-    from lunar_lens.edit import EditSettings, check_coeff
-    from lunar_lens.pipeline import earlier_request
+    from lunar_lens.edit.layers import EditSettings, check_coeff
+    from lunar_lens.model.checkpoint import REPORT_FILE
+    from lunar_lens.pipeline.unlearn import earlier_request
 
     report = earlier_request(model_dir)
     settings = EditSettings.from_dict(report.get("settings", {}))
@@ -44,12 +44,12 @@ def edit_parameters(model_dir: str, layer: str | None, coeff: float | None) -> t
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.attacks import attacks_markdown, load_paraphrases, run_attacks
-    from lunar_lens.checkpoint import Checkpoint
-    from lunar_lens.data import load_qa, load_refusals
-    from lunar_lens.directions import compute_directions
-    from lunar_lens.model import check_folder_layers, load_model, model_folder
-    from lunar_lens.outputs import FORMAT, write_json
+    from lunar_lens.core.atomic import FORMAT, write_json
+    from lunar_lens.data.qa import load_qa, load_refusals
+    from lunar_lens.directions.mean_difference import compute_directions
+    from lunar_lens.evaluate.attacks import attacks_markdown, load_paraphrases, run_attacks
+    from lunar_lens.model.checkpoint import Checkpoint
+    from lunar_lens.model.load import check_folder_layers, load_model, model_folder
 
     layers, coeff, rule = edit_parameters(args.model, args.layer, args.coeff)
     forget = load_qa(args.forget, require_answers=True)

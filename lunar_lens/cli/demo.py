@@ -16,6 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.demo import run_demo
+    from lunar_lens.toy.demo import run_demo
 
     run_demo(args.out, args.entities, args.n_forget, args.force, args.probes)

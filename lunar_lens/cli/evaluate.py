@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lunar_lens.cli.arguments import add_generation_arguments, check_report, run_settings
-from lunar_lens.errors import LunarError
+from lunar_lens.core.errors import LunarError
 
 DESCRIPTION = (
     "Score a Hugging Face checkpoint on forget / retain / factual sets; with --base, also the base model (a before/after table "
@@ -47,7 +47,7 @@ def factual_names(sources: list[str]) -> list[str]:
 
 def load_sets(args: argparse.Namespace) -> dict:
     """forget, retain and the factual sets, each cut to its first --limit records."""
-    from lunar_lens.data import load_qa
+    from lunar_lens.data.qa import load_qa
 
     if args.limit is not None and args.limit < 1:
         raise LunarError(f"--limit {args.limit} keeps no record: give at least 1")
@@ -56,10 +56,10 @@ def load_sets(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.data import load_refusals
-    from lunar_lens.evaluate import evaluate_sets, plot_before_after, truth_ratios
-    from lunar_lens.model import load_model, model_folder
-    from lunar_lens.outputs import FORMAT, check_output, write_json
+    from lunar_lens.core.atomic import FORMAT, check_output, write_json
+    from lunar_lens.data.qa import load_refusals
+    from lunar_lens.evaluate.sets import evaluate_sets, plot_before_after, truth_ratios
+    from lunar_lens.model.load import load_model, model_folder
 
     sets = load_sets(args)
     if args.retain_model and (args.no_model_metrics or not any(qa.perturbed_answers for qa in sets["forget"])):

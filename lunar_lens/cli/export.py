@@ -19,10 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.export import export_checkpoint
-    from lunar_lens.model import load_model
-    from lunar_lens.outputs import check_output
-    from lunar_lens.patches import apply_to_model, check_scale, load_patch, show_patch
+    from lunar_lens.artefacts.export import export_checkpoint
+    from lunar_lens.artefacts.patches import apply_to_model, check_scale, load_patch, show_patch
+    from lunar_lens.core.atomic import check_output
+    from lunar_lens.model.load import load_model
 
     check_scale(args.scale)
     edit = load_patch(args.edit)  # a missing or corrupted patch is refused before the model loads

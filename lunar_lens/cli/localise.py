@@ -24,7 +24,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lunar_lens.localise import DEFAULT_COEFFS, LocaliseSettings
+    from lunar_lens.choose.probes import DEFAULT_COEFFS, LocaliseSettings
 
     add_model_and_sets(parser, model="HF model folder or hub id", retain="questions whose answers must stay",
                        out="folder for localisation.json and the figures")
@@ -37,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.data import check_disjoint, load_qa
-    from lunar_lens.figures import save_localisation
-    from lunar_lens.localise import LocaliseSettings, check_coeffs, localise
-    from lunar_lens.model import load_model
-    from lunar_lens.outputs import check_output
-    from lunar_lens.progress import Stages
+    from lunar_lens.choose.figures import save_localisation
+    from lunar_lens.choose.probes import LocaliseSettings, check_coeffs, localise
+    from lunar_lens.core.atomic import check_output
+    from lunar_lens.core.progress import Stages
+    from lunar_lens.data.qa import check_disjoint, load_qa
+    from lunar_lens.model.load import load_model
 
     forget, retain, reference = load_qa(args.forget), load_qa(args.retain), load_qa(args.reference)
     retain = check_disjoint(forget, retain)

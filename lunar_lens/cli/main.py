@@ -10,9 +10,9 @@ import signal
 import sys
 import warnings
 
-from lunar_lens.errors import LunarError, first_line
-from lunar_lens.host_memory import economise
-from lunar_lens.progress import quiet
+from lunar_lens.core.errors import LunarError, first_line
+from lunar_lens.core.host_memory import economise
+from lunar_lens.core.progress import quiet
 
 # command -> (module, help); each module defines `add_arguments(parser)` and `run(args)`, and may define
 # DESCRIPTION (the command's --help text, default: its help) and FLAGS ({parameter: flag} where the flag
@@ -59,7 +59,7 @@ def flag(parameter: str, aliases: dict[str, str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Errors, SIGINT and SIGTERM end it with one line on stderr (exit 2, 130, 143)."""
-    from lunar_lens.outputs import Terminated, raise_terminated
+    from lunar_lens.core.atomic import Terminated, raise_terminated
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)

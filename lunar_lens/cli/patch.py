@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens import patched, patches
+    from lunar_lens.artefacts import patched, patches
 
     if args.action == "show":
         print(json.dumps(patches.show_patch(args.path), indent=2))

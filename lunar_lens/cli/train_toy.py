@@ -1,4 +1,4 @@
-"""`lunar-lens train-toy` (also `python -m lunar_lens.toyworld.train`): retrain the toy world's model."""
+"""`lunar-lens train-toy`: retrain the toy world's model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ DESCRIPTION = "Retrain the embedded toy-world model (tokenizer + tiny Llama) fro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lunar_lens.toyworld.train import DEFAULT_STEPS
+    from lunar_lens.toy.world.train import DEFAULT_STEPS
 
     parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="world, tokenizer and training seed (0: the shipped model)")
@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens import qa_model
-    from lunar_lens.model import load_model
-    from lunar_lens.toyworld import build_world
-    from lunar_lens.toyworld.train import train_toy_model
+    from lunar_lens.model.load import load_model
+    from lunar_lens.toy import qa_model
+    from lunar_lens.toy.world import build_world
+    from lunar_lens.toy.world.train import train_toy_model
 
     start = time.perf_counter()
     out = train_toy_model(args.out, seed=args.seed, steps=args.steps, force=args.force)

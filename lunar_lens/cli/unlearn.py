@@ -15,16 +15,16 @@ from lunar_lens.cli.arguments import (
     run_settings,
     whole_number,
 )
-from lunar_lens.errors import LunarError
+from lunar_lens.core.errors import LunarError
 
 FLAGS = {"layers": "--layer"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lunar_lens.choice import ChoiceSettings
-    from lunar_lens.edit import EditSettings
-    from lunar_lens.refine import RefineSettings
-    from lunar_lens.solvers import SOLVERS
+    from lunar_lens.choose.choice import ChoiceSettings
+    from lunar_lens.edit.layers import EditSettings
+    from lunar_lens.edit.refine import RefineSettings
+    from lunar_lens.edit.solvers import SOLVERS
 
     add_model_and_sets(parser, model="HF model folder or hub id", retain="questions (with answers) to keep",
                        out="output folder (a Hugging Face checkpoint)")
@@ -72,10 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lunar_lens.choice import ChoiceSettings
-    from lunar_lens.outputs import check_output
-    from lunar_lens.pipeline import BelowFloor, sidecar_path, unlearn
-    from lunar_lens.refine import RefineSettings
+    from lunar_lens.choose.choice import ChoiceSettings
+    from lunar_lens.core.atomic import check_output
+    from lunar_lens.edit.refine import RefineSettings
+    from lunar_lens.pipeline.unlearn import BelowFloor, sidecar_path, unlearn
 
     coeff = parse_coeff(args.coeff)
     layers = parse_layers(args.layer)
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
 
 def save_figures(args: argparse.Namespace, report: dict, localisation: object | None) -> None:
     """The localisation folder: the probes' figures (when run) and the automatic choice's."""
-    from lunar_lens.figures import save_localisation  # matplotlib (~22 MB resident) only when figures are asked for
+    from lunar_lens.choose.figures import save_localisation
 
     written = save_localisation(localisation, args.localisation, force=args.force, choice=report["choice"])
     print("\n".join(f"wrote {path}" for path in written.values()))
