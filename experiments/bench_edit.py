@@ -165,7 +165,7 @@ def worker_localise(layer: int, forget: list, retain: list, reference: list) -> 
     warm_up(bridge, layer, EditSettings(coeff=4.0, refine=RefineSettings(steps=0)), forget, retain, reference)
     started = time.perf_counter()
     probed = localise(bridge, forget, retain, reference)  # the probes' rule
-    layers, coeff = [probed.best_layer], probed.best_coeff  # (--layer auto now runs lunar_lens.choice: bench_choice.py)
+    layers, coeff = [probed.best_layer], probed.best_coeff  # (--layer auto runs lunar_lens.choose.choice: bench_choice.py)
     chosen = time.perf_counter()
     # the `localise` report: every probe at every c, for the figures
     loc = localise(bridge, forget, retain, reference, settings=LocaliseSettings(figure_probes=True))

@@ -1,5 +1,6 @@
-"""How the choice judges an edit: greedy answers of held-out and seen questions scored (forget refusal, ROUGE-1,
-retain on questions the model knows), the prediction with 95 % intervals, and the verdict against the floors."""
+"""What the choice weighs and how it judges: its settings (`ChoiceSettings`), a candidate (`Cell`), greedy answers of
+held-out and seen questions scored (forget refusal, ROUGE-1, retain on questions the model knows), the prediction
+with 95 % intervals, and the verdict against the floors."""
 
 from __future__ import annotations
 
